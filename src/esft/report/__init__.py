@@ -1,0 +1,1 @@
+"""Tables and figures made by commands, so every number in a report can be regenerated."""

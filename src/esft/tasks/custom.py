@@ -1,0 +1,231 @@
+"""User rewards in TRL's signature, so reward code written for GRPO runs under ES unchanged.
+
+`get_task("mypkg.rewards:my_func", dataset=...)` imports `my_func` and pairs it with a
+dataset that has a `prompt` column. As in TRL, a string prompt is the standard format
+(completions reach the function as strings) and a list of chat messages is the
+conversational format (completions reach it as `[{"role": "assistant", ...}]`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from esft.tasks.base import BaseTask, Example, Message
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+def load_reward_func(spec: str) -> Callable[..., Any]:
+    """Import `module:function` (the function part may be dotted, e.g. `Class.method`).
+
+    The current directory is made importable so a `rewards.py` next to the user works
+    even when `esft` runs from a console script, where it is not on `sys.path`.
+    """
+    module_name, sep, attr_path = spec.rpartition(":")
+    if not sep or not module_name or not attr_path:
+        raise ValueError(f"custom reward must look like 'module:function', got {spec!r}")
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(
+            f"cannot import module {module_name!r} for custom reward {spec!r}: {e}. "
+            "Put it on PYTHONPATH or in the current directory."
+        ) from e
+    obj: Any = module
+    for part in attr_path.split("."):
+        if not hasattr(obj, part):
+            where = getattr(module, "__file__", module_name)
+            raise ValueError(f"{spec!r}: {where} has no attribute {attr_path!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"{spec!r} is not callable (it is a {type(obj).__name__})")
+    return obj
+
+
+def _native(value: Any) -> Any:
+    """numpy scalars/arrays from pandas -> plain Python, so prompts and columns are JSON-like."""
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        return _native(value.tolist())
+    if isinstance(value, list):
+        return [_native(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _native(v) for k, v in value.items()}
+    return value
+
+
+def _read_json(path: Path) -> list[dict[str, Any]]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None  # a .json file holding JSON lines
+        if isinstance(data, list):
+            return data
+        if isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON list of objects, got an object")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _read_local(path: Path) -> list[dict[str, Any]]:
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        rows = _read_json(path)
+    elif suffix in (".parquet", ".csv"):
+        import pandas as pd
+
+        frame = pd.read_parquet(path) if suffix == ".parquet" else pd.read_csv(path)
+        rows = frame.to_dict(orient="records")
+    else:
+        raise ValueError(f"unsupported dataset file {path}; use one of {LOCAL_SUFFIXES}")
+    if not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{path}: every row must be a JSON object")
+    return [{str(k): _native(v) for k, v in r.items()} for r in rows]
+
+
+def _read_hub(dataset_id: str) -> list[dict[str, Any]]:
+    try:
+        import datasets
+    except ImportError as e:
+        raise ValueError(
+            f"{dataset_id!r} is not a local file, so it is read as a Hugging Face hub id, "
+            "which needs the `datasets` package: pip install datasets"
+        ) from e
+    try:
+        ds = datasets.load_dataset(dataset_id, split="train")
+    except Exception as e:  # the hub raises many types; all mean "cannot use this id"
+        raise ValueError(
+            f"dataset {dataset_id!r} is not a local file and could not be loaded from the "
+            f"Hugging Face hub: {e}"
+        ) from e
+    return [_native(dict(row)) for row in ds]
+
+
+def load_rows(dataset: str) -> list[dict[str, Any]]:
+    """Rows of a local .jsonl/.json/.parquet/.csv file, else of a hub dataset's train split."""
+    path = Path(dataset).expanduser()
+    if path.is_file():
+        return _read_local(path)
+    if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
+        raise ValueError(f"dataset file not found (or not a file): {path}")
+    return _read_hub(dataset)
+
+
+def _is_conversational(prompt: Any) -> bool:
+    return isinstance(prompt, list)
+
+
+def rows_of(dataset: Any) -> list[dict[str, Any]]:
+    """Rows from a path/hub id, a pandas DataFrame, or any iterable of dicts (e.g. `datasets`)."""
+    if isinstance(dataset, (str, os.PathLike)):
+        return load_rows(str(dataset))
+    if hasattr(dataset, "to_dict") and hasattr(dataset, "columns"):  # pandas DataFrame
+        dataset = dataset.to_dict(orient="records")
+    return [{str(k): _native(v) for k, v in dict(row).items()} for row in dataset]
+
+
+class CustomTask(BaseTask):
+    """TRL-style reward function(s) plus a dataset with a `prompt` column.
+
+    Examples are the dataset rows. Each function is called once per batch as
+    `func(prompts=[...], completions=[...], **columns)` with every column but `prompt`;
+    with several functions the rewards are summed, as TRL does with unit weights.
+    """
+
+    def __init__(self, spec: str, dataset: str) -> None:
+        self._setup(spec, [load_reward_func(spec)], load_rows(dataset), repr(dataset))
+
+    @classmethod
+    def from_functions(
+        cls, funcs: Sequence[Callable[..., Any]], dataset: Any, name: str | None = None
+    ) -> CustomTask:
+        """Build from function objects (the ESTrainer `reward_funcs=` path) and any dataset."""
+        funcs = list(funcs)
+        if not funcs or not all(callable(f) for f in funcs):
+            raise ValueError("reward_funcs must be one or more callables")
+        task = cls.__new__(cls)
+        label = name or "+".join(getattr(f, "__name__", "reward") for f in funcs)
+        task._setup(label, funcs, rows_of(dataset), "the train dataset")
+        return task
+
+    def _setup(
+        self, name: str, funcs: list[Callable[..., Any]], rows: list[dict[str, Any]], source: str
+    ) -> None:
+        self.name = name
+        self.prefill = None
+        self.funcs = funcs
+        self._rows = rows
+        if not rows:
+            raise ValueError(f"dataset {source} has no rows")
+        columns: dict[str, None] = {}
+        for row in rows:
+            columns.update(dict.fromkeys(row))
+        self.columns = list(columns)
+        if "prompt" not in columns:
+            raise ValueError(
+                f"dataset {source} needs a 'prompt' column; found columns: {self.columns}"
+            )
+
+    def load(self, split: str, limit: int | None = None) -> list[Example]:
+        """Train: all rows (or split=="train"). Test: split=="test" rows, else all rows."""
+        if split not in ("train", "test"):
+            raise ValueError(f"unknown split {split!r}; use 'train' or 'test'")
+        rows = self._rows
+        if "split" in self.columns:
+            rows = [r for r in rows if r.get("split") == split]
+        rows = [dict(r) for r in rows]
+        return rows if limit is None else rows[:limit]
+
+    def messages(self, example: Example) -> list[Message]:
+        prompt = example["prompt"]
+        if _is_conversational(prompt):
+            return [dict(m) for m in prompt]
+        return [{"role": "user", "content": str(prompt)}]
+
+    def rewards(self, completions: list[str], examples: list[Example]) -> list[float]:
+        """One call per function for the whole batch; None counts as 0.0.
+
+        NaN/inf pass through so the trainer can count them before zeroing them.
+        """
+        if len(completions) != len(examples):
+            raise ValueError("completions and examples must have the same length")
+        prompts = [e.get("prompt") for e in examples]
+        shaped: list[Any] = [
+            [{"role": "assistant", "content": c}] if _is_conversational(p) else c
+            for c, p in zip(completions, prompts, strict=True)
+        ]
+        columns = {col: [e.get(col) for e in examples] for col in self.columns if col != "prompt"}
+        total = [0.0] * len(completions)
+        for func in self.funcs:
+            out = func(prompts=prompts, completions=shaped, **columns)
+            values = self._check_output(func, out, len(completions))
+            total = [t + v for t, v in zip(total, values, strict=True)]
+        return total
+
+    def _check_output(self, func: Callable[..., Any], out: Any, n: int) -> list[float]:
+        label = getattr(func, "__name__", self.name)
+        if isinstance(out, (str, bytes)) or not hasattr(out, "__len__") or len(out) != n:
+            raise ValueError(
+                f"custom reward {label!r} must return a list of {n} numbers, got {out!r:.200}"
+            )
+        values = []
+        for v in _native(list(out)):
+            if v is None:  # TRL's "not applicable to this sample"
+                values.append(0.0)
+            elif isinstance(v, (int, float)):  # bools count as 0/1, as in Python
+                values.append(float(v))
+            else:
+                raise ValueError(f"custom reward {label!r} returned a non-number: {v!r:.100}")
+        return values
+
+    def reward(self, completion: str, example: Example) -> float:
+        return self.rewards([completion], [example])[0]

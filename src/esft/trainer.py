@@ -1,0 +1,375 @@
+"""ESTrainer: the ES loop, its run directory, checkpoints and callbacks.
+
+The arithmetic lives elsewhere (es.py: seeds and coefficients; params.py: perturb,
+restore, update; anchor.py: AWD); this file only orders the steps and records them, so
+that a run is fully described by its seed log.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from esft import es
+from esft.anchor import AnchorFile, anchor_and_drift
+from esft.config import ESConfig
+from esft.engine import HFEngine
+from esft.io import ensure_writable_dir, read_jsonl, write_dir_atomic, write_text_atomic
+from esft.params import WeightState
+from esft.reporting import MetricsWriter
+from esft.rewards import RewardStats, score_completions
+from esft.seedlog import IterationRecord, SeedLog
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+ANCHOR_FILE = "theta0.safetensors"
+STATE_FILE = "esft_state.json"
+
+
+class TrainerCallback:
+    """Hooks into training; override what you need (TRL/transformers-style)."""
+
+    def on_train_begin(self, trainer: ESTrainer) -> None: ...
+
+    def on_iteration_end(self, trainer: ESTrainer, metrics: dict[str, Any]) -> None: ...
+
+    def on_train_end(self, trainer: ESTrainer) -> None: ...
+
+
+# ------------------------------------------------------------------------ weights
+def apply_record(
+    state: WeightState, record: IterationRecord, config: ESConfig, anchor: AnchorFile | None,
+    compute_drift: bool = True,
+) -> tuple[float, float | None]:
+    """Apply one logged iteration to the weights: the update, then AWD.
+
+    Training and replay both call this, so a replay repeats the same operations in the
+    same order and reaches the same bits. Returns (‖Δθ‖, ‖θ − θ₀‖ or None).
+    """
+    update_norm = 0.0
+    if record.coefficients is not None:
+        scale = es.update_scale(config.learning_rate, config.population_size)
+        update_norm = state.apply_update(record.seeds, record.coefficients, scale)
+    penalty = config.awd if record.coefficients is not None else "none"
+    drift = None
+    if anchor is not None and (compute_drift or penalty != "none"):
+        drift = anchor_and_drift(
+            state.items(), anchor, penalty, config.awd_step, config.awd_huber_delta
+        )
+        state.sync_rest()
+    return update_norm, drift
+
+
+def load_checkpoint_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no safetensors weights in {path}")
+    for f in files:
+        tensors.update(load_file(str(f)))
+    return tensors
+
+
+def save_hf_dir(path: str | Path, state: WeightState, tokenizer, extra: dict[str, Any]) -> None:
+    """An HF directory (loadable by from_pretrained) holding the fp32 masters, atomically."""
+
+    def fill(tmp: Path) -> None:
+        state.model.save_pretrained(tmp, state_dict=state.state_dict())
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_text_atomic(tmp / STATE_FILE, yaml.safe_dump(extra))
+
+    write_dir_atomic(path, fill)
+
+
+# ------------------------------------------------------------------------ trainer
+class ESTrainer:
+    """Fine-tune a causal LM with Evolution Strategies (+ optional Anchored Weight Decay).
+
+    Either `task` (a name or a Task object) or `reward_funcs` (TRL signature
+    `f(prompts, completions, **columns) -> list[float]`, with `train_dataset` holding a
+    `prompt` column) defines the reward.
+    """
+
+    def __init__(
+        self,
+        model: str | torch.nn.Module | None = None,
+        reward_funcs: Callable[..., list[float]] | Sequence[Callable[..., list[float]]] | None = None,
+        args: ESConfig | None = None,
+        train_dataset: Any = None,
+        task: Any = None,
+        processing_class: Any = None,
+        callbacks: Sequence[TrainerCallback] = (),
+    ) -> None:
+        from esft.models import load_model, load_tokenizer, resolve_device
+        from esft.tasks import get_task
+
+        self.args = args or ESConfig()
+        cfg = self.args
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        self.callbacks = list(callbacks)
+        self.run_dir = ensure_writable_dir(cfg.output_dir)
+
+        # The reward: a built-in/custom task, or TRL-style functions over a dataset.
+        if reward_funcs is not None:
+            from esft.tasks.custom import CustomTask
+
+            funcs = list(reward_funcs) if isinstance(reward_funcs, Sequence) else [reward_funcs]
+            if train_dataset is None:
+                raise ValueError("reward_funcs need a train_dataset with a 'prompt' column")
+            self.task = CustomTask.from_functions(funcs, train_dataset)
+            train_dataset = None
+        elif task is None or isinstance(task, str):
+            self.task = get_task(
+                task or cfg.task, data_dir=cfg.data_dir, dataset=cfg.dataset, seed=cfg.seed,
+                prefill=cfg.assistant_prefill,
+            )
+        else:
+            self.task = task
+        self.train_examples = list(train_dataset) if train_dataset is not None else self.task.load("train")
+        if not self.train_examples:
+            raise ValueError(f"task {self.task.name!r} has no training examples")
+
+        if model is None or isinstance(model, str):
+            name = model or cfg.model
+            self.model, self.tokenizer = load_model(name, cfg.torch_dtype, cfg.device)
+            self.model_name = name
+        else:
+            self.model = model.eval().requires_grad_(False)
+            self.tokenizer = processing_class or load_tokenizer(getattr(model, "name_or_path", ""))
+            self.model_name = getattr(model.config, "_name_or_path", "custom")
+        if processing_class is not None:
+            self.tokenizer = processing_class
+        self.device = resolve_device(cfg.device) if cfg.device != "auto" else next(self.model.parameters()).device
+
+        self.state = WeightState(self.model, cfg.trainable, cfg.frozen, cfg.noise_mode)
+        self.engine = HFEngine(self.model, self.tokenizer, cfg.max_new_tokens, cfg.generation_batch_size)
+        self.seedlog = SeedLog(self.run_dir)
+        self.reward_stats = RewardStats()
+        self.anchor: AnchorFile | None = None
+        self.iteration = 0
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------- run directory
+    def _prepare_run_dir(self) -> list[IterationRecord]:
+        """Write or check config.yaml and θ₀; return the records to resume from."""
+        cfg = self.args
+        config_path = self.run_dir / CONFIG_FILE
+        records = self.seedlog.records(repair=True)
+        if cfg.resume:
+            if not config_path.exists():
+                raise ValueError(f"--resume: {config_path} is missing, so there is no run to resume")
+            saved = ESConfig.from_yaml(config_path)
+            diffs = cfg.differences(saved)
+            if diffs:
+                raise ValueError(
+                    "--resume refused: the config differs from the run's config.yaml in:\n  "
+                    + "\n  ".join(diffs)
+                )
+        elif records or config_path.exists():
+            raise ValueError(
+                f"{self.run_dir} already holds a run ({len(records)} iterations logged); "
+                "pass --resume to continue it or choose another --output_dir"
+            )
+        if len(records) > cfg.max_steps:
+            raise ValueError(f"the run already has {len(records)} iterations > max_steps={cfg.max_steps}")
+        saved_dict = cfg.to_dict()
+        saved_dict["resume"] = False
+        write_text_atomic(config_path, yaml.safe_dump(saved_dict, sort_keys=False))
+        anchor_path = self.run_dir / ANCHOR_FILE
+        if records and anchor_path.exists():
+            self.anchor = AnchorFile(anchor_path)
+        else:
+            # θ₀ = the base weights, which is what the model holds before any replay.
+            self.anchor = AnchorFile.write(anchor_path, self.state.items())
+        self._theta0_norm = self.anchor.norm(self.state.names)
+        return records
+
+    def _restore_from(self, records: list[IterationRecord]) -> None:
+        """Rebuild the weights after the last logged iteration: checkpoint + replay."""
+        start = 0
+        for ckpt in sorted(self.run_dir.glob("checkpoint-*"), key=lambda p: -_ckpt_iter(p)):
+            k = _ckpt_iter(ckpt)
+            if 0 < k <= len(records):
+                self.state.load_masters(load_checkpoint_tensors(ckpt))
+                start = k
+                break
+        for rec in tqdm(records[start:], desc="replaying seed log", disable=self.args.disable_tqdm or len(records) == start):
+            apply_record(self.state, rec, self.args, self.anchor, compute_drift=False)
+        self.iteration = len(records)
+        log.info("resumed after iteration %d (checkpoint %d + %d replayed)", self.iteration, start, len(records) - start)
+
+    # --------------------------------------------------------------------- train
+    def train(self) -> list[dict[str, Any]]:
+        cfg = self.args
+        records = self._prepare_run_dir()
+        if records:
+            self._restore_from(records)
+        self.history = [m for m in read_jsonl(self.run_dir / "metrics.jsonl", repair=True) if m.get("iteration", 0) <= self.iteration]
+        if records:
+            write_text_atomic(self.run_dir / "metrics.jsonl", "".join(_json_line(m) for m in self.history))
+        writer = MetricsWriter(self.run_dir, cfg.report_to, cfg.to_dict())
+        prompts = self.engine.encode([self.task.messages(ex) for ex in self.train_examples])
+        for cb in self.callbacks:
+            cb.on_train_begin(self)
+        bar = tqdm(
+            total=cfg.max_steps, initial=self.iteration, desc="ES", unit="it", disable=cfg.disable_tqdm,
+            dynamic_ncols=True,
+        )
+        try:
+            while self.iteration < cfg.max_steps:
+                metrics = self._iteration(self.iteration + 1, prompts)
+                self.iteration += 1
+                writer.log(metrics)
+                self.history.append(metrics)
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward/mean']:.3g}", max=f"{metrics['reward/max']:.3g}", drift=f"{metrics['drift/norm']:.3g}")
+                if cfg.logging_steps and self.iteration % cfg.logging_steps == 0:
+                    bar.write(_format_metrics(metrics))
+                if cfg.save_steps and self.iteration % cfg.save_steps == 0:
+                    self.save_checkpoint()
+                for cb in self.callbacks:
+                    cb.on_iteration_end(self, metrics)
+        finally:
+            bar.close()
+            writer.close()
+        self.save_model(self.run_dir / "final")
+        for cb in self.callbacks:
+            cb.on_train_end(self)
+        return self.history
+
+    def _iteration(self, iteration: int, prompts: list[list[int]]) -> dict[str, Any]:
+        cfg = self.args
+        t_start = time.perf_counter()
+        seeds = es.iteration_seeds(cfg.seed, iteration, cfg.num_seeds)
+        subset = es.prompt_subset(cfg.seed, iteration, len(prompts), cfg.prompts_per_step)
+        batch = [prompts[i] for i in subset]
+        examples = [self.train_examples[i] for i in subset]
+        errors_before = self.reward_stats.errors + self.reward_stats.nonfinite
+        rewards: list[float] = []
+        t_gen = t_perturb = 0.0
+        tokens = 0
+        population = es.members(seeds, cfg.mirror_sampling)
+        for member in tqdm(population, desc=f"iteration {iteration}", leave=False, disable=cfg.disable_tqdm):
+            t0 = time.perf_counter()
+            self.state.perturb(member.seed, member.sign, cfg.sigma)
+            t1 = time.perf_counter()
+            try:
+                gens = self.engine.generate_ids(batch)
+            finally:
+                t2 = time.perf_counter()
+                self.state.restore()
+                t3 = time.perf_counter()
+            t_perturb += (t1 - t0) + (t3 - t2)
+            t_gen += t2 - t1
+            tokens += sum(g.num_tokens for g in gens)
+            scores = score_completions(self.task, [g.text for g in gens], examples, self.reward_stats)
+            rewards.append(float(np.mean(scores)))
+        t_score_end = time.perf_counter()
+        coeffs = es.coefficients(rewards, cfg.mirror_sampling)
+        record = IterationRecord(iteration, seeds, rewards, coeffs, extra={})
+        update_norm, drift = apply_record(self.state, record, cfg, self.anchor)
+        t_update = time.perf_counter() - t_score_end
+        t_total = time.perf_counter() - t_start
+        record.extra = {
+            "prompts": subset if cfg.prompts_per_step else None,
+            "time": {"generation": t_gen, "perturb_restore": t_perturb, "update": t_update, "total": t_total},
+        }
+        # The log line is the commit point: once written, a resume trusts this iteration.
+        self.seedlog.append(record)
+        r = np.asarray(rewards)
+        drift = float(drift or 0.0)
+        return {
+            "iteration": iteration,
+            "reward/mean": float(r.mean()),
+            "reward/std": float(r.std()),
+            "reward/min": float(r.min()),
+            "reward/max": float(r.max()),
+            "reward/errors": self.reward_stats.errors + self.reward_stats.nonfinite - errors_before,
+            "es/skipped": coeffs is None,
+            "es/update_norm": update_norm,
+            "drift/norm": drift,
+            "drift/relative": drift / self._theta0_norm if self._theta0_norm else 0.0,
+            "time/generation": t_gen,
+            "time/perturb_restore": t_perturb,
+            "time/update": t_update,
+            "time/iteration": t_total,
+            "tokens/generated": tokens,
+            "tokens/per_second": tokens / t_gen if t_gen else 0.0,
+            "completions/mean_tokens": tokens / (len(population) * len(batch)),
+        }
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path:
+        path = self.run_dir / f"checkpoint-{self.iteration}"
+        save_hf_dir(path, self.state, self.tokenizer, {"iteration": self.iteration})
+        return path
+
+    def save_model(self, output_dir: str | Path | None = None) -> Path:
+        path = Path(output_dir or self.run_dir / "final")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_hf_dir(path, self.state, self.tokenizer, {"iteration": self.iteration})
+        return path
+
+
+def _ckpt_iter(path: Path) -> int:
+    try:
+        return int(path.name.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def _json_line(d: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(d) + "\n"
+
+
+def _format_metrics(m: dict[str, Any]) -> str:
+    skipped = " (update skipped: equal rewards)" if m["es/skipped"] else ""
+    errs = f" reward_errors={m['reward/errors']}" if m["reward/errors"] else ""
+    return (
+        f"iter {m['iteration']:>4}  reward mean={m['reward/mean']:.4g} max={m['reward/max']:.4g} "
+        f"std={m['reward/std']:.3g}  |Δθ|={m['es/update_norm']:.3g}  |θ−θ₀|={m['drift/norm']:.4g} "
+        f"gen={m['time/generation']:.1f}s es={m['time/perturb_restore'] + m['time/update']:.1f}s "
+        f"{m['tokens/per_second']:.0f} tok/s{errs}{skipped}"
+    )
+
+
+def replay(run_dir: str | Path, iteration: int, model: str | None = None, device: str = "auto") -> tuple[WeightState, Any]:
+    """Weights after `iteration` (0 = base) rebuilt from the base model and the seed log."""
+    from esft.models import load_model
+
+    run_dir = Path(run_dir)
+    config_path = run_dir / CONFIG_FILE
+    if not config_path.exists():
+        raise ValueError(f"{run_dir} is not an esft run directory (no {CONFIG_FILE})")
+    cfg = ESConfig.from_yaml(config_path)
+    records = SeedLog(run_dir).records()
+    if not 0 <= iteration <= len(records):
+        raise ValueError(f"iteration {iteration} is out of range: {run_dir} has iterations 0..{len(records)}")
+    net, tokenizer = load_model(model or cfg.model, cfg.torch_dtype, device if device != "auto" else cfg.device)
+    state = WeightState(net, cfg.trainable, cfg.frozen, cfg.noise_mode)
+    anchor_path = run_dir / ANCHOR_FILE
+    anchor = AnchorFile(anchor_path) if anchor_path.exists() else None
+    if anchor is None and cfg.awd != "none" and iteration > 0:
+        raise ValueError(f"{anchor_path} is missing; AWD runs need θ₀ to replay")
+    for rec in tqdm(records[:iteration], desc="replay", disable=iteration == 0):
+        apply_record(state, rec, cfg, anchor, compute_drift=False)
+    return state, tokenizer
+
+
+__all__ = ["ESTrainer", "TrainerCallback", "apply_record", "replay", "save_hf_dir", "math"]
