@@ -118,6 +118,10 @@ def load_tokenizer(name: str):
 def load_model(name: str, torch_dtype: str = "auto", device: str = "auto"):
     """Load (model, tokenizer) in eval mode, with a clear error for an unknown model."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    # Per-file load/save bars of a second each only clutter the ES progress bar.
+    hf_logging.disable_progress_bar()
 
     dev = resolve_device(device)
     dtype = resolve_dtype(torch_dtype, dev)

@@ -8,7 +8,6 @@ that a run is fully described by its seed log.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -251,14 +250,18 @@ class ESTrainer:
             cb.on_train_end(self)
         return self.history
 
-    def _iteration(self, iteration: int, prompts: list[list[int]]) -> dict[str, Any]:
+    def evaluate_population(
+        self, iteration: int, prompts: list[list[int]]
+    ) -> tuple[list[int], list[float], dict[str, Any]]:
+        """Score every member of `iteration` on the same prompts; weights end bitwise as they began.
+
+        Returns (seeds, one mean reward per member, timing/throughput stats).
+        """
         cfg = self.args
-        t_start = time.perf_counter()
         seeds = es.iteration_seeds(cfg.seed, iteration, cfg.num_seeds)
         subset = es.prompt_subset(cfg.seed, iteration, len(prompts), cfg.prompts_per_step)
         batch = [prompts[i] for i in subset]
         examples = [self.train_examples[i] for i in subset]
-        errors_before = self.reward_stats.errors + self.reward_stats.nonfinite
         rewards: list[float] = []
         t_gen = t_perturb = 0.0
         tokens = 0
@@ -278,6 +281,21 @@ class ESTrainer:
             tokens += sum(g.num_tokens for g in gens)
             scores = score_completions(self.task, [g.text for g in gens], examples, self.reward_stats)
             rewards.append(float(np.mean(scores)))
+        stats = {
+            "subset": subset,
+            "generation": t_gen,
+            "perturb_restore": t_perturb,
+            "tokens": tokens,
+            "completions": len(population) * len(batch),
+        }
+        return seeds, rewards, stats
+
+    def _iteration(self, iteration: int, prompts: list[list[int]]) -> dict[str, Any]:
+        cfg = self.args
+        t_start = time.perf_counter()
+        errors_before = self.reward_stats.errors + self.reward_stats.nonfinite
+        seeds, rewards, stats = self.evaluate_population(iteration, prompts)
+        t_gen, t_perturb, tokens = stats["generation"], stats["perturb_restore"], stats["tokens"]
         t_score_end = time.perf_counter()
         coeffs = es.coefficients(rewards, cfg.mirror_sampling)
         record = IterationRecord(iteration, seeds, rewards, coeffs, extra={})
@@ -285,7 +303,7 @@ class ESTrainer:
         t_update = time.perf_counter() - t_score_end
         t_total = time.perf_counter() - t_start
         record.extra = {
-            "prompts": subset if cfg.prompts_per_step else None,
+            "prompts": stats["subset"] if cfg.prompts_per_step else None,
             "time": {"generation": t_gen, "perturb_restore": t_perturb, "update": t_update, "total": t_total},
         }
         # The log line is the commit point: once written, a resume trusts this iteration.
@@ -309,7 +327,7 @@ class ESTrainer:
             "time/iteration": t_total,
             "tokens/generated": tokens,
             "tokens/per_second": tokens / t_gen if t_gen else 0.0,
-            "completions/mean_tokens": tokens / (len(population) * len(batch)),
+            "completions/mean_tokens": tokens / stats["completions"],
         }
 
     # ---------------------------------------------------------------- checkpoints
@@ -372,4 +390,4 @@ def replay(run_dir: str | Path, iteration: int, model: str | None = None, device
     return state, tokenizer
 
 
-__all__ = ["ESTrainer", "TrainerCallback", "apply_record", "replay", "save_hf_dir", "math"]
+__all__ = ["ESTrainer", "TrainerCallback", "apply_record", "replay", "save_hf_dir"]

@@ -1,0 +1,33 @@
+"""Tiny run settings shared by the end-to-end tests."""
+
+from __future__ import annotations
+
+# Tiny but real: the embedded model, a few tokens, a few members, the first block only
+# (noise for 3.5M instead of 135M weights keeps each iteration around a second).
+TINY = dict(
+    model="embedded",
+    task="conciseness",
+    population_size=4,
+    prompts_per_step=2,
+    max_new_tokens=6,
+    sigma=0.05,
+    learning_rate=0.02,
+    max_steps=3,
+    save_steps=1,
+    trainable=r"model\.layers\.0\.",
+    seed=7,
+    num_threads=2,
+    disable_tqdm=True,
+)
+
+
+def tiny_cli_args(**overrides) -> list[str]:
+    args = []
+    for k, v in {**TINY, **overrides}.items():
+        if v is True:
+            args.append(f"--{k}")
+        elif v is False or v is None:
+            continue
+        else:
+            args += [f"--{k}", str(v)]
+    return args
