@@ -239,3 +239,19 @@ def test_cli_replay_and_errors(tmp_path, reference_run: Path) -> None:
     odd = subprocess.run([sys.executable, "-m", "esft.cli", "train", "--population_size", "5", "--mirror_sampling",
                           "--output_dir", str(tmp_path / "x")], capture_output=True, text=True, timeout=300)
     assert odd.returncode == 2 and "even population_size" in odd.stderr
+
+
+def test_quickstart_writes_report_and_curves(tmp_path, embedded_dir) -> None:
+    out = tmp_path / "qs"
+    r = subprocess.run(
+        [sys.executable, "-m", "esft.cli", "quickstart", "--output_dir", str(out), "--max_steps", "2",
+         "--population_size", "2", "--max_train_samples", "2", "--max_new_tokens", "4", "--disable_tqdm"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    assert "| ES |" in report and "| ES + AWD L2" in report
+    assert (out / "curves.png").stat().st_size > 10_000
+    assert len(SeedLog(out / "es").records()) == 2 and len(SeedLog(out / "es_awd").records()) == 2
+    # Both runs draw the same seeds: only AWD differs.
+    assert [x.seeds for x in SeedLog(out / "es").records()] == [x.seeds for x in SeedLog(out / "es_awd").records()]

@@ -30,7 +30,6 @@ RESUMABLE_FIELDS = frozenset(
         "generation_batch_size",
         "num_threads",
         "disable_tqdm",
-        "config",
     }
 )
 
@@ -67,7 +66,8 @@ class ESConfig:
         awd_huber_delta: Huber threshold between the quadratic and the L1 regime.
 
     Parameters that control generation:
-        max_new_tokens, prompts_per_step, generation_batch_size, assistant_prefill.
+        max_new_tokens, max_train_samples, prompts_per_step, generation_batch_size,
+        assistant_prefill.
 
     Parameters of the run directory and logging:
         output_dir, seed, logging_steps, save_steps, report_to, resume.
@@ -103,6 +103,7 @@ class ESConfig:
 
     # Generation
     max_new_tokens: int = _help("tokens generated per prompt (greedy)", default=1024)
+    max_train_samples: int | None = _help("use only the first k training examples", default=None)
     prompts_per_step: int | None = _help("seeded subset of prompts per iteration", default=None)
     generation_batch_size: int = _help("prompts per generate() call", default=32)
     assistant_prefill: bool = _help("start the answer with the task's prefill", default=True)
@@ -139,6 +140,8 @@ class ESConfig:
             errors.append(f"max_steps must be >= 0 (got {self.max_steps})")
         if self.max_new_tokens < 1:
             errors.append(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            errors.append(f"max_train_samples must be >= 1 (got {self.max_train_samples})")
         if self.prompts_per_step is not None and self.prompts_per_step < 1:
             errors.append(f"prompts_per_step must be >= 1 (got {self.prompts_per_step})")
         if self.generation_batch_size < 1:

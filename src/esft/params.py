@@ -9,7 +9,9 @@ whole population leaves the weights bitwise unchanged, at any dtype.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -68,7 +70,14 @@ class WeightState:
                 self.masters.append(p.data.float())
             self.rest.append(p.data)
         self._work: list[torch.Tensor | None] = [None] * len(self.params)
-        self._scratch: dict[tuple[torch.device, int], torch.Tensor] = {}
+        self._local = threading.local()  # per-thread fp32 scratch buffers
+        self._largest = max(m.numel() for m in self.masters)
+        # torch's CPU Gaussian sampler is single-threaded, so noise for different tensors
+        # is drawn in parallel (measured 2.0x on 2 cores). Each tensor's arithmetic is the
+        # same whichever thread runs it, so results stay bitwise identical.
+        on_cpu = all(m.device.type == "cpu" for m in self.masters)
+        workers = torch.get_num_threads() if on_cpu else 1
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="esft-noise") if workers > 1 else None
         self.perturbed = False
 
     # ------------------------------------------------------------------ helpers
@@ -77,15 +86,24 @@ class WeightState:
         return sum(m.numel() for m in self.masters)
 
     def _fp32_scratch(self, like: torch.Tensor, slot: int = 0) -> torch.Tensor:
-        """A reusable fp32 buffer shaped like `like` (one per device and slot)."""
+        """A reusable fp32 buffer shaped like `like` (one per thread, device and slot)."""
+        scratch = getattr(self._local, "scratch", None)
+        if scratch is None:
+            scratch = self._local.scratch = {}
         key = (like.device, slot)
-        size = like.numel()
-        buf = self._scratch.get(key)
-        if buf is None or buf.numel() < size:
-            largest = max(m.numel() for m in self.masters)
-            buf = torch.empty(largest, dtype=torch.float32, device=like.device)
-            self._scratch[key] = buf
-        return buf[:size].view(like.shape)
+        buf = scratch.get(key)
+        if buf is None:
+            buf = scratch[key] = torch.empty(self._largest, dtype=torch.float32, device=like.device)
+        return buf[: like.numel()].view(like.shape)
+
+    def _for_each_tensor(self, fn: Callable[[int], float | None]) -> list[float | None]:
+        """Run fn(i) for every trainable tensor, in parallel on CPU; results in order."""
+        if self._pool is None:
+            return [fn(i) for i in range(len(self.names))]
+        # Largest tensors first keeps both threads busy until the end.
+        order = sorted(range(len(self.names)), key=lambda i: -self.masters[i].numel())
+        results = dict(zip(order, self._pool.map(fn, order)))
+        return [results[i] for i in range(len(self.names))]
 
     def _work_buffer(self, i: int) -> torch.Tensor:
         buf = self._work[i]
@@ -99,9 +117,9 @@ class WeightState:
         """Point every trainable parameter at master + sign·σ·ε(seed)."""
         if self.perturbed:
             raise RuntimeError("perturb() called twice without restore()")
-        for i, (name, p) in enumerate(self.named):
-            work = self._work_buffer(i)
-            master = self.masters[i]
+
+        def one(i: int) -> None:
+            name, work, master = self.names[i], self._work_buffer(i), self.masters[i]
             if work.dtype == torch.float32:
                 fill_noise(work, seed, name, self.noise_mode)
                 torch.add(master, work, alpha=sign * sigma, out=work)
@@ -109,6 +127,9 @@ class WeightState:
                 eps = fill_noise(self._fp32_scratch(master), seed, name, self.noise_mode)
                 torch.add(master, eps, alpha=sign * sigma, out=eps)
                 work.copy_(eps)
+
+        self._for_each_tensor(one)
+        for p, work in zip(self.params, self._work):
             p.data = work
         self.perturbed = True
 
@@ -129,9 +150,9 @@ class WeightState:
             raise RuntimeError("apply_update() while a member is perturbed")
         if len(seeds) != len(coefficients):
             raise ValueError("one coefficient per seed is needed")
-        sq = 0.0
-        for i, name in enumerate(self.names):
-            master = self.masters[i]
+
+        def one(i: int) -> float:
+            name, master = self.names[i], self.masters[i]
             acc = self._fp32_scratch(master, slot=1)
             acc.zero_()
             eps = self._fp32_scratch(master, slot=0)
@@ -140,7 +161,9 @@ class WeightState:
                 acc.add_(eps, alpha=c)
             acc.mul_(scale)
             master.add_(acc)
-            sq += float(torch.linalg.vector_norm(acc, dtype=torch.float64)) ** 2
+            return float(torch.linalg.vector_norm(acc, dtype=torch.float64)) ** 2
+
+        sq = sum(self._for_each_tensor(one))  # type: ignore[arg-type]
         self.sync_rest()
         return sq**0.5
 

@@ -139,6 +139,8 @@ class ESTrainer:
         else:
             self.task = task
         self.train_examples = list(train_dataset) if train_dataset is not None else self.task.load("train")
+        if cfg.max_train_samples is not None:
+            self.train_examples = self.train_examples[: cfg.max_train_samples]
         if not self.train_examples:
             raise ValueError(f"task {self.task.name!r} has no training examples")
 
