@@ -8,7 +8,6 @@ STAMP := $(VENV)/.esft-installed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 	# Pin torch first: on CPU machines 2.13.0 is the local CPU wheel; an unpinned
 	# requirement would pull the multi-GB CUDA build.
 	$(BIN)/python -m pip install -q "torch==2.13.0"

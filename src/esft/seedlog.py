@@ -68,12 +68,3 @@ class SeedLog:
 
     def append(self, record: IterationRecord) -> None:
         append_jsonl(self.path, record.to_json())
-
-    def truncate(self, iterations: int) -> None:
-        """Keep only the first `iterations` records (used when a resume rewinds)."""
-        import json
-
-        from esft.io import write_text_atomic
-
-        keep = read_jsonl(self.path)[:iterations]
-        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
