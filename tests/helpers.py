@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+SHARED_DATA = Path(os.environ.get("ESFT_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
+
 # Tiny but real: the embedded model, a few tokens, a few members, the first block only
 # (noise for 3.5M instead of 135M weights keeps each iteration around a second).
 TINY = dict(

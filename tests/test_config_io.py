@@ -101,3 +101,19 @@ def test_raising_or_nonfinite_rewards_score_zero_and_are_counted() -> None:
     out = score_completions(Hostile(), ["ok", "raise", "nan", "inf", "ok"], [{}] * 5, stats)
     assert out == [1.0, 0.0, 0.0, 0.0, 1.0]
     assert (stats.errors, stats.nonfinite) == (1, 2)
+
+
+def test_missing_report_backend_names_the_extra(tmp_path) -> None:
+    import importlib.util
+
+    from esft.reporting import MetricsWriter
+
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(ValueError, match=r"esft\[tensorboard\]"):
+            MetricsWriter(tmp_path, "tensorboard")
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(ValueError, match=r"esft\[wandb\]"):
+            MetricsWriter(tmp_path, "wandb")
+    writer = MetricsWriter(tmp_path, "none")
+    writer.log({"iteration": 1, "reward/mean": 0.5})
+    assert read_jsonl(tmp_path / "metrics.jsonl") == [{"iteration": 1, "reward/mean": 0.5}]

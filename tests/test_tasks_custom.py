@@ -238,7 +238,7 @@ def test_custom_task_class_is_exported_and_named_by_spec(rewards_module, tmp_pat
 
 
 def test_available_tasks_lists_builtins() -> None:
-    assert available_tasks() == ["conciseness", "countdown"]
+    assert {"conciseness", "countdown"} <= set(available_tasks())
 
 
 def test_unknown_task_message_lists_choices_and_custom_form() -> None:

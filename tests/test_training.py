@@ -155,7 +155,9 @@ def test_reusing_a_run_directory_without_resume_is_refused(reference_run: Path) 
 
 
 def test_mirror_sampling_logs_one_seed_per_pair(tmp_path, embedded_dir) -> None:
-    cfg = ESConfig(**{**TINY, "max_steps": 1, "mirror_sampling": True, "save_steps": 0}, output_dir=str(tmp_path))
+    # Shared (reference-parity) noise here, so replay is checked in both noise modes.
+    cfg = ESConfig(**{**TINY, "max_steps": 1, "mirror_sampling": True, "save_steps": 0, "noise_mode": "shared"},
+                   output_dir=str(tmp_path))
     ESTrainer(args=cfg).train()
     (rec,) = SeedLog(tmp_path).records()
     assert len(rec.seeds) == 2 and len(rec.rewards) == 4
@@ -255,3 +257,19 @@ def test_quickstart_writes_report_and_curves(tmp_path, embedded_dir) -> None:
     assert len(SeedLog(out / "es").records()) == 2 and len(SeedLog(out / "es_awd").records()) == 2
     # Both runs draw the same seeds: only AWD differs.
     assert [x.seeds for x in SeedLog(out / "es").records()] == [x.seeds for x in SeedLog(out / "es_awd").records()]
+
+
+def test_countdown_trains_from_the_shared_data_file(tmp_path, embedded_dir) -> None:
+    from helpers import SHARED_DATA
+
+    if not (SHARED_DATA / "countdown" / "countdown.json").exists():
+        pytest.skip("shared data pack not present")
+    cfg = ESConfig(**{**TINY, "task": "countdown", "max_steps": 1, "save_steps": 0, "population_size": 2},
+                   data_dir=str(SHARED_DATA), output_dir=str(tmp_path / "run"))
+    trainer = ESTrainer(args=cfg)
+    assert len(trainer.train_examples) == 200
+    assert trainer.engine.prompt_text(trainer.task.messages(trainer.train_examples[0])).endswith(
+        "Let me solve this step by step.\n<think>"
+    )
+    history = trainer.train()
+    assert history[0]["completions/mean_tokens"] <= TINY["max_new_tokens"]
