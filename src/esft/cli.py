@@ -16,6 +16,10 @@ USAGE = """usage: esft <command> [options]
 commands:
   train       fine-tune with ES (+AWD); flags are ESConfig fields, --config file.yaml
   replay      rebuild the weights of any iteration from a run's seed log
+  eval        task accuracy of a model, or of a run over its iterations (forgetting)
+  kl          KL(p_base || p_iteration) on task prompts
+  drift       weight drift ||θ − θ₀|| per layer and module type
+  report      tables and figures comparing runs
   quickstart  ES vs ES+AWD on the embedded model, with a report and a plot
 
 `esft <command> --help` lists a command's options."""
@@ -104,7 +108,72 @@ def cmd_quickstart(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "replay": cmd_replay, "quickstart": cmd_quickstart}
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _ints(text: str | None) -> list[int] | None:
+    return [int(x) for x in _csv(text)] if text else None
+
+
+def cmd_eval(argv: list[str]) -> int:
+    from esft.evaluation import accuracy
+
+    p = argparse.ArgumentParser(prog="esft eval", description="Accuracy under the paper's extraction rules.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="'embedded', a hub id or an HF directory")
+    src.add_argument("--run", help="a run directory: evaluate its iterations (forgetting over training)")
+    p.add_argument("--tasks", required=True, help="comma-separated task names")
+    p.add_argument("--limit", type=int, default=None, help="first N examples of each eval set")
+    p.add_argument("--max_new_tokens", type=int, default=1024)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--every", type=int, default=None, help="--run: iterations 0, K, 2K, ..., last")
+    p.add_argument("--iterations", default=None, help="--run: explicit comma-separated iterations")
+    p.add_argument("--output", default=None, help="output folder (--run default: RUN_DIR/eval)")
+    p.add_argument("--data_dir", default=None)
+    p.add_argument("--num_fewshot", type=int, default=None, help="mmlu_pro worked examples (validation split)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--torch_dtype", default="auto")
+    a = p.parse_args(argv)
+    tasks = _csv(a.tasks)
+    if a.run:
+        rows = accuracy.evaluate_run(a.run, tasks, a.every, _ints(a.iterations), a.limit, a.max_new_tokens,
+                                     a.batch_size, a.output, a.data_dir, a.device)
+        print(accuracy.format_forgetting_table(rows))
+        return 0
+    if not a.output:
+        p.error("--output is required with --model")
+    from esft.models import load_model
+
+    task_objs = accuracy.load_tasks(tasks, a.data_dir, a.num_fewshot)
+    model, tokenizer = load_model(a.model, a.torch_dtype, a.device)
+    results = accuracy.evaluate_model(model, tokenizer, task_objs, a.limit, a.max_new_tokens, a.batch_size,
+                                      samples_dir=Path(a.output) / "samples")
+    path = accuracy.write_results(results, a.output, {"model": a.model, "limit": a.limit,
+                                                      "max_new_tokens": a.max_new_tokens})
+    print(accuracy.format_results_table(results))
+    print(f"results: {path}")
+    return 0
+
+
+def _delegate(module: str):
+    def run(argv: list[str]) -> int:
+        import importlib
+
+        return importlib.import_module(module).main(argv)
+
+    return run
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "replay": cmd_replay,
+    "eval": cmd_eval,
+    "kl": _delegate("esft.evaluation.kl"),
+    "drift": _delegate("esft.evaluation.drift"),
+    "report": _delegate("esft.report.runs"),
+    "quickstart": cmd_quickstart,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,10 @@ RESUMABLE_FIELDS = frozenset(
         "generation_batch_size",
         "num_threads",
         "disable_tqdm",
+        "eval_tasks",
+        "eval_steps",
+        "eval_limit",
+        "eval_max_new_tokens",
     }
 )
 
@@ -68,6 +72,9 @@ class ESConfig:
     Parameters that control generation:
         max_new_tokens, max_train_samples, prompts_per_step, generation_batch_size,
         assistant_prefill.
+
+    Parameters of evaluation during training:
+        eval_tasks, eval_steps, eval_limit, eval_max_new_tokens.
 
     Parameters of the run directory and logging:
         output_dir, seed, logging_steps, save_steps, report_to, resume.
@@ -108,6 +115,12 @@ class ESConfig:
     generation_batch_size: int = _help("prompts per generate() call", default=32)
     assistant_prefill: bool = _help("start the answer with the task's prefill", default=True)
 
+    # Evaluation during training (same rows as `esft eval --run`)
+    eval_tasks: str | None = _help("comma-separated tasks to evaluate during training", default=None)
+    eval_steps: int = _help("evaluate every k iterations (0: never)", default=0)
+    eval_limit: int | None = _help("examples per eval task (default: the whole eval set)", default=None)
+    eval_max_new_tokens: int = _help("tokens per eval completion", default=1024)
+
     # Run directory and logging
     output_dir: str = _help("run directory", default="runs/esft")
     seed: int = _help("seed of seeds and prompt subsets", default=0)
@@ -144,6 +157,8 @@ class ESConfig:
             errors.append(f"max_train_samples must be >= 1 (got {self.max_train_samples})")
         if self.prompts_per_step is not None and self.prompts_per_step < 1:
             errors.append(f"prompts_per_step must be >= 1 (got {self.prompts_per_step})")
+        if self.eval_tasks and self.eval_steps < 1:
+            errors.append("eval_tasks needs eval_steps >= 1")
         if self.generation_batch_size < 1:
             errors.append("generation_batch_size must be >= 1")
         if self.awd_lambda is not None and self.awd_lambda < 0:

@@ -120,6 +120,13 @@ class ESTrainer:
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         self.callbacks = list(callbacks)
+        if cfg.eval_tasks:
+            from esft.evaluation.callback import EvalCallback
+
+            self.callbacks.append(EvalCallback(
+                [t.strip() for t in cfg.eval_tasks.split(",") if t.strip()], cfg.eval_steps, cfg.eval_limit,
+                cfg.eval_max_new_tokens, cfg.generation_batch_size, cfg.data_dir,
+            ))
         self.run_dir = ensure_writable_dir(cfg.output_dir)
 
         # The reward: a built-in/custom task, or TRL-style functions over a dataset.

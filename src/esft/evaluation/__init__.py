@@ -1,0 +1,1 @@
+"""Evaluation only reads models: accuracy, forgetting over a run, KL, weight drift."""

@@ -1,0 +1,178 @@
+"""Task accuracy under the paper's extraction rules: greedy, chat template, batched.
+
+`evaluate_model` scores one model; `evaluate_run` walks a run's iterations (replayed from
+the seed log, or read from checkpoints) and appends one line per (iteration, task) so an
+interrupted evaluation resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from esft.engine import HFEngine
+from esft.io import append_jsonl, read_jsonl, write_text_atomic
+
+FORGETTING_FILE = "forgetting.jsonl"
+
+
+@dataclass
+class TaskResult:
+    task: str
+    accuracy: float
+    n: int
+    strict_format_rate: float | None
+    mean_completion_tokens: float
+    seconds: float
+    prompts_per_second: float
+    tokens_per_second: float
+
+
+def _call(task: Any, method: str, *args: Any) -> Any:
+    fn = getattr(task, method, None)
+    if fn is None:
+        return None
+    try:
+        return fn(*args)
+    except Exception:  # noqa: BLE001 - extraction helpers must never stop an evaluation
+        return None
+
+
+def evaluate_task(engine: HFEngine, task: Any, examples: list[dict]) -> tuple[TaskResult, list[dict]]:
+    """Greedy completions for `examples`, scored with the task's `is_correct`."""
+    conversations = [task.messages(e) for e in examples]
+    prompts = engine.encode(conversations)
+    t0 = time.perf_counter()
+    gens = engine.generate_ids(prompts)
+    seconds = time.perf_counter() - t0
+    samples = []
+    correct = 0
+    strict: list[bool] = []
+    for conv, ex, g in zip(conversations, examples, gens):
+        ok = bool(_call(task, "is_correct", g.text, ex))
+        correct += ok
+        s = _call(task, "strict_format", g.text)
+        if s is not None:
+            strict.append(bool(s))
+        gold = _call(task, "gold", ex)
+        samples.append({
+            "prompt": engine.prompt_text(conv),
+            "completion": g.text,
+            "extracted": _call(task, "extract", g.text),
+            "gold": gold if gold is not None else ex.get("target", ex.get("answer")),
+            "correct": ok,
+            "tokens": g.num_tokens,
+        })
+    n = len(examples)
+    tokens = sum(g.num_tokens for g in gens)
+    result = TaskResult(
+        task=task.name,
+        accuracy=correct / n if n else 0.0,
+        n=n,
+        strict_format_rate=(sum(strict) / len(strict)) if strict else None,
+        mean_completion_tokens=tokens / n if n else 0.0,
+        seconds=seconds,
+        prompts_per_second=n / seconds if seconds else 0.0,
+        tokens_per_second=tokens / seconds if seconds else 0.0,
+    )
+    return result, samples
+
+
+def load_tasks(names: Sequence[str], data_dir: str | None = None, num_fewshot: int | None = None) -> list[Any]:
+    from esft.tasks import get_task
+
+    tasks = []
+    for name in names:
+        task = get_task(name, data_dir=data_dir)
+        if num_fewshot is not None and hasattr(task, "num_fewshot"):
+            task.num_fewshot = num_fewshot
+        tasks.append(task)
+    return tasks
+
+
+def evaluate_model(
+    model: Any, tokenizer: Any, tasks: Sequence[Any], limit: int | None = None, max_new_tokens: int = 1024,
+    batch_size: int = 32, samples_dir: str | Path | None = None, progress: bool = True,
+) -> list[TaskResult]:
+    """Accuracy of `model` on each task's evaluation split (first `limit` examples)."""
+    engine = HFEngine(model, tokenizer, max_new_tokens, batch_size)
+    results = []
+    for task in tqdm(tasks, desc="eval", disable=not progress or len(tasks) < 2, leave=False):
+        examples = task.load("test", limit=limit)
+        if not examples:
+            raise ValueError(f"task {task.name!r} has no evaluation examples")
+        result, samples = evaluate_task(engine, task, examples)
+        results.append(result)
+        if samples_dir is not None:
+            d = Path(samples_dir)
+            d.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(d / f"{task.name}.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+    return results
+
+
+def format_results_table(results: Sequence[TaskResult]) -> str:
+    lines = ["| task | accuracy | n | strict format | mean tokens | seconds | prompts/s | tokens/s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        strict = "" if r.strict_format_rate is None else f"{r.strict_format_rate:.3f}"
+        lines.append(
+            f"| {r.task} | {r.accuracy:.4f} | {r.n} | {strict} | {r.mean_completion_tokens:.1f} | "
+            f"{r.seconds:.1f} | {r.prompts_per_second:.2f} | {r.tokens_per_second:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def write_results(results: Sequence[TaskResult], output: str | Path, extra: dict[str, Any]) -> Path:
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {**extra, "tasks": {r.task: asdict(r) for r in results}}
+    write_text_atomic(out / "results.json", json.dumps(payload, indent=1))
+    return out / "results.json"
+
+
+# --------------------------------------------------------------------- over a run
+def evaluate_run(
+    run_dir: str | Path, task_names: Sequence[str], every: int | None = None, iterations: list[int] | None = None,
+    limit: int | None = None, max_new_tokens: int = 1024, batch_size: int = 32, output: str | Path | None = None,
+    data_dir: str | None = None, device: str = "auto", progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Accuracy at iterations 0, K, 2K, ..., last; resumes from `forgetting.jsonl`."""
+    from esft.evaluation.runs import RunView
+
+    run = RunView.open(run_dir)
+    chosen = run.select(iterations, every)
+    tasks = load_tasks(task_names, data_dir)
+    out = Path(output) if output else Path(run_dir) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / FORGETTING_FILE
+    rows = read_jsonl(path, repair=True)
+    done = {(r["iteration"], r["task"], r.get("limit"), r.get("max_new_tokens")) for r in rows}
+    todo = [k for k in chosen if any((k, t.name, limit, max_new_tokens) not in done for t in tasks)]
+    if not todo:
+        return [r for r in rows if r["iteration"] in chosen]
+    for k, model, tokenizer in tqdm(run.models(todo, device), total=len(todo), desc="iterations", disable=not progress):
+        pending = [t for t in tasks if (k, t.name, limit, max_new_tokens) not in done]
+        results = evaluate_model(model, tokenizer, pending, limit, max_new_tokens, batch_size,
+                                 samples_dir=out / "samples" / f"iteration-{k}", progress=progress)
+        for r in results:
+            row = {"iteration": k, **asdict(r), "limit": limit, "max_new_tokens": max_new_tokens}
+            append_jsonl(path, row)
+            rows.append(row)
+    return [r for r in rows if r["iteration"] in chosen]
+
+
+def format_forgetting_table(rows: Sequence[dict[str, Any]]) -> str:
+    tasks = sorted({r["task"] for r in rows})
+    its = sorted({r["iteration"] for r in rows})
+    acc = {(r["iteration"], r["task"]): r["accuracy"] for r in rows}
+    lines = ["| iteration | " + " | ".join(tasks) + " |", "|---:|" + "---:|" * len(tasks)]
+    for k in its:
+        cells = [f"{acc[(k, t)]:.4f}" if (k, t) in acc else "" for t in tasks]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

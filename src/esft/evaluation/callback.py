@@ -1,0 +1,53 @@
+"""Evaluation during training: the same rows `esft eval --run` writes, at every k iterations."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from esft.evaluation.accuracy import FORGETTING_FILE, evaluate_model, load_tasks
+from esft.io import append_jsonl, read_jsonl
+from esft.trainer import TrainerCallback
+
+
+class EvalCallback(TrainerCallback):
+    """Scores the unperturbed weights at iteration 0 and every `every` iterations.
+
+    Rows land in `<output_dir>/eval/forgetting.jsonl`, so `esft report` reads them exactly
+    like a post-hoc evaluation, and a resumed run skips what is already there.
+    """
+
+    def __init__(self, tasks: list[str], every: int, limit: int | None, max_new_tokens: int,
+                 batch_size: int = 32, data_dir: str | None = None) -> None:
+        self.task_names = tasks
+        self.every = every
+        self.limit = limit
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.data_dir = data_dir
+        self.tasks: list[Any] = []
+
+    def on_train_begin(self, trainer: Any) -> None:
+        self.tasks = load_tasks(self.task_names, self.data_dir)
+        self.path = trainer.run_dir / "eval" / FORGETTING_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._evaluate(trainer, trainer.iteration)
+
+    def on_iteration_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
+        k = trainer.iteration
+        if k % self.every == 0 or k == trainer.args.max_steps:
+            self._evaluate(trainer, k)
+
+    def _evaluate(self, trainer: Any, iteration: int) -> None:
+        done = {(r["iteration"], r["task"]) for r in read_jsonl(self.path, repair=True)}
+        pending = [t for t in self.tasks if (iteration, t.name) not in done]
+        if not pending:
+            return
+        results = evaluate_model(trainer.model, trainer.tokenizer, pending, self.limit, self.max_new_tokens,
+                                 self.batch_size, samples_dir=self.path.parent / "samples" / f"iteration-{iteration}",
+                                 progress=False)
+        for r in results:
+            append_jsonl(self.path, {"iteration": iteration, **asdict(r), "limit": self.limit,
+                                     "max_new_tokens": self.max_new_tokens})
+        trainer_log = " ".join(f"{r.task}={r.accuracy:.3f}" for r in results)
+        print(f"eval @ iteration {iteration}: {trainer_log}")

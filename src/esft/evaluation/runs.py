@@ -1,0 +1,146 @@
+"""The weights of a run at any iteration, whether it is an ES seed log or HF checkpoints.
+
+ES runs are replayed from their seed log (nothing needs to have been saved); other runs
+(GRPO, any trainer writing `checkpoint-<step>/`) are read from their checkpoints. Both
+look the same to evaluation, so ES and GRPO results share one format.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from esft.config import ESConfig
+from esft.seedlog import SeedLog
+
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class RunView:
+    """Read-only access to a run directory's models, iteration by iteration."""
+
+    run_dir: Path
+    kind: str  # "es" (seed log) or "checkpoints"
+    base_model: str
+    config: dict
+
+    @classmethod
+    def open(cls, run_dir: str | Path) -> RunView:
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise ValueError(f"run directory {run_dir} does not exist")
+        cfg_path = run_dir / "config.yaml"
+        config = yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else {}
+        if (run_dir / "seedlog.jsonl").exists() and config:
+            return cls(run_dir, "es", str(config.get("model", "embedded")), config)
+        if any(_CKPT.match(p.name) for p in run_dir.iterdir()):
+            base = config.get("model") or _base_from_checkpoints(run_dir)
+            if base is None:
+                raise ValueError(
+                    f"{run_dir} has checkpoints but no config.yaml naming the base model "
+                    "(write `model: <base model id or path>` into config.yaml)"
+                )
+            return cls(run_dir, "checkpoints", str(base), config)
+        raise ValueError(
+            f"{run_dir} is neither an ES run (config.yaml + seedlog.jsonl) nor a directory of "
+            "HF checkpoints (checkpoint-<step>/); point --run at the run's --output_dir"
+        )
+
+    # ---------------------------------------------------------------- iterations
+    def iterations(self) -> list[int]:
+        """All iterations whose weights can be produced (0 = the base model)."""
+        if self.kind == "es":
+            return list(range(len(SeedLog(self.run_dir).records()) + 1))
+        steps = sorted(int(m.group(1)) for p in self.run_dir.iterdir() if (m := _CKPT.match(p.name)))
+        return [0, *steps]
+
+    def select(self, iterations: list[int] | None = None, every: int | None = None) -> list[int]:
+        """Validated iterations: explicit ones, or 0, K, 2K, ..., last."""
+        available = self.iterations()
+        last = available[-1]
+        if iterations:
+            bad = [k for k in iterations if k not in available]
+            if bad:
+                raise ValueError(
+                    f"iterations {bad} are not in {self.run_dir} (it has 0..{last}"
+                    + ("" if self.kind == "es" else f", checkpoints {available[1:]}")
+                    + ")"
+                )
+            return sorted(set(iterations))
+        if every:
+            chosen = [k for k in available if k % every == 0]
+            return sorted(set(chosen) | {last})
+        return available
+
+    # -------------------------------------------------------------------- models
+    def models(self, iterations: list[int], device: str = "auto") -> Iterator[tuple[int, torch.nn.Module, object]]:
+        """Yield (iteration, model, tokenizer) in increasing order.
+
+        ES runs replay forward incrementally, so visiting K iterations costs one pass
+        over the log rather than K replays from the base.
+        """
+        from esft.models import load_model
+
+        iterations = sorted(iterations)
+        cfg_dtype = self.config.get("torch_dtype", "auto")
+        if self.kind == "es":
+            from esft.anchor import AnchorFile
+            from esft.params import WeightState
+            from esft.trainer import ANCHOR_FILE, apply_record
+
+            cfg = ESConfig.from_dict({k: v for k, v in self.config.items() if k in ESConfig.__dataclass_fields__})
+            records = SeedLog(self.run_dir).records()
+            model, tokenizer = load_model(self.base_model, cfg_dtype, device)
+            state = WeightState(model, cfg.trainable, cfg.frozen, cfg.noise_mode)
+            anchor_path = self.run_dir / ANCHOR_FILE
+            anchor = AnchorFile(anchor_path) if anchor_path.exists() else None
+            if anchor is None and cfg.awd != "none" and iterations[-1] > 0:
+                raise ValueError(f"{anchor_path} is missing; AWD runs need θ₀ to replay")
+            done = 0
+            for k in iterations:
+                for rec in records[done:k]:
+                    apply_record(state, rec, cfg, anchor, compute_drift=False)
+                done = k
+                yield k, model, tokenizer
+            return
+        for k in iterations:
+            path = self.base_model if k == 0 else str(self.run_dir / f"checkpoint-{k}")
+            model, tokenizer = load_model(path, cfg_dtype, device)
+            if k:
+                check_same_architecture(self.base_model, model)
+            yield k, model, tokenizer
+
+
+def _base_from_checkpoints(run_dir: Path) -> str | None:
+    for p in sorted(run_dir.glob("checkpoint-*/config.json")):
+        name = json.loads(p.read_text()).get("_name_or_path")
+        if name:
+            return name
+    return None
+
+
+def check_same_architecture(base: str, model: torch.nn.Module) -> None:
+    """Refuse a checkpoint whose tensors do not fit the base model (another base model)."""
+    from transformers import AutoConfig
+
+    from esft.models import resolve_model_path
+
+    base_cfg = AutoConfig.from_pretrained(resolve_model_path(base))
+    keys = ("hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
+    diffs = [
+        f"{k}: base {getattr(base_cfg, k, None)} != checkpoint {getattr(model.config, k, None)}"
+        for k in keys
+        if getattr(base_cfg, k, None) != getattr(model.config, k, None)
+    ]
+    if diffs:
+        raise ValueError(
+            f"this checkpoint does not come from base model {base!r} ({'; '.join(diffs)}); "
+            "set `model:` in the run's config.yaml to the model it was trained from"
+        )

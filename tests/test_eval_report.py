@@ -1,0 +1,134 @@
+"""`esft eval` (a model, a run over its iterations, during training) and `esft report`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import SHARED_DATA, TINY
+
+from esft.cli import main
+from esft.config import ESConfig
+from esft.evaluation.accuracy import FORGETTING_FILE, evaluate_run
+from esft.io import read_jsonl
+from esft.trainer import ESTrainer
+
+pytestmark = pytest.mark.slow
+
+needs_data = pytest.mark.skipif(not (SHARED_DATA / "piqa").exists(), reason="shared data pack not present")
+
+
+@pytest.fixture(scope="module")
+def run_with_eval(tmp_path_factory, embedded_dir) -> Path:
+    """A 2-iteration ES run that evaluates conciseness during training."""
+    out = tmp_path_factory.mktemp("evalrun") / "run"
+    cfg = ESConfig(**{**TINY, "max_steps": 2, "save_steps": 0}, output_dir=str(out), eval_tasks="conciseness",
+                   eval_steps=1, eval_limit=2, eval_max_new_tokens=4)
+    ESTrainer(args=cfg).train()
+    return out
+
+
+def test_eval_callback_writes_rows_for_iterations_0_to_last(run_with_eval: Path) -> None:
+    rows = read_jsonl(run_with_eval / "eval" / FORGETTING_FILE)
+    assert [(r["iteration"], r["task"]) for r in rows] == [(0, "conciseness"), (1, "conciseness"), (2, "conciseness")]
+    assert all(r["n"] == 2 and 0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    assert (run_with_eval / "eval" / "samples" / "iteration-2" / "conciseness.jsonl").exists()
+
+
+@needs_data
+def test_eval_run_replays_iterations_and_resumes_without_redoing_work(run_with_eval: Path, tmp_path) -> None:
+    out = tmp_path / "eval"
+    kwargs = dict(every=2, limit=3, max_new_tokens=4, output=out, data_dir=str(SHARED_DATA), device="cpu", progress=False)
+    rows = evaluate_run(run_with_eval, ["piqa", "conciseness"], **kwargs)
+    assert sorted((r["iteration"], r["task"]) for r in rows) == [
+        (0, "conciseness"), (0, "piqa"), (2, "conciseness"), (2, "piqa")]
+    piqa0 = next(r for r in rows if r["task"] == "piqa" and r["iteration"] == 0)
+    assert piqa0["strict_format_rate"] is not None and piqa0["n"] == 3
+    # Interrupted or repeated: nothing already written is evaluated again.
+    before = (out / FORGETTING_FILE).read_text()
+    evaluate_run(run_with_eval, ["piqa", "conciseness"], **kwargs)
+    assert (out / FORGETTING_FILE).read_text() == before
+    samples = read_jsonl(out / "samples" / "iteration-2" / "piqa.jsonl")
+    assert set(samples[0]) >= {"prompt", "completion", "extracted", "gold", "correct"}
+
+
+@needs_data
+def test_eval_model_cli_writes_results_and_samples(tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    code = main(["eval", "--model", "embedded", "--tasks", "hellaswag,arc_challenge", "--limit", "2",
+                 "--max_new_tokens", "4", "--output", str(out), "--data_dir", str(SHARED_DATA)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["tasks"]) == {"hellaswag", "arc_challenge"}
+    assert results["tasks"]["hellaswag"]["n"] == 2 and results["tasks"]["hellaswag"]["strict_format_rate"] is not None
+    assert len(read_jsonl(out / "samples" / "arc_challenge.jsonl")) == 2
+    assert "| hellaswag |" in capsys.readouterr().out
+
+
+def test_eval_errors_name_the_fix(tmp_path, run_with_eval: Path, capsys) -> None:
+    assert main(["eval", "--run", str(tmp_path), "--tasks", "conciseness"]) == 2
+    assert "seedlog" in capsys.readouterr().err
+    assert main(["eval", "--run", str(run_with_eval), "--tasks", "conciseness", "--iterations", "5"]) == 2
+    assert "not in" in capsys.readouterr().err
+    assert main(["eval", "--run", str(run_with_eval), "--tasks", "no_such_task"]) == 2
+    assert "no_such_task" in capsys.readouterr().err
+
+
+def make_checkpoint_run(root: Path, embedded_dir: Path) -> Path:
+    """A GRPO-style run: config.yaml naming the base, and HF checkpoint directories."""
+    run = root / "grpo"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": "embedded", "trainer": "grpo", "task": "conciseness", "beta": 0.005}))
+    shutil.copytree(embedded_dir, run / "checkpoint-1")
+    return run
+
+
+def test_checkpoint_runs_are_evaluated_like_es_runs_and_reported_side_by_side(tmp_path, run_with_eval, embedded_dir) -> None:
+    grpo = make_checkpoint_run(tmp_path, embedded_dir)
+    rows = evaluate_run(grpo, ["conciseness"], limit=2, max_new_tokens=4, device="cpu", progress=False)
+    assert [r["iteration"] for r in rows] == [0, 1]
+    assert rows[0]["accuracy"] == rows[1]["accuracy"], "checkpoint-1 holds the base weights here"
+    out = tmp_path / "report"
+    assert main(["report", str(run_with_eval), str(grpo), "--output", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "ES (4)" in md and "GRPO (β=0.005)" in md
+    assert (out / "report.csv").read_text().startswith("run,Δ conciseness,avg Δ prior")
+    assert (out / "forgetting_curves.png").stat().st_size > 5_000
+    assert (out / "drift.png").exists()
+
+
+def test_a_checkpoint_from_another_base_model_is_refused(tmp_path, embedded_dir) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    run = tmp_path / "other"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": "embedded", "trainer": "grpo"}))
+    tiny = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2, vocab_size=49152))
+    tiny.save_pretrained(run / "checkpoint-3")
+    shutil.copy(embedded_dir / "tokenizer.json", run / "checkpoint-3")
+    shutil.copy(embedded_dir / "tokenizer_config.json", run / "checkpoint-3")
+    with pytest.raises(ValueError, match="does not come from base model"):
+        evaluate_run(run, ["conciseness"], iterations=[3], limit=1, max_new_tokens=2, device="cpu", progress=False)
+
+
+def test_lambda_sweep_report_plots_accuracy_against_lambda(tmp_path) -> None:
+    from esft.report.runs import build_report
+
+    runs = []
+    for lam, target, prior in ((1.0, 0.30, 0.50), (10.0, 0.28, 0.55)):
+        d = tmp_path / f"lam{lam:g}"
+        (d / "eval").mkdir(parents=True)
+        cfg = ESConfig(awd="l2", awd_lambda=lam, task="countdown", output_dir=str(d)).to_dict()
+        (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+        rows = [{"iteration": 0, "task": "countdown", "accuracy": 0.1}, {"iteration": 5, "task": "countdown", "accuracy": target},
+                {"iteration": 0, "task": "piqa", "accuracy": 0.6}, {"iteration": 5, "task": "piqa", "accuracy": prior}]
+        (d / "eval" / FORGETTING_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        runs.append(d)
+    md = build_report(runs, tmp_path / "rep").read_text()
+    assert "| ES (30) + AWD L2 λ=1 | +20.0 | -10.0 | -10.0 |" in md
+    assert "| ES (30) + AWD L2 λ=10 | +18.0 | -5.0 | -5.0 |" in md
+    assert (tmp_path / "rep" / "lambda.png").exists()
