@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, tiny_cli_args
+from helpers import SHARED_DATA, TINY, tiny_cli_args
 from safetensors.torch import load_file
 
 from esft import es
@@ -247,13 +247,18 @@ def test_quickstart_writes_report_and_curves(tmp_path, embedded_dir) -> None:
     out = tmp_path / "qs"
     r = subprocess.run(
         [sys.executable, "-m", "esft.cli", "quickstart", "--output_dir", str(out), "--max_steps", "2",
-         "--population_size", "2", "--max_train_samples", "2", "--max_new_tokens", "4", "--disable_tqdm"],
+         "--population_size", "2", "--max_train_samples", "2", "--max_new_tokens", "4", "--disable_tqdm",
+         "--data_dir", str(SHARED_DATA), "--prior_tasks", "piqa", "--prior_limit", "2", "--kl_prompts", "2"],
         capture_output=True, text=True, timeout=600,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     report = (out / "report.md").read_text()
     assert "| ES |" in report and "| ES + AWD L2" in report
     assert (out / "curves.png").stat().st_size > 10_000
+    if SHARED_DATA.exists():
+        assert "## Prior tasks" in report and "KL piqa" in report and "| ES |" in report.split("## Prior tasks")[1]
+    else:
+        assert "Skipped: no data pack" in report
     assert len(SeedLog(out / "es").records()) == 2 and len(SeedLog(out / "es_awd").records()) == 2
     # Both runs draw the same seeds: only AWD differs.
     assert [x.seeds for x in SeedLog(out / "es").records()] == [x.seeds for x in SeedLog(out / "es_awd").records()]

@@ -40,6 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default="conciseness")
     for key, value in DEFAULTS.items():
         p.add_argument(f"--{key}", type=type(value), default=value)
+    p.add_argument("--data_dir", default=None, help="shared data pack (default $ESFT_DATA_DIR) for prior tasks")
+    p.add_argument("--prior_tasks", default="hellaswag,piqa,arc_challenge")
+    p.add_argument("--prior_limit", type=int, default=20, help="eval examples per prior task")
+    p.add_argument("--kl_prompts", type=int, default=8, help="prompts per prior task for KL")
     p.add_argument("--num_threads", type=int, default=None)
     p.add_argument("--disable_tqdm", action="store_true")
 
@@ -72,6 +76,7 @@ def run_quickstart(a: argparse.Namespace) -> dict[str, Any]:
         print(f"=== {label}: {time.perf_counter() - t0:.0f} s")
     plot_training_curves(histories, out / "curves.png")
     report = _report(histories, seconds, a)
+    report += _prior_tasks_section(a, {label: run_dir for label, (_, run_dir) in runs.items()})
     write_text_atomic(out / "report.md", report)
     print("\n" + report)
     print(f"report: {out / 'report.md'}   curves: {out / 'curves.png'}")
@@ -101,3 +106,50 @@ def _report(histories: dict[str, list[dict[str, Any]]], seconds: dict[str, float
     lines += ["", "Reward is the population mean of the task reward (conciseness: −|len(answer) − len(target)| in characters).",
               "", "![curves](curves.png)", ""]
     return "\n".join(lines)
+
+
+def _prior_tasks_section(a: argparse.Namespace, runs: dict[str, Path]) -> str:
+    """Prior-task accuracy and KL to the base model, when a data pack is available."""
+    import json
+    import os
+
+    from esft.evaluation.accuracy import evaluate_run
+    from esft.evaluation.kl import kl_report
+
+    data_dir = a.data_dir or os.environ.get("ESFT_DATA_DIR")
+    tasks = [t.strip() for t in a.prior_tasks.split(",") if t.strip()]
+    if not data_dir or not Path(data_dir).is_dir():
+        return ("\n## Prior tasks\n\nSkipped: no data pack (pass `--data_dir` or set `ESFT_DATA_DIR` to a folder "
+                "laid out like the shared data pack to add prior-task accuracy and KL here).\n")
+    acc: dict[str, dict[str, dict[int, float]]] = {}
+    kl: dict[str, dict[str, float]] = {}
+    for label, run_dir in runs.items():
+        print(f"\n=== prior tasks for {label}: accuracy on {a.prior_limit} examples, KL on {a.kl_prompts} prompts")
+        rows = evaluate_run(run_dir, tasks, iterations=[0, a.max_steps], limit=a.prior_limit, max_new_tokens=16,
+                            data_dir=data_dir, device="cpu", progress=False)
+        for r in rows:
+            acc.setdefault(label, {}).setdefault(r["task"], {})[r["iteration"]] = r["accuracy"]
+        kl_rows = kl_report(run_dir, tasks, iterations=[a.max_steps], num_prompts=a.kl_prompts, max_tokens=32,
+                            data_dir=data_dir, device="cpu")
+        (run_dir / "kl.json").write_text(json.dumps(kl_rows, indent=1))
+        kl[label] = {r["task"]: r["kl_exact_token"] for r in kl_rows}
+    lines = [
+        "",
+        "## Prior tasks",
+        "",
+        f"Data pack `{data_dir}`: the first {a.prior_limit} evaluation examples of each prior task "
+        f"(greedy, 16 new tokens), and KL(base ‖ final) as the exact per-position KL on 32-token continuations "
+        f"sampled once from the base model for the first {a.kl_prompts} prompts of each task (nats/token). "
+        "Tiny samples: a smoke view of forgetting, not a benchmark result.",
+        "",
+        "| run | " + " | ".join(f"{t} acc (base → final)" for t in tasks) + " | " + " | ".join(f"KL {t}" for t in tasks) + " |",
+        "|---|" + "---:|" * (2 * len(tasks)),
+    ]
+    for label in runs:
+        cells = []
+        for t in tasks:
+            c = acc.get(label, {}).get(t, {})
+            cells.append(f"{c.get(0, float('nan')):.2f} → {c.get(a.max_steps, float('nan')):.2f}")
+        cells += [f"{kl.get(label, {}).get(t, float('nan')):.3g}" for t in tasks]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
