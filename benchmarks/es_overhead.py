@@ -23,9 +23,9 @@ import torch
 
 def run(workload: str, threads: int) -> dict:
     from esft.config import ESConfig
-    from esft.trainer import ESTrainer, apply_record
     from esft.es import coefficients
     from esft.seedlog import IterationRecord
+    from esft.trainer import ESTrainer, apply_record
 
     n, p, t = (int(x) for x in workload.split("x"))
     with tempfile.TemporaryDirectory() as out:

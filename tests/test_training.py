@@ -265,8 +265,6 @@ def test_quickstart_writes_report_and_curves(tmp_path, embedded_dir) -> None:
 
 
 def test_countdown_trains_from_the_shared_data_file(tmp_path, embedded_dir) -> None:
-    from helpers import SHARED_DATA
-
     if not (SHARED_DATA / "countdown" / "countdown.json").exists():
         pytest.skip("shared data pack not present")
     cfg = ESConfig(**{**TINY, "task": "countdown", "max_steps": 1, "save_steps": 0, "population_size": 2},

@@ -112,7 +112,7 @@ class ESTrainer:
         processing_class: Any = None,
         callbacks: Sequence[TrainerCallback] = (),
     ) -> None:
-        from esft.models import load_model, load_tokenizer, resolve_device
+        from esft.models import load_model, load_tokenizer
         from esft.tasks import get_task
 
         self.args = args or ESConfig()
@@ -161,7 +161,9 @@ class ESTrainer:
             self.model_name = getattr(model.config, "_name_or_path", "custom")
         if processing_class is not None:
             self.tokenizer = processing_class
-        self.device = resolve_device(cfg.device) if cfg.device != "auto" else next(self.model.parameters()).device
+        # config.yaml must name what was really trained, or replay would rebuild another model.
+        cfg.model = self.model_name
+        cfg.task = self.task.name
 
         self.state = WeightState(self.model, cfg.trainable, cfg.frozen, cfg.noise_mode)
         self.engine = HFEngine(self.model, self.tokenizer, cfg.max_new_tokens, cfg.generation_batch_size)
