@@ -1,4 +1,4 @@
-"""ES bookkeeping vs generation: where does an iteration's time go?
+"""ES bookkeeping vs generation: where does an iteration's time go (steady state)?
 
 For each workload (N members × P prompts × T new tokens) this runs one real ES iteration on
 the embedded model (perturb, generate, restore, score, update, drift) and, for reference,
@@ -37,6 +37,12 @@ def run(workload: str, threads: int) -> dict:
         trainer = ESTrainer(args=cfg)
         trainer._prepare_run_dir()
         prompts = trainer.engine.encode([trainer.task.messages(e) for e in trainer.train_examples])
+        # Warm-up, untimed: the first perturbation and update allocate and first-touch the
+        # work and scratch buffers, a one-off cost that steady-state iterations never pay.
+        trainer.state.perturb(1, 1, cfg.sigma)
+        trainer.state.restore()
+        warm = IterationRecord(0, list(range(n)), [0.0] * n, [0.0] * n, {})
+        apply_record(trainer.state, warm, cfg, trainer.anchor)
         t0 = time.perf_counter()
         seeds, rewards, stats = trainer.evaluate_population(1, prompts)
         t1 = time.perf_counter()

@@ -11,11 +11,11 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from esft.io import write_dir_atomic
 
 log = logging.getLogger(__name__)
 
@@ -83,17 +83,13 @@ def embedded_model_dir() -> Path:
     if unexpected or [m for m in missing if "lm_head" not in m]:
         raise RuntimeError(f"embedded model conversion failed: missing={missing} unexpected={unexpected}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Write next to the target and rename, so an interrupted conversion is never trusted.
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    # Built under a temp name and renamed: an interrupted conversion is never trusted.
+    write_dir_atomic(target, fill)
     return target
 
 
