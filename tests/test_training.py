@@ -276,3 +276,17 @@ def test_countdown_trains_from_the_shared_data_file(tmp_path, embedded_dir) -> N
     )
     history = trainer.train()
     assert history[0]["completions/mean_tokens"] <= TINY["max_new_tokens"]
+
+
+def test_run_view_jumps_to_checkpoints_and_matches_pure_replay(reference_run: Path, monkeypatch) -> None:
+    import esft.trainer as trainer_mod
+    from esft.evaluation.runs import RunView
+
+    calls = []
+    real = trainer_mod.apply_record
+    monkeypatch.setattr(trainer_mod, "apply_record", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ((k, model, _),) = list(RunView.open(reference_run).models([3], device="cpu"))
+    assert k == 3 and calls == [], "checkpoint-3 exists: no record should be replayed"
+    pure, _ = replay(reference_run, 3, device="cpu")
+    got = {n: t for n, t in model.state_dict().items() if n in pure.state_dict()}
+    assert_bitwise_equal(got, {n: t for n, t in pure.state_dict().items() if n in got}, "checkpoint jump vs replay")

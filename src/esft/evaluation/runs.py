@@ -103,8 +103,17 @@ class RunView:
             anchor = AnchorFile(anchor_path) if anchor_path.exists() else None
             if anchor is None and cfg.awd != "none" and iterations[-1] > 0:
                 raise ValueError(f"{anchor_path} is missing; AWD runs need θ₀ to replay")
+            checkpoints = self._es_checkpoints()
             done = 0
             for k in iterations:
+                # Checkpoints are a cache of the log (bitwise equal to its replay): jump to
+                # the latest one on the way instead of regenerating its K·N noise tensors.
+                usable = [j for j in checkpoints if done < j <= k]
+                if usable:
+                    from esft.trainer import load_checkpoint_tensors
+
+                    state.load_masters(load_checkpoint_tensors(self.run_dir / f"checkpoint-{usable[-1]}"))
+                    done = usable[-1]
                 for rec in records[done:k]:
                     apply_record(state, rec, cfg, anchor, compute_drift=False)
                 done = k
@@ -116,6 +125,11 @@ class RunView:
             if k:
                 check_same_architecture(self.base_model, model)
             yield k, model, tokenizer
+
+
+    def _es_checkpoints(self) -> list[int]:
+        """Complete checkpoints of an ES run (written atomically, so present = complete)."""
+        return sorted(int(m.group(1)) for p in self.run_dir.iterdir() if (m := _CKPT.match(p.name)) and p.is_dir())
 
 
 def _base_from_checkpoints(run_dir: Path) -> str | None:
