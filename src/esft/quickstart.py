@@ -131,7 +131,7 @@ def _prior_tasks_section(a: argparse.Namespace, runs: dict[str, Path]) -> str:
             acc.setdefault(label, {}).setdefault(r["task"], {})[r["iteration"]] = r["accuracy"]
         kl_rows = kl_report(run_dir, tasks, iterations=[a.max_steps], num_prompts=a.kl_prompts, max_tokens=32,
                             data_dir=data_dir, device="cpu")
-        (run_dir / "kl.json").write_text(json.dumps(kl_rows, indent=1))
+        write_text_atomic(run_dir / "kl.json", json.dumps(kl_rows, indent=1))
         kl[label] = {r["task"]: r["kl_exact_token"] for r in kl_rows}
     lines = [
         "",
