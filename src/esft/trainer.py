@@ -210,13 +210,10 @@ class ESTrainer:
 
     def _restore_from(self, records: list[IterationRecord]) -> None:
         """Rebuild the weights after the last logged iteration: checkpoint + replay."""
-        start = 0
-        for ckpt in sorted(self.run_dir.glob("checkpoint-*"), key=lambda p: -_ckpt_iter(p)):
-            k = _ckpt_iter(ckpt)
-            if 0 < k <= len(records):
-                self.state.load_masters(load_checkpoint_tensors(ckpt))
-                start = k
-                break
+        usable = [k for k in checkpoint_steps(self.run_dir) if k <= len(records)]
+        start = usable[-1] if usable else 0
+        if start:
+            self.state.load_masters(load_checkpoint_tensors(self.run_dir / f"checkpoint-{start}"))
         for rec in tqdm(records[start:], desc="replaying seed log", disable=self.args.disable_tqdm or len(records) == start):
             apply_record(self.state, rec, self.args, self.anchor, compute_drift=False)
         self.iteration = len(records)
@@ -354,11 +351,14 @@ class ESTrainer:
         return path
 
 
-def _ckpt_iter(path: Path) -> int:
-    try:
-        return int(path.name.split("-", 1)[1])
-    except (IndexError, ValueError):
-        return -1
+def checkpoint_steps(run_dir: str | Path) -> list[int]:
+    """Iterations of the complete `checkpoint-<k>/` directories (written atomically, so present = complete)."""
+    steps = []
+    for p in Path(run_dir).iterdir():
+        name, _, k = p.name.partition("-")
+        if name == "checkpoint" and k.isdigit() and p.is_dir():
+            steps.append(int(k))
+    return sorted(steps)
 
 
 def _json_line(d: dict[str, Any]) -> str:
@@ -378,8 +378,14 @@ def _format_metrics(m: dict[str, Any]) -> str:
     )
 
 
-def replay(run_dir: str | Path, iteration: int, model: str | None = None, device: str = "auto") -> tuple[WeightState, Any]:
-    """Weights after `iteration` (0 = base) rebuilt from the base model and the seed log."""
+def open_replay(
+    run_dir: str | Path, upto: int, model: str | None = None, device: str = "auto"
+) -> tuple[ESConfig, WeightState, Any, list[IterationRecord], AnchorFile | None]:
+    """The base model of an ES run, ready to replay its records up to iteration `upto`.
+
+    Returns (config, weight state at iteration 0, tokenizer, records, anchor); shared by
+    `replay` and evaluation's forward walk so both rebuild weights the same way.
+    """
     from esft.models import load_model
 
     run_dir = Path(run_dir)
@@ -388,14 +394,20 @@ def replay(run_dir: str | Path, iteration: int, model: str | None = None, device
         raise ValueError(f"{run_dir} is not an esft run directory (no {CONFIG_FILE})")
     cfg = ESConfig.from_yaml(config_path)
     records = SeedLog(run_dir).records()
-    if not 0 <= iteration <= len(records):
-        raise ValueError(f"iteration {iteration} is out of range: {run_dir} has iterations 0..{len(records)}")
-    net, tokenizer = load_model(model or cfg.model, cfg.torch_dtype, device if device != "auto" else cfg.device)
-    state = WeightState(net, cfg.trainable, cfg.frozen, cfg.noise_mode)
+    if not 0 <= upto <= len(records):
+        raise ValueError(f"iteration {upto} is out of range: {run_dir} has iterations 0..{len(records)}")
     anchor_path = run_dir / ANCHOR_FILE
     anchor = AnchorFile(anchor_path) if anchor_path.exists() else None
-    if anchor is None and cfg.awd != "none" and iteration > 0:
+    if anchor is None and cfg.awd != "none" and upto > 0:
         raise ValueError(f"{anchor_path} is missing; AWD runs need θ₀ to replay")
+    net, tokenizer = load_model(model or cfg.model, cfg.torch_dtype, device if device != "auto" else cfg.device)
+    state = WeightState(net, cfg.trainable, cfg.frozen, cfg.noise_mode)
+    return cfg, state, tokenizer, records, anchor
+
+
+def replay(run_dir: str | Path, iteration: int, model: str | None = None, device: str = "auto") -> tuple[WeightState, Any]:
+    """Weights after `iteration` (0 = base) rebuilt from the base model and the seed log."""
+    cfg, state, tokenizer, records, anchor = open_replay(run_dir, iteration, model, device)
     for rec in tqdm(records[:iteration], desc="replay", disable=iteration == 0):
         apply_record(state, rec, cfg, anchor, compute_drift=False)
     return state, tokenizer

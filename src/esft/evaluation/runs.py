@@ -8,7 +8,6 @@ look the same to evaluation, so ES and GRPO results share one format.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from esft.config import ESConfig
 from esft.seedlog import SeedLog
-
-_CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
 @dataclass
@@ -40,7 +36,9 @@ class RunView:
         config = yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else {}
         if (run_dir / "seedlog.jsonl").exists() and config:
             return cls(run_dir, "es", str(config.get("model", "embedded")), config)
-        if any(_CKPT.match(p.name) for p in run_dir.iterdir()):
+        from esft.trainer import checkpoint_steps
+
+        if checkpoint_steps(run_dir):
             base = config.get("model") or _base_from_checkpoints(run_dir)
             if base is None:
                 raise ValueError(
@@ -58,8 +56,9 @@ class RunView:
         """All iterations whose weights can be produced (0 = the base model)."""
         if self.kind == "es":
             return list(range(len(SeedLog(self.run_dir).records()) + 1))
-        steps = sorted(int(m.group(1)) for p in self.run_dir.iterdir() if (m := _CKPT.match(p.name)))
-        return [0, *steps]
+        from esft.trainer import checkpoint_steps
+
+        return [0, *checkpoint_steps(self.run_dir)]
 
     def select(self, iterations: list[int] | None = None, every: int | None = None) -> list[int]:
         """Validated iterations: explicit ones, or 0, K, 2K, ..., last."""
@@ -89,36 +88,30 @@ class RunView:
         from esft.models import load_model
 
         iterations = sorted(iterations)
-        cfg_dtype = self.config.get("torch_dtype", "auto")
         if self.kind == "es":
-            from esft.anchor import AnchorFile
-            from esft.params import WeightState
-            from esft.trainer import ANCHOR_FILE, apply_record
+            from esft.trainer import (
+                apply_record,
+                checkpoint_steps,
+                load_checkpoint_tensors,
+                open_replay,
+            )
 
-            cfg = ESConfig.from_dict({k: v for k, v in self.config.items() if k in ESConfig.__dataclass_fields__})
-            records = SeedLog(self.run_dir).records()
-            model, tokenizer = load_model(self.base_model, cfg_dtype, device)
-            state = WeightState(model, cfg.trainable, cfg.frozen, cfg.noise_mode)
-            anchor_path = self.run_dir / ANCHOR_FILE
-            anchor = AnchorFile(anchor_path) if anchor_path.exists() else None
-            if anchor is None and cfg.awd != "none" and iterations[-1] > 0:
-                raise ValueError(f"{anchor_path} is missing; AWD runs need θ₀ to replay")
-            checkpoints = self._es_checkpoints()
+            cfg, state, tokenizer, records, anchor = open_replay(self.run_dir, iterations[-1], device=device)
+            checkpoints = checkpoint_steps(self.run_dir)
             done = 0
             for k in iterations:
                 # Checkpoints are a cache of the log (bitwise equal to its replay): jump to
                 # the latest one on the way instead of regenerating its K·N noise tensors.
                 usable = [j for j in checkpoints if done < j <= k]
                 if usable:
-                    from esft.trainer import load_checkpoint_tensors
-
                     state.load_masters(load_checkpoint_tensors(self.run_dir / f"checkpoint-{usable[-1]}"))
                     done = usable[-1]
                 for rec in records[done:k]:
                     apply_record(state, rec, cfg, anchor, compute_drift=False)
                 done = k
-                yield k, model, tokenizer
+                yield k, state.model, tokenizer
             return
+        cfg_dtype = self.config.get("torch_dtype", "auto")
         for k in iterations:
             path = self.base_model if k == 0 else str(self.run_dir / f"checkpoint-{k}")
             model, tokenizer = load_model(path, cfg_dtype, device)
@@ -126,10 +119,6 @@ class RunView:
                 check_same_architecture(self.base_model, model)
             yield k, model, tokenizer
 
-
-    def _es_checkpoints(self) -> list[int]:
-        """Complete checkpoints of an ES run (written atomically, so present = complete)."""
-        return sorted(int(m.group(1)) for p in self.run_dir.iterdir() if (m := _CKPT.match(p.name)) and p.is_dir())
 
 
 def _base_from_checkpoints(run_dir: Path) -> str | None:
