@@ -34,6 +34,12 @@ RESUMABLE_FIELDS = frozenset(
         "eval_steps",
         "eval_limit",
         "eval_max_new_tokens",
+        # Ray scale-out changes where members are scored, never the weights.
+        "workers",
+        "ray_address",
+        "worker_threads",
+        "gpus_per_worker",
+        "sync_check_steps",
     }
 )
 
@@ -75,6 +81,10 @@ class ESConfig:
 
     Parameters of evaluation during training:
         eval_tasks, eval_steps, eval_limit, eval_max_new_tokens.
+
+    Parameters of Ray scale-out (`esft.distributed`; bitwise the same run as in-process):
+        workers, ray_address, worker_device, worker_threads, gpus_per_worker,
+        sync_check_steps.
 
     Parameters of the run directory and logging:
         output_dir, seed, logging_steps, save_steps, report_to, resume.
@@ -121,6 +131,16 @@ class ESConfig:
     eval_limit: int | None = _help("examples per eval task (default: the whole eval set)", default=None)
     eval_max_new_tokens: int = _help("tokens per eval completion", default=1024)
 
+    # Ray scale-out
+    workers: int | None = _help("score members on K Ray actors, each a full model replica", default=None)
+    ray_address: str | None = _help("join a running Ray cluster: 'auto' or HOST:PORT (default: start one)", default=None)
+    worker_device: Literal["auto", "cpu", "cuda"] = _help(
+        "device of each Ray actor (auto: the driver's device)", default="auto"
+    )
+    worker_threads: int | None = _help("torch threads per CPU actor (default: cluster CPUs / workers)", default=None)
+    gpus_per_worker: float = _help("GPUs reserved per CUDA actor", default=1.0)
+    sync_check_steps: int = _help("compare actor weight checksums with the driver every k iterations (0: never)", default=10)
+
     # Run directory and logging
     output_dir: str = _help("run directory", default="runs/esft")
     seed: int = _help("seed of seeds and prompt subsets", default=0)
@@ -161,6 +181,16 @@ class ESConfig:
             errors.append("eval_tasks needs eval_steps >= 1")
         if self.generation_batch_size < 1:
             errors.append("generation_batch_size must be >= 1")
+        if self.workers is not None and self.workers < 1:
+            errors.append(f"workers must be >= 1 (got {self.workers})")
+        if self.ray_address and not self.workers:
+            errors.append("ray_address needs --workers K (how many actors to start on the cluster)")
+        if self.worker_threads is not None and self.worker_threads < 1:
+            errors.append(f"worker_threads must be >= 1 (got {self.worker_threads})")
+        if not self.gpus_per_worker > 0:
+            errors.append(f"gpus_per_worker must be > 0 (got {self.gpus_per_worker})")
+        if self.sync_check_steps < 0:
+            errors.append(f"sync_check_steps must be >= 0 (got {self.sync_check_steps})")
         if self.awd_lambda is not None and self.awd_lambda < 0:
             errors.append(f"awd_lambda must be >= 0 (got {self.awd_lambda})")
         if self.awd == "huber" and not self.awd_huber_delta > 0:

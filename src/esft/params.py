@@ -179,6 +179,28 @@ class WeightState:
             if rest is not master:
                 rest.copy_(master)
 
+    def checksum(self) -> str:
+        """A digest of the exact bits of every fp32 master, computed where the tensors live.
+
+        Integer sums of the raw bits are exact and order-independent on any device, so
+        only a few scalars per tensor leave the GPU; a weighted second sum also catches
+        values that moved between positions.
+        """
+        import hashlib
+
+        digest = hashlib.blake2b(digest_size=16)
+        chunk = 1 << 22  # bounded int64 temporaries whatever the tensor size
+        for name, master in self.items():
+            flat = master.reshape(-1).view(torch.int32)
+            plain = weighted = 0
+            for start in range(0, flat.numel(), chunk):
+                bits = flat[start : start + chunk].to(torch.int64)
+                pos = torch.arange(start, start + bits.numel(), device=bits.device, dtype=torch.int64)
+                plain += int(bits.sum())
+                weighted += int(((bits >> 8) * (pos % 251 + 1)).sum())
+            digest.update(f"{name}:{plain}:{weighted};".encode())
+        return digest.hexdigest()
+
     # --------------------------------------------------------------- state access
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, fp32 master) pairs, in a fixed order."""

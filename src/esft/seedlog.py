@@ -1,7 +1,8 @@
 """A run is its seed log (DESIGN.md, principle 1).
 
 Each finished iteration appends one record: `iteration`, `seeds`, `rewards`,
-`coefficients` (null when the update was skipped) and timings. The weights after
+`coefficients` (null when the update was skipped) and the prompt subset; timings
+live in metrics.jsonl, so the log is a pure function of the config. The weights after
 iteration k are base weights + the updates of records 1..k (+ AWD after each), which is
 all that replay, resume and distributed catch-up ever need.
 """

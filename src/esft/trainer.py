@@ -25,7 +25,7 @@ from esft.engine import HFEngine
 from esft.io import ensure_writable_dir, read_jsonl, write_dir_atomic, write_text_atomic
 from esft.params import WeightState
 from esft.reporting import MetricsWriter
-from esft.rewards import RewardStats, score_completions
+from esft.rewards import RewardStats
 from esft.seedlog import IterationRecord, SeedLog
 
 log = logging.getLogger(__name__)
@@ -230,6 +230,7 @@ class ESTrainer:
             write_text_atomic(self.run_dir / "metrics.jsonl", "".join(_json_line(m) for m in self.history))
         writer = MetricsWriter(self.run_dir, cfg.report_to, cfg.to_dict())
         prompts = self.engine.encode([self.task.messages(ex) for ex in self.train_examples])
+        self.population = self._make_population(prompts)
         for cb in self.callbacks:
             cb.on_train_begin(self)
         bar = tqdm(
@@ -238,7 +239,7 @@ class ESTrainer:
         )
         try:
             while self.iteration < cfg.max_steps:
-                metrics = self._iteration(self.iteration + 1, prompts)
+                metrics = self._iteration(self.iteration + 1)
                 self.iteration += 1
                 writer.log(metrics)
                 self.history.append(metrics)
@@ -253,69 +254,56 @@ class ESTrainer:
         finally:
             bar.close()
             writer.close()
+            self.population.close()
         self.save_model(self.run_dir / "final")
         for cb in self.callbacks:
             cb.on_train_end(self)
         return self.history
 
+    def _make_population(self, prompts: list[list[int]]):
+        """In-process scoring, or Ray workers when `--workers` is set."""
+        from esft.population import LocalPopulation
+
+        cfg = self.args
+        if cfg.workers:
+            from esft.distributed import RayPopulation
+
+            return RayPopulation(self, prompts)
+        return LocalPopulation(cfg, self.state, self.engine, self.task, self.train_examples, prompts, self.reward_stats)
+
     def evaluate_population(
         self, iteration: int, prompts: list[list[int]]
     ) -> tuple[list[int], list[float], dict[str, Any]]:
-        """Score every member of `iteration` on the same prompts; weights end bitwise as they began.
+        """Score every member of `iteration` in-process; weights end bitwise as they began.
 
         Returns (seeds, one mean reward per member, timing/throughput stats).
         """
-        cfg = self.args
-        seeds = es.iteration_seeds(cfg.seed, iteration, cfg.num_seeds)
-        subset = es.prompt_subset(cfg.seed, iteration, len(prompts), cfg.prompts_per_step)
-        batch = [prompts[i] for i in subset]
-        examples = [self.train_examples[i] for i in subset]
-        rewards: list[float] = []
-        t_gen = t_perturb = 0.0
-        tokens = 0
-        population = es.members(seeds, cfg.mirror_sampling)
-        for member in tqdm(population, desc=f"iteration {iteration}", leave=False, disable=cfg.disable_tqdm):
-            t0 = time.perf_counter()
-            self.state.perturb(member.seed, member.sign, cfg.sigma)
-            t1 = time.perf_counter()
-            try:
-                gens = self.engine.generate_ids(batch)
-            finally:
-                t2 = time.perf_counter()
-                self.state.restore()
-                t3 = time.perf_counter()
-            t_perturb += (t1 - t0) + (t3 - t2)
-            t_gen += t2 - t1
-            tokens += sum(g.num_tokens for g in gens)
-            scores = score_completions(self.task, [g.text for g in gens], examples, self.reward_stats)
-            rewards.append(float(np.mean(scores)))
-        stats = {
-            "subset": subset,
-            "generation": t_gen,
-            "perturb_restore": t_perturb,
-            "tokens": tokens,
-            "completions": len(population) * len(batch),
-        }
-        return seeds, rewards, stats
+        from esft.population import LocalPopulation
 
-    def _iteration(self, iteration: int, prompts: list[list[int]]) -> dict[str, Any]:
+        pop = LocalPopulation(self.args, self.state, self.engine, self.task, self.train_examples, prompts, self.reward_stats)
+        res = pop.evaluate(iteration)
+        return res.seeds, res.rewards, {"subset": res.subset, **res.stats}
+
+    def _iteration(self, iteration: int) -> dict[str, Any]:
         cfg = self.args
         t_start = time.perf_counter()
         errors_before = self.reward_stats.errors + self.reward_stats.nonfinite
-        seeds, rewards, stats = self.evaluate_population(iteration, prompts)
-        t_gen, t_perturb, tokens = stats["generation"], stats["perturb_restore"], stats["tokens"]
+        res = self.population.evaluate(iteration)
+        rewards = res.rewards
+        t_gen, t_perturb, tokens = res.stats["generation"], res.stats["perturb_restore"], res.stats["tokens"]
         t_score_end = time.perf_counter()
         coeffs = es.coefficients(rewards, cfg.mirror_sampling)
-        record = IterationRecord(iteration, seeds, rewards, coeffs, extra={})
+        # The seed log holds only what decides the weights (no timings), so two runs of
+        # one config, in-process or on Ray workers, write the same file.
+        record = IterationRecord(
+            iteration, res.seeds, rewards, coeffs, extra={"prompts": res.subset if cfg.prompts_per_step else None}
+        )
         update_norm, drift = apply_record(self.state, record, cfg, self.anchor)
         t_update = time.perf_counter() - t_score_end
-        t_total = time.perf_counter() - t_start
-        record.extra = {
-            "prompts": stats["subset"] if cfg.prompts_per_step else None,
-            "time": {"generation": t_gen, "perturb_restore": t_perturb, "update": t_update, "total": t_total},
-        }
         # The log line is the commit point: once written, a resume trusts this iteration.
         self.seedlog.append(record)
+        worker_metrics = self.population.after_update(record)
+        t_total = time.perf_counter() - t_start
         r = np.asarray(rewards)
         drift = float(drift or 0.0)
         return {
@@ -335,7 +323,9 @@ class ESTrainer:
             "time/iteration": t_total,
             "tokens/generated": tokens,
             "tokens/per_second": tokens / t_gen if t_gen else 0.0,
-            "completions/mean_tokens": tokens / stats["completions"],
+            "completions/mean_tokens": tokens / res.stats["completions"],
+            **res.metrics,
+            **worker_metrics,
         }
 
     # ---------------------------------------------------------------- checkpoints

@@ -1,0 +1,493 @@
+"""Ray scale-out: population members scored by K actors, each a full model replica.
+
+What travels per iteration is O(N) numbers: the driver sends each actor
+(iteration, member index, seed, sign) and gets back (reward, token count, timings);
+after the update it broadcasts the seed-log record (seeds, coefficients) and every actor
+applies it with the same code as the driver (`trainer.apply_record`), so no weights
+move in the steady state. The driver keeps its own replica on the same device type: it
+writes checkpoints and the seed log, and every `sync_check_steps` iterations it compares
+the actors' weight checksums with its own.
+
+Scheduling is dynamic (an idle actor takes the next member), each actor holds at most
+two members so scoring one overlaps generating the next, and a lost actor's members are
+re-queued while a replacement is started from the driver's weights. Ray does the
+processes, placement and transport; nothing here is a scheduler of its own beyond the
+member queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from esft import es
+from esft.config import ESConfig
+from esft.population import MemberResult, PopulationResult, generate_member, score_member
+from esft.seedlog import IterationRecord
+
+log = logging.getLogger(__name__)
+
+#: Members in flight per actor: one generating, one queued behind it (or being scored).
+QUEUE_DEPTH = 2
+#: How long a replacement actor may take to start before the run gives up on it.
+WORKER_START_TIMEOUT_S = 600.0
+#: Replacements allowed per configured actor before the run gives up (then: --resume).
+MAX_RESTARTS_PER_WORKER = 3
+#: Environment variables the actors need to find the same model cache and data.
+FORWARDED_ENV = ("ESFT_CACHE", "ESFT_DATA_DIR", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+class WorkerDivergedError(RuntimeError):
+    """An actor's weights no longer match the driver's: never continue silently."""
+
+
+class WorkersLostError(RuntimeError):
+    """No actor is left to score members; the run can be resumed later."""
+
+
+def require_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ImportError(
+            "--workers needs Ray, which is not installed: pip install 'esft[ray]'"
+        ) from None
+    return ray
+
+
+# ---------------------------------------------------------------------- the actor
+class ESWorker:
+    """One Ray actor: a model replica that scores members and applies updates.
+
+    Methods run on up to two threads (Ray `max_concurrency=2`): generation holds a lock,
+    scoring does not, so a member's reward is computed while the next one generates.
+    """
+
+    def __init__(
+        self, cfg_dict: dict[str, Any], model: Any, tokenizer: Any, task: Any, examples: list[Any],
+        prompts: list[list[int]], device: str, threads: int | None, name: str,
+    ) -> None:
+        import tempfile
+
+        from esft.anchor import AnchorFile
+        from esft.engine import HFEngine
+        from esft.models import load_model
+        from esft.params import WeightState
+        from esft.rewards import RewardStats
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.cfg = ESConfig.from_dict(cfg_dict)
+        self.name = name
+        if isinstance(model, str):
+            net, _ = load_model(model, self.cfg.torch_dtype, device)
+        else:
+            net = model.to(device).eval().requires_grad_(False)
+        self.state = WeightState(net, self.cfg.trainable, self.cfg.frozen, self.cfg.noise_mode)
+        self.engine = HFEngine(net, tokenizer, self.cfg.max_new_tokens, self.cfg.generation_batch_size)
+        self.task, self.examples, self.prompts = task, examples, prompts
+        self.reward_stats = RewardStats()
+        # θ₀ is the base weights, which this replica holds right now (AWD needs it).
+        self._tmp = tempfile.mkdtemp(prefix="esft-worker-")
+        self.anchor = AnchorFile.write(os.path.join(self._tmp, "theta0.safetensors"), self.state.items()) if self.cfg.awd != "none" else None
+        self.iteration = 0
+        self._lock = threading.Lock()
+        self._subsets: dict[int, list[int]] = {}
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "pid": os.getpid(), "node": socket.gethostname(),
+            "device": str(self.state.masters[0].device), "threads": torch.get_num_threads(),
+        }
+
+    def _subset(self, iteration: int) -> list[int]:
+        if iteration not in self._subsets:
+            self._subsets = {iteration: es.prompt_subset(self.cfg.seed, iteration, len(self.prompts), self.cfg.prompts_per_step)}
+        return self._subsets[iteration]
+
+    def run_member(self, iteration: int, index: int, seed: int, sign: int) -> MemberResult:
+        subset = self._subset(iteration)
+        batch = [self.prompts[i] for i in subset]
+        with self._lock:
+            t0 = time.perf_counter()  # busy time starts once this member holds the replica
+            if self.iteration != iteration - 1:
+                raise RuntimeError(
+                    f"{self.name} holds the weights after iteration {self.iteration}, "
+                    f"asked to score a member of iteration {iteration}"
+                )
+            gens, t_gen, t_perturb = generate_member(self.state, self.engine, es.Member(seed, sign), self.cfg.sigma, batch)
+        reward = score_member(self.task, gens, [self.examples[i] for i in subset], self.reward_stats)
+        tokens = sum(g.num_tokens for g in gens)
+        return MemberResult(index, reward, tokens, len(gens), t_gen, t_perturb, self.name, time.perf_counter() - t0)
+
+    def apply(self, record: dict[str, Any], want_checksum: bool) -> str | None:
+        from esft.trainer import apply_record
+
+        rec = IterationRecord.from_json(record)
+        with self._lock:
+            if rec.iteration != self.iteration + 1:
+                raise RuntimeError(f"{self.name} is at iteration {self.iteration}, got the update of {rec.iteration}")
+            apply_record(self.state, rec, self.cfg, self.anchor, compute_drift=False)
+            self.iteration = rec.iteration
+            return self.state.checksum() if want_checksum else None
+
+    def load_state(self, masters: dict[str, torch.Tensor], iteration: int) -> str:
+        """Take a healthy replica's weights (a replacement catching up); returns the checksum."""
+        with self._lock:
+            self.state.load_masters(masters)
+            self.iteration = iteration
+            return self.state.checksum()
+
+    def checksum(self) -> str:
+        with self._lock:
+            return self.state.checksum()
+
+
+# --------------------------------------------------------------------- the driver
+@dataclass
+class WorkerHandle:
+    name: str
+    actor: Any
+    info: dict[str, Any] = field(default_factory=dict)
+    ready_ref: Any = None  # set while a (replacement) actor is starting
+    info_ref: Any = None
+    members: int = 0
+    tokens: int = 0
+    busy_s: float = 0.0
+    gen_s: float = 0.0
+
+    @property
+    def label(self) -> str:
+        where = f" pid {self.info['pid']} on {self.info['node']}" if self.info else ""
+        return f"{self.name}{where}"
+
+
+class RayPopulation:
+    """Scores each iteration's members on Ray actors; same rewards as `LocalPopulation`."""
+
+    def __init__(self, trainer: Any, prompts: list[list[int]]) -> None:
+        ray = require_ray()
+        self.ray = ray
+        cfg: ESConfig = trainer.args
+        self.cfg, self.trainer = cfg, trainer
+        self.num_prompts = len(prompts)
+        self.hooks: list[Callable[[RayPopulation, int, MemberResult], None]] = []
+        self.failures = 0
+        self.restarts = 0
+        self._next_id = 0
+        driver_device = trainer.state.masters[0].device.type
+        self.device = driver_device if cfg.worker_device == "auto" else cfg.worker_device
+        if self.device != driver_device:
+            raise ValueError(
+                f"--worker_device {self.device} with the driver on {driver_device}: the driver keeps a "
+                f"replica on the workers' device type (CPU and CUDA draw different noise), so pass "
+                f"--device {self.device} too"
+            )
+        self._owns_ray = connect(cfg)
+        self.options = actor_options(cfg, self.device, ray.cluster_resources())
+        model = trainer.model_name if _is_loadable_name(trainer) else trainer.model.to("cpu")
+        self._refs = {
+            "model": model if isinstance(model, str) else ray.put(model),
+            "tokenizer": ray.put(trainer.tokenizer),
+            "task": ray.put(trainer.task),
+            "examples": ray.put(trainer.train_examples),
+            "prompts": ray.put(prompts),
+        }
+        if not isinstance(model, str):
+            trainer.model.to(driver_device)
+        self._weights_ref: tuple[int, Any] | None = None
+        self.workers: dict[str, WorkerHandle] = {}
+        for _ in range(cfg.workers or 1):
+            self._spawn(trainer.iteration)
+        self._await_joining(trainer.iteration)
+        log.info("Ray workers: %s", ", ".join(w.label for w in self.workers.values()))
+        if cfg.sync_check_steps:
+            self._check_sync(trainer.iteration, {w.name: ray.get(w.actor.checksum.remote()) for w in self.workers.values()})
+
+    # -------------------------------------------------------------- actor pool
+    def live_workers(self) -> list[WorkerHandle]:
+        return [w for w in self.workers.values() if w.ready_ref is None]
+
+    def _spawn(self, iteration: int) -> WorkerHandle:
+        """Start an actor; it joins once it holds the driver's weights after `iteration`."""
+        name = f"worker-{self._next_id}"
+        self._next_id += 1
+        cls = self.ray.remote(ESWorker).options(**self.options)
+        actor = cls.remote(
+            self.cfg.to_dict(), self._refs["model"], self._refs["tokenizer"], self._refs["task"],
+            self._refs["examples"], self._refs["prompts"], self.device, self._threads, name,
+        )
+        handle = WorkerHandle(name, actor)
+        handle.ready_ref = (
+            actor.load_state.remote(self._driver_weights(iteration), iteration) if iteration else actor.checksum.remote()
+        )
+        handle.info_ref = actor.info.remote()
+        self.workers[name] = handle
+        return handle
+
+    @property
+    def _threads(self) -> int | None:
+        return self.options.get("num_cpus") if self.device == "cpu" else None
+
+    def _driver_weights(self, iteration: int) -> Any:
+        """The driver's masters in the object store (once per iteration, only on failures)."""
+        if self._weights_ref is None or self._weights_ref[0] != iteration:
+            masters = {n: m.detach().to("cpu", copy=True) for n, m in self.trainer.state.items()}
+            self._weights_ref = (iteration, self.ray.put(masters))
+        return self._weights_ref[1]
+
+    def _joined(self, handle: WorkerHandle, iteration: int) -> None:
+        checksum = self.ray.get(handle.ready_ref)
+        handle.info = self.ray.get(handle.info_ref)
+        handle.ready_ref = None
+        if iteration and self.cfg.sync_check_steps:
+            self._check_sync(iteration, {handle.name: checksum})
+
+    def _await_joining(self, iteration: int) -> float:
+        """Block until every starting actor is ready; returns the seconds waited."""
+        t0 = time.perf_counter()
+        while True:
+            joining = [w for w in self.workers.values() if w.ready_ref is not None]
+            if not joining:
+                break
+            w = joining[0]
+            ready, _ = self.ray.wait([w.ready_ref], timeout=WORKER_START_TIMEOUT_S)
+            try:
+                if not ready:
+                    raise TimeoutError(f"{w.name} did not start within {WORKER_START_TIMEOUT_S:.0f} s")
+                self._joined(w, iteration)
+            except (self.ray.exceptions.RayActorError, TimeoutError) as e:
+                self._lose(w, iteration, e)
+        if not self.live_workers():
+            raise WorkersLostError(self._lost_message(iteration + 1, "no Ray worker could be started"))
+        return time.perf_counter() - t0
+
+    def _lose(self, w: WorkerHandle, iteration: int, err: Exception) -> None:
+        """Forget a dead actor and start a replacement (a bounded number of times)."""
+        self.failures += 1
+        log.warning("Ray worker %s lost at iteration %d: %s", w.label, iteration, _short(err))
+        self.workers.pop(w.name, None)
+        try:
+            self.ray.kill(w.actor)
+        except Exception:  # already gone
+            pass
+        if self.restarts < MAX_RESTARTS_PER_WORKER * (self.cfg.workers or 1):
+            self.restarts += 1
+            self._spawn(iteration)
+
+    def _lost_message(self, iteration: int, why: str) -> str:
+        return (
+            f"all Ray workers were lost during iteration {iteration} ({why}). The seed log holds "
+            f"iterations 1..{iteration - 1}; once the cluster is back, rerun the same command with --resume."
+        )
+
+    # --------------------------------------------------------------- iteration
+    def evaluate(self, iteration: int) -> PopulationResult:
+        ray, cfg = self.ray, self.cfg
+        t_start = time.perf_counter()
+        seeds = es.iteration_seeds(cfg.seed, iteration, cfg.num_seeds)
+        subset = es.prompt_subset(cfg.seed, iteration, self.num_prompts, cfg.prompts_per_step)
+        population = es.members(seeds, cfg.mirror_sampling)
+        pending = deque(range(len(population)))
+        results: dict[int, MemberResult] = {}
+        inflight: dict[Any, tuple[str, int, float]] = {}  # ref -> (worker, member, submitted at)
+        wire = 0
+        lost_s = 0.0
+        for w in self.workers.values():
+            w.members = w.tokens = 0
+            w.busy_s = w.gen_s = 0.0
+        while len(results) < len(population):
+            # Dynamic scheduling: any actor with room takes the next member.
+            for w in self.live_workers():
+                while pending and sum(1 for v in inflight.values() if v[0] == w.name) < QUEUE_DEPTH:
+                    i = pending.popleft()
+                    m = population[i]
+                    args = (iteration, i, m.seed, m.sign)
+                    wire += len(pickle.dumps(args))
+                    inflight[w.actor.run_member.remote(*args)] = (w.name, i, time.perf_counter())
+            joining = {w.ready_ref: w for w in self.workers.values() if w.ready_ref is not None}
+            if not inflight and not joining:
+                raise WorkersLostError(self._lost_message(iteration, "every actor died"))
+            ready, _ = ray.wait(list(inflight) + list(joining), num_returns=1, timeout=WORKER_START_TIMEOUT_S)
+            if not ready:
+                raise WorkersLostError(self._lost_message(iteration, f"no progress for {WORKER_START_TIMEOUT_S:.0f} s"))
+            ref = ready[0]
+            if ref in joining:
+                w = joining[ref]
+                try:
+                    self._joined(w, iteration - 1)
+                except self.ray.exceptions.RayActorError as e:
+                    self._lose(w, iteration - 1, e)
+                continue
+            name, i, submitted = inflight.pop(ref)
+            try:
+                res: MemberResult = ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                w = self.workers.get(name)
+                # Re-queue every member the lost actor held, in their original order.
+                lost = sorted([i] + [j for r, (n, j, _) in list(inflight.items()) if n == name])
+                for r in [r for r, v in inflight.items() if v[0] == name]:
+                    lost_s += time.perf_counter() - inflight.pop(r)[2]
+                lost_s += time.perf_counter() - submitted
+                pending.extendleft(reversed(lost))
+                if w is not None:
+                    self._lose(w, iteration - 1, e)
+                continue
+            wire += len(pickle.dumps(res))
+            results[i] = res
+            w = self.workers.get(name)
+            if w is not None:
+                w.members += 1
+                w.tokens += res.tokens
+                w.busy_s += res.t_busy
+                w.gen_s += res.t_generation
+            for hook in self.hooks:
+                hook(self, iteration, res)
+        wall = time.perf_counter() - t_start
+        ordered = [results[i] for i in range(len(population))]
+        stats = {
+            "generation": sum(r.t_generation for r in ordered),
+            "perturb_restore": sum(r.t_perturb for r in ordered),
+            "tokens": sum(r.tokens for r in ordered),
+            "completions": sum(r.completions for r in ordered),
+        }
+        metrics: dict[str, Any] = {
+            "workers/live": len(self.live_workers()),
+            "workers/failures": self.failures,
+            "workers/restarts": self.restarts,
+            "time/population_wall": wall,
+            "time/failure_lost": lost_s,
+            "wire/member_bytes": wire,
+        }
+        for w in self.workers.values():
+            if w.members:
+                metrics[f"workers/{w.name}/members_per_s"] = w.members / wall
+                metrics[f"workers/{w.name}/tokens_per_s"] = w.tokens / w.gen_s if w.gen_s else 0.0
+                metrics[f"workers/{w.name}/idle_s"] = max(0.0, wall - w.busy_s)
+        return PopulationResult(seeds, subset, [r.reward for r in ordered], stats, metrics)
+
+    def after_update(self, record: IterationRecord) -> dict[str, Any]:
+        """Every actor applies the logged update itself; checksums every sync_check_steps."""
+        ray, cfg = self.ray, self.cfg
+        it = record.iteration
+        waited = self._await_joining(it - 1)
+        check = bool(cfg.sync_check_steps) and it % cfg.sync_check_steps == 0
+        payload = record.to_json()
+        wire = len(pickle.dumps(payload)) * len(self.workers)
+        refs = {w.actor.apply.remote(payload, check): w for w in self.live_workers()}
+        checksums: dict[str, str] = {}
+        for ref, w in refs.items():
+            try:
+                checksums[w.name] = ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                self._lose(w, it, e)  # the replacement starts from the driver's updated weights
+        if check:
+            self._check_sync(it, checksums)
+        return {"wire/update_bytes": wire, "time/worker_join": waited}
+
+    def _check_sync(self, iteration: int, checksums: dict[str, str | None]) -> None:
+        expected = self.trainer.state.checksum()
+        bad = [name for name, c in checksums.items() if c is not None and c != expected]
+        if bad:
+            labels = ", ".join(self.workers[n].label if n in self.workers else n for n in bad)
+            raise WorkerDivergedError(
+                f"Ray worker(s) {labels} hold different weights from the driver after iteration "
+                f"{iteration} (checksum mismatch). The seed log up to iteration {iteration} is intact: "
+                "rerun with --resume to rebuild every replica from it."
+            )
+
+    def close(self) -> None:
+        for w in self.workers.values():
+            try:
+                self.ray.kill(w.actor)
+            except Exception:
+                pass
+        self.workers.clear()
+        if self._owns_ray and self.ray.is_initialized():
+            self.ray.shutdown()
+
+
+# --------------------------------------------------------------------- set-up
+def connect(cfg: ESConfig) -> bool:
+    """Join the cluster at `ray_address`, or start a local one; True if we started it."""
+    ray = require_ray()
+    if ray.is_initialized():
+        return False
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    runtime_env = {"env_vars": env} if env else None
+    if cfg.ray_address:
+        if cfg.ray_address != "auto":
+            _check_reachable(cfg.ray_address)
+        try:
+            ray.init(address=cfg.ray_address, runtime_env=runtime_env, logging_level=logging.WARNING)
+        except ConnectionError as e:
+            raise ConnectionError(
+                f"cannot join the Ray cluster at --ray_address {cfg.ray_address}: {e}. Start one with "
+                "`ray start --head` (then `ray start --address=HEAD_IP:6379` on other nodes), or "
+                "leave --ray_address out to start a local cluster."
+            ) from None
+        return False
+    ray.init(runtime_env=runtime_env, include_dashboard=False, logging_level=logging.WARNING)
+    return True
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, with a clear message, instead of Ray's long connection retries."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--ray_address must be 'auto' or HOST:PORT (got {address!r})")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        raise ConnectionError(
+            f"cannot reach a Ray cluster at --ray_address {address} ({e}). Start the head node "
+            "with `ray start --head`, check the address it prints, or use --ray_address auto on "
+            "a node of the cluster."
+        ) from None
+
+
+def actor_options(cfg: ESConfig, device: str, resources: dict[str, float]) -> dict[str, Any]:
+    """Ray resources per actor, refusing requests the cluster cannot meet (Ray would wait forever)."""
+    k = cfg.workers or 1
+    if device == "cuda":
+        have = resources.get("GPU", 0.0)
+        need = k * cfg.gpus_per_worker
+        if need > have:
+            raise ValueError(
+                f"--workers {k} CUDA actors with --gpus_per_worker {cfg.gpus_per_worker:g} need {need:g} "
+                f"GPUs, but the Ray cluster has {have:g}: lower --workers, or share GPUs with "
+                f"--gpus_per_worker {have / k:.2g} if a replica fits"
+            )
+        return {"num_gpus": cfg.gpus_per_worker, "num_cpus": 1, "max_concurrency": 2, "max_restarts": 0}
+    cpus = resources.get("CPU", float(os.cpu_count() or 1))
+    threads = cfg.worker_threads or max(1, int(cpus // k))
+    if k * threads > cpus:
+        raise ValueError(
+            f"--workers {k} CPU actors with {threads} thread(s) each need {k * threads} CPUs, but the "
+            f"Ray cluster has {cpus:g}: lower --workers or --worker_threads"
+        )
+    return {"num_cpus": threads, "max_concurrency": 2, "max_restarts": 0}
+
+
+def _is_loadable_name(trainer: Any) -> bool:
+    """Actors load the model by name when it has one; otherwise it is shipped once."""
+    from pathlib import Path
+
+    name = trainer.model_name
+    return isinstance(name, str) and name != "custom" and (name == "embedded" or Path(name).exists() or "/" in name)
+
+
+def _short(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
