@@ -20,6 +20,7 @@ commands:
   kl          KL(p_base || p_iteration) on task prompts
   drift       weight drift ||θ − θ₀|| per layer and module type
   report      tables and figures comparing runs
+  grpo        GRPO baseline (TRL's GRPOTrainer) on the same tasks; flags are GRPOConfig fields
   quickstart  ES vs ES+AWD on the embedded model, with a report and a plot
 
 `esft <command> --help` lists a command's options."""
@@ -172,6 +173,7 @@ COMMANDS = {
     "kl": _delegate("esft.evaluation.kl"),
     "drift": _delegate("esft.evaluation.drift"),
     "report": _delegate("esft.report.runs"),
+    "grpo": _delegate("esft.grpo"),
     "quickstart": cmd_quickstart,
 }
 

@@ -93,7 +93,7 @@ class ESWorker:
             net, _ = load_model(model, self.cfg.torch_dtype, device)
         else:
             net = model.to(device).eval().requires_grad_(False)
-        self.state = WeightState(net, self.cfg.trainable, self.cfg.frozen, self.cfg.noise_mode)
+        self.state = WeightState.from_config(net, self.cfg)
         self.engine = HFEngine(net, tokenizer, self.cfg.max_new_tokens, self.cfg.generation_batch_size)
         self.task, self.examples, self.prompts = task, examples, prompts
         self.reward_stats = RewardStats()

@@ -86,6 +86,11 @@ class WeightState:
         )
         self.perturbed = False
 
+    @classmethod
+    def from_config(cls, model: torch.nn.Module, cfg) -> WeightState:
+        """The weight state an ESConfig describes (trainer, replay and Ray workers alike)."""
+        return cls(model, cfg.trainable, cfg.frozen, cfg.noise_mode)
+
     # ------------------------------------------------------------------ helpers
     @property
     def num_parameters(self) -> int:

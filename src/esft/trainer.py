@@ -165,7 +165,7 @@ class ESTrainer:
         cfg.model = self.model_name
         cfg.task = self.task.name
 
-        self.state = WeightState(self.model, cfg.trainable, cfg.frozen, cfg.noise_mode)
+        self.state = WeightState.from_config(self.model, cfg)
         self.engine = HFEngine(self.model, self.tokenizer, cfg.max_new_tokens, cfg.generation_batch_size)
         self.seedlog = SeedLog(self.run_dir)
         self.reward_stats = RewardStats()
@@ -391,7 +391,7 @@ def open_replay(
     if anchor is None and cfg.awd != "none" and upto > 0:
         raise ValueError(f"{anchor_path} is missing; AWD runs need θ₀ to replay")
     net, tokenizer = load_model(model or cfg.model, cfg.torch_dtype, device if device != "auto" else cfg.device)
-    state = WeightState(net, cfg.trainable, cfg.frozen, cfg.noise_mode)
+    state = WeightState.from_config(net, cfg)
     return cfg, state, tokenizer, records, anchor
 
 

@@ -62,21 +62,38 @@ class BaseTask:
         return [self.reward(c, e) for c, e in zip(completions, examples)]
 
 
+#: Keyword arguments TRL's GRPOTrainer passes to reward functions besides the dataset
+#: columns; they are not example fields.
+TRL_REWARD_EXTRAS = frozenset({"completion_ids", "trainer_state", "log_extra", "log_metric", "environments"})
+
+
 def as_reward_func(task: Task) -> RewardFunc:
     """Adapt a task to TRL's signature `f(prompts, completions, **columns) -> list[float]`.
 
     The dataset columns are the example's fields, so `columns[k][i]` is example i's field k.
-    Completions may be strings or TRL's conversational form (a list of messages).
+    Completions may be strings or TRL's conversational form (a list of messages). Scoring
+    is ES training's own (`esft.rewards.score_completions`): a reward that raises or
+    returns NaN/inf scores that completion 0 instead of stopping the run.
     """
+    from esft.rewards import RewardStats, score_completions
 
-    def reward_func(prompts: list[Any], completions: list[Any], **columns: list[Any]) -> list[float]:
-        out = []
-        for i, completion in enumerate(completions):
+    stats = RewardStats()
+
+    def reward_func(prompts: list[Any], completions: list[Any], **columns: Any) -> list[float]:
+        n = len(completions)
+        # TRL adds trainer_state, log_metric, ... beside the columns: only per-completion
+        # lists can be example fields.
+        fields = {
+            k: v for k, v in columns.items()
+            if k not in TRL_REWARD_EXTRAS and isinstance(v, (list, tuple)) and len(v) == n
+        }
+        texts = []
+        for completion in completions:
             if isinstance(completion, list):
                 completion = completion[-1]["content"] if completion else ""
-            example = {k: v[i] for k, v in columns.items()}
-            out.append(float(task.reward(completion, example)))
-        return out
+            texts.append(completion)
+        examples = [{k: v[i] for k, v in fields.items()} for i in range(n)]
+        return score_completions(task, texts, examples, stats)
 
     reward_func.__name__ = f"{task.name}_reward"
     return reward_func
