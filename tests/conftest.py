@@ -20,3 +20,28 @@ def embedded_dir() -> Path:
     from esft.models import embedded_model_dir
 
     return embedded_model_dir()
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, embedded_dir) -> Path:
+    """The TINY run in-process: the result every other way of running must reproduce."""
+    from helpers import TINY
+
+    from esft.config import ESConfig
+    from esft.trainer import ESTrainer
+
+    out = tmp_path_factory.mktemp("ref") / "run"
+    ESTrainer(args=ESConfig(**TINY, output_dir=str(out))).train()
+    return out
+
+
+@pytest.fixture(scope="session")
+def awd_run(tmp_path_factory, embedded_dir) -> Path:
+    from helpers import TINY
+
+    from esft.config import ESConfig
+    from esft.trainer import ESTrainer
+
+    out = tmp_path_factory.mktemp("awd") / "run"
+    ESTrainer(args=ESConfig(**TINY, output_dir=str(out), awd="l2", awd_lambda=10.0)).train()
+    return out

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 SHARED_DATA = Path(os.environ.get("ESFT_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 # Tiny but real: the embedded model, a few tokens, a few members, the first block only
@@ -36,3 +38,9 @@ def tiny_cli_args(**overrides) -> list[str]:
         else:
             args += [f"--{k}", str(v)]
     return args
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
+    assert a.keys() == b.keys(), f"{what}: different tensor names"
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, f"{what}: {len(diff)} tensors differ, e.g. {diff[:3]}"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SHARED_DATA, TINY, tiny_cli_args
+from helpers import SHARED_DATA, TINY, assert_bitwise_equal, tiny_cli_args
 from safetensors.torch import load_file
 
 from esft import es
@@ -27,26 +27,6 @@ pytestmark = pytest.mark.slow
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint_tensors(path)
-
-
-def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
-    assert a.keys() == b.keys(), f"{what}: different tensor names"
-    diff = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not diff, f"{what}: {len(diff)} tensors differ, e.g. {diff[:3]}"
-
-
-@pytest.fixture(scope="session")
-def reference_run(tmp_path_factory, embedded_dir) -> Path:
-    out = tmp_path_factory.mktemp("ref") / "run"
-    ESTrainer(args=ESConfig(**TINY, output_dir=str(out))).train()
-    return out
-
-
-@pytest.fixture(scope="session")
-def awd_run(tmp_path_factory, embedded_dir) -> Path:
-    out = tmp_path_factory.mktemp("awd") / "run"
-    ESTrainer(args=ESConfig(**TINY, output_dir=str(out), awd="l2", awd_lambda=10.0)).train()
-    return out
 
 
 def test_population_evaluation_leaves_every_weight_bitwise_unchanged(tmp_path, embedded_dir) -> None:

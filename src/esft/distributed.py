@@ -161,6 +161,8 @@ class WorkerHandle:
     info: dict[str, Any] = field(default_factory=dict)
     ready_ref: Any = None  # set while a (replacement) actor is starting
     info_ref: Any = None
+    iteration: int = 0  # the iteration whose weights this replica holds
+    expected: str | None = None  # the driver's checksum at that iteration (set while joining)
     members: int = 0
     tokens: int = 0
     busy_s: float = 0.0
@@ -205,14 +207,13 @@ class RayPopulation:
         }
         if not isinstance(model, str):
             trainer.model.to(driver_device)
-        self._weights_ref: tuple[int, Any] | None = None
+        self._snap: tuple[int, str | None, Any] | None = None
         self.workers: dict[str, WorkerHandle] = {}
         for _ in range(cfg.workers or 1):
             self._spawn(trainer.iteration)
+        # Joining compares each replica's checksum with the driver's: same base model, same bits.
         self._await_joining(trainer.iteration)
         log.info("Ray workers: %s", ", ".join(w.label for w in self.workers.values()))
-        if cfg.sync_check_steps:
-            self._check_sync(trainer.iteration, {w.name: ray.get(w.actor.checksum.remote()) for w in self.workers.values()})
 
     # -------------------------------------------------------------- actor pool
     def live_workers(self) -> list[WorkerHandle]:
@@ -227,10 +228,10 @@ class RayPopulation:
             self.cfg.to_dict(), self._refs["model"], self._refs["tokenizer"], self._refs["task"],
             self._refs["examples"], self._refs["prompts"], self.device, self._threads, name,
         )
-        handle = WorkerHandle(name, actor)
-        handle.ready_ref = (
-            actor.load_state.remote(self._driver_weights(iteration), iteration) if iteration else actor.checksum.remote()
-        )
+        handle = WorkerHandle(name, actor, iteration=iteration)
+        handle.expected, weights = self._snapshot(iteration, weights=iteration > 0)
+        # A fresh run's replica already holds the base weights; a replacement takes the driver's.
+        handle.ready_ref = actor.load_state.remote(weights, iteration) if iteration else actor.checksum.remote()
         handle.info_ref = actor.info.remote()
         self.workers[name] = handle
         return handle
@@ -239,22 +240,32 @@ class RayPopulation:
     def _threads(self) -> int | None:
         return self.options.get("num_cpus") if self.device == "cpu" else None
 
-    def _driver_weights(self, iteration: int) -> Any:
-        """The driver's masters in the object store (once per iteration, only on failures)."""
-        if self._weights_ref is None or self._weights_ref[0] != iteration:
-            masters = {n: m.detach().to("cpu", copy=True) for n, m in self.trainer.state.items()}
-            self._weights_ref = (iteration, self.ray.put(masters))
-        return self._weights_ref[1]
+    def _snapshot(self, iteration: int, weights: bool) -> tuple[str | None, Any]:
+        """The driver's checksum and (if asked) masters in the object store, while it holds `iteration`.
 
-    def _joined(self, handle: WorkerHandle, iteration: int) -> None:
+        Cached per iteration: weights are only shipped when a replica must catch up.
+        """
+        if self._snap is None or self._snap[0] != iteration:
+            checksum = self.trainer.state.checksum() if self.cfg.sync_check_steps else None
+            self._snap = (iteration, checksum, None)
+        if weights and self._snap[2] is None:
+            masters = {n: m.detach().to("cpu", copy=True) for n, m in self.trainer.state.items()}
+            self._snap = (iteration, self._snap[1], self.ray.put(masters))
+        return self._snap[1], self._snap[2]
+
+    def _joined(self, handle: WorkerHandle) -> None:
         checksum = self.ray.get(handle.ready_ref)
         handle.info = self.ray.get(handle.info_ref)
         handle.ready_ref = None
-        if iteration and self.cfg.sync_check_steps:
-            self._check_sync(iteration, {handle.name: checksum})
+        if handle.expected is not None:
+            self._check_sync(handle.iteration, {handle.name: checksum}, handle.expected)
 
     def _await_joining(self, iteration: int) -> float:
-        """Block until every starting actor is ready; returns the seconds waited."""
+        """Block until every starting actor is ready; returns the seconds waited.
+
+        `iteration` is what the driver's weights hold now (a replacement of a replacement
+        starts from them).
+        """
         t0 = time.perf_counter()
         while True:
             joining = [w for w in self.workers.values() if w.ready_ref is not None]
@@ -265,7 +276,7 @@ class RayPopulation:
             try:
                 if not ready:
                     raise TimeoutError(f"{w.name} did not start within {WORKER_START_TIMEOUT_S:.0f} s")
-                self._joined(w, iteration)
+                self._joined(w)
             except (self.ray.exceptions.RayActorError, TimeoutError) as e:
                 self._lose(w, iteration, e)
         if not self.live_workers():
@@ -325,7 +336,7 @@ class RayPopulation:
             if ref in joining:
                 w = joining[ref]
                 try:
-                    self._joined(w, iteration - 1)
+                    self._joined(w)
                 except self.ray.exceptions.RayActorError as e:
                     self._lose(w, iteration - 1, e)
                 continue
@@ -380,23 +391,27 @@ class RayPopulation:
         """Every actor applies the logged update itself; checksums every sync_check_steps."""
         ray, cfg = self.ray, self.cfg
         it = record.iteration
-        waited = self._await_joining(it - 1)
+        # The driver already holds iteration `it`; replicas still at it-1 apply the record.
+        waited = self._await_joining(it)
         check = bool(cfg.sync_check_steps) and it % cfg.sync_check_steps == 0
         payload = record.to_json()
-        wire = len(pickle.dumps(payload)) * len(self.workers)
-        refs = {w.actor.apply.remote(payload, check): w for w in self.live_workers()}
+        stale = [w for w in self.live_workers() if w.iteration == it - 1]
+        wire = len(pickle.dumps(payload)) * len(stale)
+        refs = {w.actor.apply.remote(payload, check): w for w in stale}
         checksums: dict[str, str] = {}
         for ref, w in refs.items():
             try:
                 checksums[w.name] = ray.get(ref)
+                w.iteration = it
             except ray.exceptions.RayActorError as e:
                 self._lose(w, it, e)  # the replacement starts from the driver's updated weights
         if check:
             self._check_sync(it, checksums)
         return {"wire/update_bytes": wire, "time/worker_join": waited}
 
-    def _check_sync(self, iteration: int, checksums: dict[str, str | None]) -> None:
-        expected = self.trainer.state.checksum()
+    def _check_sync(self, iteration: int, checksums: dict[str, str | None], expected: str | None = None) -> None:
+        if expected is None:
+            expected = self.trainer.state.checksum()
         bad = [name for name, c in checksums.items() if c is not None and c != expected]
         if bad:
             labels = ", ".join(self.workers[n].label if n in self.workers else n for n in bad)
@@ -421,13 +436,13 @@ class RayPopulation:
 def connect(cfg: ESConfig) -> bool:
     """Join the cluster at `ray_address`, or start a local one; True if we started it."""
     ray = require_ray()
-    if ray.is_initialized():
+    if cfg.ray_address and cfg.ray_address != "auto":
+        _check_reachable(cfg.ray_address)
+    if ray.is_initialized():  # the caller already chose a cluster (e.g. a notebook or a test)
         return False
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     runtime_env = {"env_vars": env} if env else None
     if cfg.ray_address:
-        if cfg.ray_address != "auto":
-            _check_reachable(cfg.ray_address)
         try:
             ray.init(address=cfg.ray_address, runtime_env=runtime_env, logging_level=logging.WARNING)
         except ConnectionError as e:
