@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import TINY, assert_bitwise_equal
+from helpers import TINY, assert_bitwise_equal, tiny_cli_args
 
 from esft.config import ESConfig
 from esft.seedlog import SEEDLOG
@@ -117,6 +117,17 @@ def test_losing_every_actor_stops_with_a_resume_hint_and_resume_finishes(tmp_pat
 
 
 # ------------------------------------------------------------------ clear errors
+def test_cli_trains_on_workers_and_refuses_an_unreachable_cluster_cleanly(tmp_path, capsys) -> None:
+    from esft.cli import main
+
+    assert main(["train", *tiny_cli_args(output_dir=str(tmp_path / "ok"), workers=2, max_steps=1)]) == 0
+    assert len((tmp_path / "ok" / SEEDLOG).read_text().splitlines()) == 1
+    rc = main(["train", *tiny_cli_args(output_dir=str(tmp_path / "bad"), workers=2, ray_address="127.0.0.1:1")])
+    assert rc == 2
+    assert "ray start --head" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "config.yaml").exists(), "a failed connection must not leave a half-created run"
+
+
 def test_missing_ray_names_the_extra(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(ImportError, match=r"pip install 'esft\[ray\]'"):

@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[cmd](rest)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError, ConnectionError) as e:
+        # Bad input, a missing optional extra or an unreachable cluster: one clear line, no traceback.
         print(f"esft {cmd}: error: {e}", file=sys.stderr)
         return 2
 

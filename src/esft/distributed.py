@@ -33,6 +33,7 @@ import torch
 from esft import es
 from esft.config import ESConfig
 from esft.population import MemberResult, PopulationResult, generate_member, score_member
+from esft.rewards import RewardStats
 from esft.seedlog import IterationRecord
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,6 @@ class ESWorker:
         from esft.engine import HFEngine
         from esft.models import load_model
         from esft.params import WeightState
-        from esft.rewards import RewardStats
-
         if threads:
             torch.set_num_threads(threads)
         self.cfg = ESConfig.from_dict(cfg_dict)
@@ -96,7 +95,6 @@ class ESWorker:
         self.state = WeightState.from_config(net, self.cfg)
         self.engine = HFEngine(net, tokenizer, self.cfg.max_new_tokens, self.cfg.generation_batch_size)
         self.task, self.examples, self.prompts = task, examples, prompts
-        self.reward_stats = RewardStats()
         # θ₀ is the base weights, which this replica holds right now (AWD needs it).
         self._tmp = tempfile.mkdtemp(prefix="esft-worker-")
         self.anchor = AnchorFile.write(os.path.join(self._tmp, "theta0.safetensors"), self.state.items()) if self.cfg.awd != "none" else None
@@ -126,9 +124,13 @@ class ESWorker:
                     f"asked to score a member of iteration {iteration}"
                 )
             gens, t_gen, t_perturb = generate_member(self.state, self.engine, es.Member(seed, sign), self.cfg.sigma, batch)
-        reward = score_member(self.task, gens, [self.examples[i] for i in subset], self.reward_stats)
+        stats = RewardStats()  # per call: two calls may score at once
+        reward = score_member(self.task, gens, [self.examples[i] for i in subset], stats)
         tokens = sum(g.num_tokens for g in gens)
-        return MemberResult(index, reward, tokens, len(gens), t_gen, t_perturb, self.name, time.perf_counter() - t0)
+        return MemberResult(
+            index, reward, tokens, len(gens), t_gen, t_perturb, self.name, time.perf_counter() - t0,
+            stats.errors + stats.nonfinite,
+        )
 
     def apply(self, record: dict[str, Any], want_checksum: bool) -> str | None:
         from esft.trainer import apply_record
@@ -196,23 +198,33 @@ class RayPopulation:
                 f"--device {self.device} too"
             )
         self._owns_ray = connect(cfg)
-        self.options = actor_options(cfg, self.device, ray.cluster_resources())
-        model = trainer.model_name if _is_loadable_name(trainer) else trainer.model.to("cpu")
+        try:
+            self.options = actor_options(cfg, self.device, ray.cluster_resources())
+        except ValueError:
+            self.close()
+            raise
+        if _is_loadable_name(trainer):
+            model: Any = trainer.model_name
+        else:  # a model object without a loadable name: ship a CPU copy once
+            import copy
+
+            model = self.ray.put(trainer.model if driver_device == "cpu" else copy.deepcopy(trainer.model).to("cpu"))
         self._refs = {
-            "model": model if isinstance(model, str) else ray.put(model),
+            "model": model,
             "tokenizer": ray.put(trainer.tokenizer),
             "task": ray.put(trainer.task),
             "examples": ray.put(trainer.train_examples),
             "prompts": ray.put(prompts),
         }
-        if not isinstance(model, str):
-            trainer.model.to(driver_device)
         self._snap: tuple[int, str | None, Any] | None = None
         self.workers: dict[str, WorkerHandle] = {}
-        for _ in range(cfg.workers or 1):
-            self._spawn(trainer.iteration)
+
+    def start(self, iteration: int) -> None:
+        """Start the actors once the driver holds the weights after `iteration` (0 or a resume)."""
+        for _ in range(self.cfg.workers or 1):
+            self._spawn(iteration)
         # Joining compares each replica's checksum with the driver's: same base model, same bits.
-        self._await_joining(trainer.iteration)
+        self._await_joining(iteration)
         log.info("Ray workers: %s", ", ".join(w.label for w in self.workers.values()))
 
     # -------------------------------------------------------------- actor pool
@@ -356,6 +368,7 @@ class RayPopulation:
                 continue
             wire += len(pickle.dumps(res))
             results[i] = res
+            self.trainer.reward_stats.errors += res.reward_errors
             w = self.workers.get(name)
             if w is not None:
                 w.members += 1
@@ -422,12 +435,12 @@ class RayPopulation:
             )
 
     def close(self) -> None:
-        for w in self.workers.values():
+        for w in getattr(self, "workers", {}).values():
             try:
                 self.ray.kill(w.actor)
             except Exception:
                 pass
-        self.workers.clear()
+        self.workers = {}
         if self._owns_ray and self.ray.is_initialized():
             self.ray.shutdown()
 

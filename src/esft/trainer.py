@@ -222,15 +222,22 @@ class ESTrainer:
     # --------------------------------------------------------------------- train
     def train(self) -> list[dict[str, Any]]:
         cfg = self.args
-        records = self._prepare_run_dir()
-        if records:
-            self._restore_from(records)
+        prompts = self.engine.encode([self.task.messages(ex) for ex in self.train_examples])
+        # Connect to Ray (if asked) before the run directory is written: a wrong address
+        # or a missing extra must not leave a half-created run behind.
+        self.population = self._make_population(prompts)
+        try:
+            records = self._prepare_run_dir()
+            if records:
+                self._restore_from(records)
+            self.population.start(self.iteration)
+        except BaseException:
+            self.population.close()
+            raise
         self.history = [m for m in read_jsonl(self.run_dir / "metrics.jsonl", repair=True) if m.get("iteration", 0) <= self.iteration]
         if records:
             write_text_atomic(self.run_dir / "metrics.jsonl", "".join(_json_line(m) for m in self.history))
         writer = MetricsWriter(self.run_dir, cfg.report_to, cfg.to_dict())
-        prompts = self.engine.encode([self.task.messages(ex) for ex in self.train_examples])
-        self.population = self._make_population(prompts)
         for cb in self.callbacks:
             cb.on_train_begin(self)
         bar = tqdm(
