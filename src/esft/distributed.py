@@ -217,6 +217,9 @@ class RayPopulation:
             "prompts": ray.put(prompts),
         }
         self._snap: tuple[int, str | None, Any] | None = None
+        self._update_refs: dict[Any, WorkerHandle] = {}
+        self._update_wire = 0
+        self._update_check = False
         self.workers: dict[str, WorkerHandle] = {}
 
     def start(self, iteration: int) -> None:
@@ -400,27 +403,39 @@ class RayPopulation:
                 metrics[f"workers/{w.name}/idle_s"] = max(0.0, wall - w.busy_s)
         return PopulationResult(seeds, subset, [r.reward for r in ordered], stats, metrics)
 
-    def after_update(self, record: IterationRecord) -> dict[str, Any]:
-        """Every actor applies the logged update itself; checksums every sync_check_steps."""
-        ray, cfg = self.ray, self.cfg
+    def begin_update(self, record: IterationRecord) -> None:
+        """Send the record to every replica now, so they update while the driver does."""
         it = record.iteration
-        # The driver already holds iteration `it`; replicas still at it-1 apply the record.
-        waited = self._await_joining(it)
-        check = bool(cfg.sync_check_steps) and it % cfg.sync_check_steps == 0
+        check = bool(self.cfg.sync_check_steps) and it % self.cfg.sync_check_steps == 0
         payload = record.to_json()
         stale = [w for w in self.live_workers() if w.iteration == it - 1]
-        wire = len(pickle.dumps(payload)) * len(stale)
-        refs = {w.actor.apply.remote(payload, check): w for w in stale}
+        self._update_wire = len(pickle.dumps(payload)) * len(stale)
+        self._update_refs = {w.actor.apply.remote(payload, check): w for w in stale}
+        self._update_check = check
+
+    def after_update(self, record: IterationRecord) -> dict[str, Any]:
+        """Wait for the replicas' updates; compare checksums every sync_check_steps."""
+        it = record.iteration
+        t0 = time.perf_counter()
         checksums: dict[str, str] = {}
+        self._collect_updates(self._update_refs, it, checksums)
+        waited_update = time.perf_counter() - t0
+        # Actors that were still starting held iteration it-1 weights: bring them up too.
+        joined = self._await_joining(it)
+        late = {w.actor.apply.remote(record.to_json(), self._update_check): w for w in self.live_workers() if w.iteration == it - 1}
+        self._collect_updates(late, it, checksums)
+        if self._update_check:
+            self._check_sync(it, checksums)
+        self._update_refs = {}
+        return {"wire/update_bytes": self._update_wire, "time/worker_update_wait": waited_update, "time/worker_join": joined}
+
+    def _collect_updates(self, refs: dict[Any, WorkerHandle], it: int, checksums: dict[str, str]) -> None:
         for ref, w in refs.items():
             try:
-                checksums[w.name] = ray.get(ref)
+                checksums[w.name] = self.ray.get(ref)
                 w.iteration = it
-            except ray.exceptions.RayActorError as e:
+            except self.ray.exceptions.RayActorError as e:
                 self._lose(w, it, e)  # the replacement starts from the driver's updated weights
-        if check:
-            self._check_sync(it, checksums)
-        return {"wire/update_bytes": wire, "time/worker_join": waited}
 
     def _check_sync(self, iteration: int, checksums: dict[str, str | None], expected: str | None = None) -> None:
         if expected is None:

@@ -305,6 +305,7 @@ class ESTrainer:
         record = IterationRecord(
             iteration, res.seeds, rewards, coeffs, extra={"prompts": res.subset if cfg.prompts_per_step else None}
         )
+        self.population.begin_update(record)  # Ray replicas update while the driver does
         update_norm, drift = apply_record(self.state, record, cfg, self.anchor)
         t_update = time.perf_counter() - t_score_end
         # The log line is the commit point: once written, a resume trusts this iteration.
