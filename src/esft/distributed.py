@@ -344,9 +344,12 @@ class RayPopulation:
             joining = {w.ready_ref: w for w in self.workers.values() if w.ready_ref is not None}
             if not inflight and not joining:
                 raise WorkersLostError(self._lost_message(iteration, "every actor died"))
-            ready, _ = ray.wait(list(inflight) + list(joining), num_returns=1, timeout=WORKER_START_TIMEOUT_S)
+            # Members may legitimately run for long (Ray reports a dead actor's calls as
+            # failed), so only a wait on starting actors alone is bounded.
+            timeout = None if inflight else WORKER_START_TIMEOUT_S
+            ready, _ = ray.wait(list(inflight) + list(joining), num_returns=1, timeout=timeout)
             if not ready:
-                raise WorkersLostError(self._lost_message(iteration, f"no progress for {WORKER_START_TIMEOUT_S:.0f} s"))
+                raise WorkersLostError(self._lost_message(iteration, f"no actor started within {WORKER_START_TIMEOUT_S:.0f} s"))
             ref = ready[0]
             if ref in joining:
                 w = joining[ref]
@@ -401,6 +404,8 @@ class RayPopulation:
                 metrics[f"workers/{w.name}/members_per_s"] = w.members / wall
                 metrics[f"workers/{w.name}/tokens_per_s"] = w.tokens / w.gen_s if w.gen_s else 0.0
                 metrics[f"workers/{w.name}/idle_s"] = max(0.0, wall - w.busy_s)
+                metrics[f"workers/{w.name}/busy_s"] = w.busy_s
+                metrics[f"workers/{w.name}/generation_s"] = w.gen_s
         return PopulationResult(seeds, subset, [r.reward for r in ordered], stats, metrics)
 
     def begin_update(self, record: IterationRecord) -> None:
