@@ -62,6 +62,14 @@ def test_two_actors_reproduce_the_in_process_run_bitwise(tmp_path, reference_run
     assert last["workers/failures"] == 0
 
 
+def test_actors_evaluate_batched_member_groups_with_the_same_bits(tmp_path, reference_run) -> None:
+    history = ESTrainer(args=ray_config(tmp_path / "ray", members_per_batch=2)).train()
+    # Full-rank batched members score bitwise as one at a time on CPU, so the run is the reference.
+    assert (tmp_path / "ray" / SEEDLOG).read_bytes() == (reference_run / SEEDLOG).read_bytes()
+    assert_bitwise_equal(final_weights(tmp_path / "ray"), final_weights(reference_run), "batched groups on 2 actors")
+    assert history[-1]["wire/member_bytes"] > 0
+
+
 def test_a_killed_actor_is_replaced_and_the_run_ends_bitwise_equal(tmp_path, awd_run) -> None:
     killed: list[int] = []
 

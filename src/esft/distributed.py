@@ -1,7 +1,8 @@
 """Ray scale-out: population members scored by K actors, each a full model replica.
 
 What travels per iteration is O(N) numbers: the driver sends each actor
-(iteration, member index, seed, sign) and gets back (reward, token count, timings);
+(iteration, member index, seed, sign) per member (grouped with `--members_per_batch`) and
+gets back (reward, token count, timings);
 after the update it broadcasts the seed-log record (seeds, coefficients) and every actor
 applies it with the same code as the driver (`trainer.apply_record`), so no weights
 move in the steady state. The driver keeps its own replica on the same device type: it
@@ -32,7 +33,15 @@ import torch
 
 from esft import es
 from esft.config import ESConfig
-from esft.population import MemberResult, PopulationResult, generate_member, score_member
+from esft.engine.batched import balanced_groups
+from esft.population import (
+    MemberResult,
+    PopulationResult,
+    generate_member,
+    generate_members,
+    population_batcher,
+    score_member,
+)
 from esft.rewards import RewardStats
 from esft.seedlog import IterationRecord
 
@@ -106,31 +115,50 @@ class ESWorker:
         return {
             "name": self.name, "pid": os.getpid(), "node": socket.gethostname(),
             "device": str(self.state.masters[0].device), "threads": torch.get_num_threads(),
+            "max_group": self.max_group(),
         }
+
+    def max_group(self) -> int:
+        """Members one batched pass may hold here (memory-capped `members_per_batch`)."""
+        m = self.cfg.members_per_batch
+        return population_batcher(self.state).max_group(m) if m > 1 else 1
 
     def _subset(self, iteration: int) -> list[int]:
         if iteration not in self._subsets:
             self._subsets = {iteration: es.prompt_subset(self.cfg.seed, iteration, len(self.prompts), self.cfg.prompts_per_step)}
         return self._subsets[iteration]
 
-    def run_member(self, iteration: int, index: int, seed: int, sign: int) -> MemberResult:
+    def run_members(self, iteration: int, items: list[tuple[int, int, int]]) -> list[MemberResult]:
+        """Score members `(index, seed, sign)`: one at a time, or as one batched pass
+        (`--members_per_batch`); the driver sends groups the same size as in-process."""
         subset = self._subset(iteration)
         batch = [self.prompts[i] for i in subset]
+        members = [es.Member(seed, sign) for _, seed, sign in items]
         with self._lock:
-            t0 = time.perf_counter()  # busy time starts once this member holds the replica
+            t0 = time.perf_counter()  # busy time starts once this call holds the replica
             if self.iteration != iteration - 1:
                 raise RuntimeError(
                     f"{self.name} holds the weights after iteration {self.iteration}, "
-                    f"asked to score a member of iteration {iteration}"
+                    f"asked to score members of iteration {iteration}"
                 )
-            gens, t_gen, t_perturb = generate_member(self.state, self.engine, es.Member(seed, sign), self.cfg.sigma, batch)
-        stats = RewardStats()  # per call: two calls may score at once
-        reward = score_member(self.task, gens, [self.examples[i] for i in subset], stats)
-        tokens = sum(g.num_tokens for g in gens)
-        return MemberResult(
-            index, reward, tokens, len(gens), t_gen, t_perturb, self.name, time.perf_counter() - t0,
-            stats.errors + stats.nonfinite,
-        )
+            if len(members) == 1 and self.cfg.members_per_batch == 1:
+                gens, t_gen, t_perturb = generate_member(self.state, self.engine, members[0], self.cfg.sigma, batch)
+                per_member = [gens]
+            else:
+                per_member, t_gen, t_perturb = generate_members(self.state, self.engine, members, self.cfg.sigma, batch)
+        results = []
+        share = 1.0 / len(members)  # a batched pass's time is shared evenly by its members
+        for (index, _, _), gens in zip(items, per_member):
+            stats = RewardStats()  # per call: two calls may score at once
+            reward = score_member(self.task, gens, [self.examples[i] for i in subset], stats)
+            results.append(MemberResult(
+                index, reward, sum(g.num_tokens for g in gens), len(gens), t_gen * share, t_perturb * share,
+                self.name, 0.0, stats.errors + stats.nonfinite,
+            ))
+        busy = time.perf_counter() - t0
+        for r in results:
+            r.t_busy = busy * share
+        return results
 
     def apply(self, record: dict[str, Any], want_checksum: bool) -> str | None:
         from esft.trainer import apply_record
@@ -324,23 +352,29 @@ class RayPopulation:
         seeds = es.iteration_seeds(cfg.seed, iteration, cfg.num_seeds)
         subset = es.prompt_subset(cfg.seed, iteration, self.num_prompts, cfg.prompts_per_step)
         population = es.members(seeds, cfg.mirror_sampling)
-        pending = deque(range(len(population)))
+        # The same groups as in-process (`--members_per_batch`, capped by the smallest
+        # actor's memory), so batched members get the same bits wherever they run.
+        cap = min(w.info.get("max_group", 1) for w in self.live_workers()) if cfg.members_per_batch > 1 else 1
+        groups, start = [], 0
+        for size in balanced_groups(len(population), cap):
+            groups.append(list(range(start, start + size)))
+            start += size
+        pending = deque(groups)
         results: dict[int, MemberResult] = {}
-        inflight: dict[Any, tuple[str, int, float]] = {}  # ref -> (worker, member, submitted at)
+        inflight: dict[Any, tuple[str, list[int], float]] = {}  # ref -> (worker, members, submitted at)
         wire = 0
         lost_s = 0.0
         for w in self.workers.values():
             w.members = w.tokens = 0
             w.busy_s = w.gen_s = 0.0
         while len(results) < len(population):
-            # Dynamic scheduling: any actor with room takes the next member.
+            # Dynamic scheduling: any actor with room takes the next group of members.
             for w in self.live_workers():
                 while pending and sum(1 for v in inflight.values() if v[0] == w.name) < QUEUE_DEPTH:
-                    i = pending.popleft()
-                    m = population[i]
-                    args = (iteration, i, m.seed, m.sign)
-                    wire += len(pickle.dumps(args))
-                    inflight[w.actor.run_member.remote(*args)] = (w.name, i, time.perf_counter())
+                    group = pending.popleft()
+                    items = [(i, population[i].seed, population[i].sign) for i in group]
+                    wire += len(pickle.dumps((iteration, items)))
+                    inflight[w.actor.run_members.remote(iteration, items)] = (w.name, group, time.perf_counter())
             joining = {w.ready_ref: w for w in self.workers.values() if w.ready_ref is not None}
             if not inflight and not joining:
                 raise WorkersLostError(self._lost_message(iteration, "every actor died"))
@@ -358,31 +392,33 @@ class RayPopulation:
                 except self.ray.exceptions.RayActorError as e:
                     self._lose(w, iteration - 1, e)
                 continue
-            name, i, submitted = inflight.pop(ref)
+            name, group, submitted = inflight.pop(ref)
             try:
-                res: MemberResult = ray.get(ref)
+                batch_results: list[MemberResult] = ray.get(ref)
             except ray.exceptions.RayActorError as e:
-                w = self.workers.get(name)
-                # Re-queue every member the lost actor held, in their original order.
-                lost = sorted([i] + [j for r, (n, j, _) in list(inflight.items()) if n == name])
+                # Re-queue every group the lost actor held, in their original order.
+                lost = [(group, submitted)] + [(g, t) for r, (n, g, t) in inflight.items() if n == name]
                 for r in [r for r, v in inflight.items() if v[0] == name]:
-                    lost_s += time.perf_counter() - inflight.pop(r)[2]
-                lost_s += time.perf_counter() - submitted
-                pending.extendleft(reversed(lost))
+                    del inflight[r]
+                lost.sort(key=lambda gt: gt[0][0])
+                lost_s += sum(time.perf_counter() - t for _, t in lost)
+                pending.extendleft(reversed([g for g, _ in lost]))
+                w = self.workers.get(name)
                 if w is not None:
                     self._lose(w, iteration - 1, e)
                 continue
-            wire += len(pickle.dumps(res))
-            results[i] = res
-            self.trainer.reward_stats.errors += res.reward_errors
+            wire += len(pickle.dumps(batch_results))
             w = self.workers.get(name)
-            if w is not None:
-                w.members += 1
-                w.tokens += res.tokens
-                w.busy_s += res.t_busy
-                w.gen_s += res.t_generation
-            for hook in self.hooks:
-                hook(self, iteration, res)
+            for res in batch_results:
+                results[res.index] = res
+                self.trainer.reward_stats.errors += res.reward_errors
+                if w is not None:
+                    w.members += 1
+                    w.tokens += res.tokens
+                    w.busy_s += res.t_busy
+                    w.gen_s += res.t_generation
+                for hook in self.hooks:
+                    hook(self, iteration, res)
         wall = time.perf_counter() - t_start
         ordered = [results[i] for i in range(len(population))]
         stats = {
