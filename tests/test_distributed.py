@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import TINY, assert_bitwise_equal, tiny_cli_args
 
 from esft.config import ESConfig
@@ -122,6 +123,21 @@ def test_losing_every_actor_stops_with_a_resume_hint_and_resume_finishes(tmp_pat
     monkeypatch.setattr(distributed, "MAX_RESTARTS_PER_WORKER", 3)
     ESTrainer(args=ray_config(tmp_path / "ray", resume=True)).train()
     assert_bitwise_equal(final_weights(tmp_path / "ray"), final_weights(reference_run), "resumed Ray run vs in-process")
+
+
+def test_an_actor_without_the_driver_file_writes_the_same_anchor(tmp_path, awd_run) -> None:
+    """On another node the run directory is not visible: θ₀ comes from the replica's own base weights."""
+    from esft.anchor import AnchorFile
+    from esft.models import load_tokenizer
+
+    cfg = ESConfig(**{**TINY, "awd": "l2", "awd_lambda": 10.0})
+    here = distributed.ESWorker(cfg.to_dict(), "embedded", load_tokenizer("embedded"), None, [], [], "cpu", 1, "a", str(awd_run / "theta0.safetensors"))
+    elsewhere = distributed.ESWorker(cfg.to_dict(), "embedded", load_tokenizer("embedded"), None, [], [], "cpu", 1, "b", str(tmp_path / "absent"))
+    assert here.anchor.path == awd_run / "theta0.safetensors"
+    assert elsewhere.anchor.path != here.anchor.path
+    driver = AnchorFile(awd_run / "theta0.safetensors")
+    for name in elsewhere.state.names:
+        assert torch.equal(elsewhere.anchor.get(name), driver.get(name)), name
 
 
 # ------------------------------------------------------------------ clear errors

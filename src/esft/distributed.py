@@ -44,6 +44,7 @@ from esft.population import (
 )
 from esft.rewards import RewardStats
 from esft.seedlog import IterationRecord
+from esft.trainer import ANCHOR_FILE
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +86,12 @@ class ESWorker:
 
     def __init__(
         self, cfg_dict: dict[str, Any], model: Any, tokenizer: Any, task: Any, examples: list[Any],
-        prompts: list[list[int]], device: str, threads: int | None, name: str,
+        prompts: list[list[int]], device: str, threads: int | None, name: str, anchor_path: str | None = None,
     ) -> None:
-        import tempfile
-
-        from esft.anchor import AnchorFile
         from esft.engine import HFEngine
         from esft.models import load_model
         from esft.params import WeightState
+
         if threads:
             torch.set_num_threads(threads)
         self.cfg = ESConfig.from_dict(cfg_dict)
@@ -104,12 +103,27 @@ class ESWorker:
         self.state = WeightState.from_config(net, self.cfg)
         self.engine = HFEngine(net, tokenizer, self.cfg.max_new_tokens, self.cfg.generation_batch_size)
         self.task, self.examples, self.prompts = task, examples, prompts
-        # θ₀ is the base weights, which this replica holds right now (AWD needs it).
-        self._tmp = tempfile.mkdtemp(prefix="esft-worker-")
-        self.anchor = AnchorFile.write(os.path.join(self._tmp, "theta0.safetensors"), self.state.items()) if self.cfg.awd != "none" else None
+        self.anchor = self._open_anchor(anchor_path) if self.cfg.awd != "none" else None
         self.iteration = 0
         self._lock = threading.Lock()
         self._subsets: dict[int, list[int]] = {}
+
+    def _open_anchor(self, driver_path: str | None):
+        """θ₀ for AWD: the driver's file when this node can see it, else written from the
+        base weights this replica holds right now (the same bits, as the model loads the same)."""
+        import atexit
+        import shutil
+        import tempfile
+
+        from esft.anchor import AnchorFile
+
+        if driver_path and os.path.exists(driver_path):
+            anchor = AnchorFile(driver_path)
+            if set(self.state.names) <= set(anchor.names()):
+                return anchor
+        tmp = tempfile.mkdtemp(prefix="esft-worker-")
+        atexit.register(shutil.rmtree, tmp, True)
+        return AnchorFile.write(os.path.join(tmp, "theta0.safetensors"), self.state.items())
 
     def info(self) -> dict[str, Any]:
         return {
@@ -270,6 +284,7 @@ class RayPopulation:
         actor = cls.remote(
             self.cfg.to_dict(), self._refs["model"], self._refs["tokenizer"], self._refs["task"],
             self._refs["examples"], self._refs["prompts"], self.device, self._threads, name,
+            str(self.trainer.run_dir / ANCHOR_FILE),
         )
         handle = WorkerHandle(name, actor, iteration=iteration)
         handle.expected, weights = self._snapshot(iteration, weights=iteration > 0)
