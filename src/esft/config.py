@@ -28,6 +28,9 @@ RESUMABLE_FIELDS = frozenset(
         "save_steps",
         "max_steps",
         "generation_batch_size",
+        # Full-rank members score bitwise the same batched or one at a time (on CPU);
+        # low-rank ones agree up to the rounding of the shared matmul (README).
+        "members_per_batch",
         "num_threads",
         "disable_tqdm",
         "eval_tasks",
@@ -68,6 +71,8 @@ class ESConfig:
         max_steps: iterations.
         mirror_sampling: antithetic pairs (+ε, −ε) from one seed (N must be even).
         noise_mode: "iid" (a stream per tensor) or "shared" (reference-code parity).
+        noise_rank: None (full-rank Gaussian noise, the default) or r: every matrix gets
+            low-rank noise ε = A·Bᵀ/√r (EGGROLL); vectors keep full Gaussian noise.
         trainable / frozen: regexes on parameter names.
 
     Parameters of Anchored Weight Decay (Schweighofer et al. 2026):
@@ -78,6 +83,9 @@ class ESConfig:
     Parameters that control generation:
         max_new_tokens, max_train_samples, prompts_per_step, generation_batch_size,
         assistant_prefill.
+        members_per_batch: M population members generated in one batched decoding loop
+            (M × prompts sequences per pass); full-rank members stack their weights (in
+            chunks that fit memory), low-rank members share the base matmul.
 
     Parameters of evaluation during training:
         eval_tasks, eval_steps, eval_limit, eval_max_new_tokens.
@@ -109,6 +117,9 @@ class ESConfig:
     noise_mode: Literal["iid", "shared"] = _help(
         "iid: a stream per tensor; shared: every tensor seeded with the same seed", default="iid"
     )
+    noise_rank: int | None = _help(
+        "low-rank noise: each matrix gets ε = A·Bᵀ/√r of rank r (default: full-rank)", default=None
+    )
     trainable: str | None = _help("regex: only matching parameters train", default=None)
     frozen: str | None = _help("regex: matching parameters stay fixed", default=None)
 
@@ -124,6 +135,9 @@ class ESConfig:
     prompts_per_step: int | None = _help("seeded subset of prompts per iteration", default=None)
     generation_batch_size: int = _help("prompts per generate() call", default=32)
     assistant_prefill: bool = _help("start the answer with the task's prefill", default=True)
+    members_per_batch: int = _help(
+        "population members generated together in one batched decoding loop", default=1
+    )
 
     # Evaluation during training (same rows as `esft eval --run`)
     eval_tasks: str | None = _help("comma-separated tasks to evaluate during training", default=None)
@@ -181,6 +195,10 @@ class ESConfig:
             errors.append("eval_tasks needs eval_steps >= 1")
         if self.generation_batch_size < 1:
             errors.append("generation_batch_size must be >= 1")
+        if self.members_per_batch < 1:
+            errors.append(f"members_per_batch must be >= 1 (got {self.members_per_batch})")
+        if self.noise_rank is not None and self.noise_rank < 1:
+            errors.append(f"noise_rank must be >= 1, or unset for full-rank noise (got {self.noise_rank})")
         if self.workers is not None and self.workers < 1:
             errors.append(f"workers must be >= 1 (got {self.workers})")
         if self.ray_address and not self.workers:

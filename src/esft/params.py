@@ -4,6 +4,9 @@ Exactness (DESIGN.md, principle 2): a perturbed member is written into a separat
 buffer as master + σ·ε and the model's parameter is pointed at it; restoring points the
 parameter back at the untouched rest tensor. No +σε/−σε round trip ever happens, so a
 whole population leaves the weights bitwise unchanged, at any dtype.
+
+With `noise_rank` r set, every matrix gets low-rank noise ε = A·Bᵀ/√r (`esft.lowrank`) and
+the update is one matmul per matrix; other tensors keep full Gaussian noise.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from esft import lowrank
 from esft.noise import NoiseMode, fill_noise
 
 
@@ -53,9 +57,13 @@ class WeightState:
         trainable: str | None = None,
         frozen: str | None = None,
         noise_mode: NoiseMode = "iid",
+        noise_rank: int | None = None,
     ) -> None:
+        if noise_rank is not None and noise_rank < 1:
+            raise ValueError(f"noise_rank must be >= 1 or None (got {noise_rank})")
         self.model = model
         self.noise_mode = noise_mode
+        self.noise_rank = noise_rank
         self.named = select_parameters(model, trainable, frozen)
         self.names = [n for n, _ in self.named]
         self.params = [p for _, p in self.named]
@@ -69,6 +77,8 @@ class WeightState:
             else:
                 self.masters.append(p.data.float())
             self.rest.append(p.data)
+        # Which tensors get low-rank noise (matrices, when a rank is set).
+        self.lowrank = [lowrank.is_lowrank(m.shape, noise_rank) for m in self.masters]
         self._work: list[torch.Tensor | None] = [None] * len(self.params)
         self._local = threading.local()  # per-thread fp32 scratch buffers
         self._largest = max(m.numel() for m in self.masters)
@@ -89,7 +99,7 @@ class WeightState:
     @classmethod
     def from_config(cls, model: torch.nn.Module, cfg) -> WeightState:
         """The weight state an ESConfig describes (trainer, replay and Ray workers alike)."""
-        return cls(model, cfg.trainable, cfg.frozen, cfg.noise_mode)
+        return cls(model, cfg.trainable, cfg.frozen, cfg.noise_mode, getattr(cfg, "noise_rank", None))
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -106,6 +116,20 @@ class WeightState:
         if buf is None:
             buf = scratch[key] = torch.empty(self._largest, dtype=torch.float32, device=like.device)
         return buf[: like.numel()].view(like.shape)
+
+    def _flat_scratch(self, numel: int, device: torch.device, slot: str) -> torch.Tensor:
+        """A reusable flat fp32 buffer of at least `numel` values (per thread, device, slot)."""
+        scratch = getattr(self._local, "flat", None)
+        if scratch is None:
+            scratch = self._local.flat = {}
+        buf = scratch.get((device, slot))
+        if buf is None or buf.numel() < numel:
+            buf = scratch[(device, slot)] = torch.empty(numel, dtype=torch.float32, device=device)
+        return buf
+
+    def for_each_tensor(self, fn: Callable[[int], float | None]) -> list[float | None]:
+        """Run fn(i) for every trainable tensor on the noise pool (see `_for_each_tensor`)."""
+        return self._for_each_tensor(fn)
 
     def _for_each_tensor(self, fn: Callable[[int], float | None]) -> list[float | None]:
         """Run fn(i) for every trainable tensor, in parallel on CPU; results in order."""
@@ -124,22 +148,41 @@ class WeightState:
         return buf
 
     # --------------------------------------------------------------- perturbation
+    def factors(self, i: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-rank factors (A, B) of tensor i for `seed`, in a per-thread fp32 scratch."""
+        master, rank = self.masters[i], self.noise_rank
+        assert rank is not None and self.lowrank[i], f"{self.names[i]} has no low-rank noise"
+        rows, _ = lowrank.factor_shape(master.shape, rank)
+        buf = self._flat_scratch(rows * rank, master.device, "factors")[: rows * rank].view(rows, rank)
+        return lowrank.fill_factors(buf, seed, self.names[i], master.shape[0], self.noise_mode)
+
+    def write_member(self, i: int, seed: int, sign: int, sigma: float, out: torch.Tensor) -> None:
+        """Write tensor i of member (seed, sign), master + sign·σ·ε, into `out` (the model's dtype).
+
+        `perturb` and the batched forward (`esft.engine.batched`) both call this, so a member's
+        weights have the same bits whichever way it is evaluated.
+        """
+        name, master = self.names[i], self.masters[i]
+        if self.lowrank[i]:
+            a, b = self.factors(i, seed)
+            alpha = sign * sigma * lowrank.scale(self.noise_rank)  # type: ignore[arg-type]
+            dest = out if out.dtype == torch.float32 else self._fp32_scratch(master)
+            torch.addmm(master, a, b.T, alpha=alpha, out=dest)
+        elif out.dtype == torch.float32:
+            fill_noise(out, seed, name, self.noise_mode)
+            torch.add(master, out, alpha=sign * sigma, out=out)
+            return
+        else:
+            dest = fill_noise(self._fp32_scratch(master), seed, name, self.noise_mode)
+            torch.add(master, dest, alpha=sign * sigma, out=dest)
+        if dest is not out:
+            out.copy_(dest)
+
     def perturb(self, seed: int, sign: int, sigma: float) -> None:
         """Point every trainable parameter at master + sign·σ·ε(seed)."""
         if self.perturbed:
             raise RuntimeError("perturb() called twice without restore()")
-
-        def one(i: int) -> None:
-            name, work, master = self.names[i], self._work_buffer(i), self.masters[i]
-            if work.dtype == torch.float32:
-                fill_noise(work, seed, name, self.noise_mode)
-                torch.add(master, work, alpha=sign * sigma, out=work)
-            else:
-                eps = fill_noise(self._fp32_scratch(master), seed, name, self.noise_mode)
-                torch.add(master, eps, alpha=sign * sigma, out=eps)
-                work.copy_(eps)
-
-        self._for_each_tensor(one)
+        self._for_each_tensor(lambda i: self.write_member(i, seed, sign, sigma, self._work_buffer(i)))
         for p, work in zip(self.params, self._work):
             p.data = work
         self.perturbed = True
@@ -155,7 +198,8 @@ class WeightState:
         """θ ← θ + scale·Σⱼ cⱼ·ε(seedⱼ), accumulated in fp32; returns ‖Δθ‖ (float64).
 
         The sum is formed per tensor in a fp32 accumulator before touching the master,
-        and always in seed order, so a replay or another process gets the same bits.
+        and always in seed order, so a replay or another process gets the same bits. With
+        low-rank noise a matrix's sum is one matmul of the stacked factors.
         """
         if self.perturbed:
             raise RuntimeError("apply_update() while a member is perturbed")
@@ -165,11 +209,16 @@ class WeightState:
         def one(i: int) -> float:
             name, master = self.names[i], self.masters[i]
             acc = self._fp32_scratch(master, slot=1)
-            acc.zero_()
-            eps = self._fp32_scratch(master, slot=0)
-            for seed, c in zip(seeds, coefficients):
-                fill_noise(eps, seed, name, self.noise_mode)
-                acc.add_(eps, alpha=c)
+            if self.lowrank[i]:
+                rows, rank = lowrank.factor_shape(master.shape, self.noise_rank)  # type: ignore[arg-type]
+                flat = self._flat_scratch(len(seeds) * rows * rank, master.device, "update")
+                lowrank.combined_update(acc, seeds, coefficients, name, rank, self.noise_mode, flat)
+            else:
+                acc.zero_()
+                eps = self._fp32_scratch(master, slot=0)
+                for seed, c in zip(seeds, coefficients):
+                    fill_noise(eps, seed, name, self.noise_mode)
+                    acc.add_(eps, alpha=c)
             acc.mul_(scale)
             master.add_(acc)
             return float(torch.linalg.vector_norm(acc, dtype=torch.float64)) ** 2
