@@ -169,6 +169,9 @@ class LocalPopulation:
     def start(self, iteration: int) -> None:
         """Bring replicas up to the driver's weights after `iteration`; nothing to do in-process."""
 
+    def begin_update(self, record: IterationRecord) -> None:
+        """Hand the record to replicas so they update while the driver does; none in-process."""
+
     def after_update(self, record: IterationRecord) -> dict[str, Any]:
         """Keep replicas in step with the driver's weights; nothing to do in-process."""
         return {}
