@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workers", default="1,2")
-    ap.add_argument("--output", default="benchmarks/scaling.json")
+    ap.add_argument("--output", default="benchmarks/results/scaling.json")
     args = ap.parse_args()
     import ray
 
