@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/es_overhead.py
 	$(BIN)/python benchmarks/awd_memory.py
 	$(BIN)/python benchmarks/eval_throughput.py $(if $(DATA_DIR),--data_dir $(DATA_DIR))
+	$(BIN)/python benchmarks/scaling.py
 
 clean-venv:
 	rm -rf $(VENV)
