@@ -185,17 +185,15 @@ def test_static_cache_option_on_cpu_generates_the_same_tokens(trainer) -> None:
 
 
 @pytest.mark.slow
-def test_batched_run_ends_bitwise_equal_to_a_one_at_a_time_run(tmp_path, embedded_dir) -> None:
+def test_batched_run_ends_bitwise_equal_to_a_one_at_a_time_run(tmp_path, reference_run) -> None:
     from esft.seedlog import SeedLog
     from esft.trainer import ESTrainer, load_checkpoint_tensors
 
-    runs = {}
-    for m in (1, 4):
-        out = tmp_path / f"m{m}"
-        ESTrainer(args=ESConfig(**{**TINY, "max_steps": 2, "save_steps": 0, "members_per_batch": m},
-                                output_dir=str(out))).train()
-        runs[m] = (SeedLog(out).records(), load_checkpoint_tensors(out / "final"))
-    (logs1, w1), (logs4, w4) = runs[1], runs[4]
+    # reference_run is the TINY run one member at a time (conftest.py).
+    out = tmp_path / "m4"
+    ESTrainer(args=ESConfig(**{**TINY, "save_steps": 0, "members_per_batch": 4}, output_dir=str(out))).train()
+    logs1, w1 = SeedLog(reference_run).records(), load_checkpoint_tensors(reference_run / "final")
+    logs4, w4 = SeedLog(out).records(), load_checkpoint_tensors(out / "final")
     assert [r.rewards for r in logs1] == [r.rewards for r in logs4], "batched rewards differ from one at a time"
     diff = [k for k in w1 if not torch.equal(w1[k], w4[k])]
     assert not diff, f"final weights differ in {diff[:3]}"
