@@ -269,14 +269,16 @@ class ESTrainer:
 
     def _make_population(self, prompts: list[list[int]]):
         """In-process scoring, or Ray workers when `--workers` is set."""
-        from esft.population import LocalPopulation
-
-        cfg = self.args
-        if cfg.workers:
+        if self.args.workers:
             from esft.distributed import RayPopulation
 
             return RayPopulation(self, prompts)
-        return LocalPopulation(cfg, self.state, self.engine, self.task, self.train_examples, prompts, self.reward_stats)
+        return self._local_population(prompts)
+
+    def _local_population(self, prompts: list[list[int]]):
+        from esft.population import LocalPopulation
+
+        return LocalPopulation(self.args, self.state, self.engine, self.task, self.train_examples, prompts, self.reward_stats)
 
     def evaluate_population(
         self, iteration: int, prompts: list[list[int]]
@@ -285,10 +287,7 @@ class ESTrainer:
 
         Returns (seeds, one mean reward per member, timing/throughput stats).
         """
-        from esft.population import LocalPopulation
-
-        pop = LocalPopulation(self.args, self.state, self.engine, self.task, self.train_examples, prompts, self.reward_stats)
-        res = pop.evaluate(iteration)
+        res = self._local_population(prompts).evaluate(iteration)
         return res.seeds, res.rewards, {"subset": res.subset, **res.stats}
 
     def _iteration(self, iteration: int) -> dict[str, Any]:
