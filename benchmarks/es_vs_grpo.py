@@ -8,7 +8,7 @@ final, the same decoding for every method), the exact KL(base ‖ final) on prio
 prompts (`esft.evaluation.kl`), and the weight drift ‖θ − θ₀‖ (`esft.evaluation.drift`).
 
     flock /tmp/esft-bench.lock python benchmarks/es_vs_grpo.py --budget_s 1200
-    python benchmarks/es_vs_grpo.py --table_only        # the table from the results JSON
+    python benchmarks/es_vs_grpo.py --table_only        # the table and plot from the results JSON
 
 The timed part must not share the 2 cores with another timed benchmark: run it under
 `flock /tmp/esft-bench.lock` as above.
@@ -240,6 +240,31 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Training reward against training seconds, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for method, r in results["runs"].items():
+        t = r["train"]
+        elapsed, total = [], 0.0
+        for s in t["step_seconds"][: len(t["curve"])]:
+            total += s
+            elapsed.append(total / 60)
+        ax.plot(elapsed, t["curve"][: len(elapsed)], label=LABELS.get(method, method))
+    ax.set_xlabel("training minutes (wall-clock, 2 CPU cores)")
+    ax.set_ylabel("training reward (−|length error|, chars)")
+    ax.set_title("conciseness, embedded model: ES greedy population mean, GRPO sampled (T=0.7)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] in ("_train", "_eval"):
         child_main(sys.argv[1:])
@@ -254,15 +279,26 @@ def main() -> None:
     ap.add_argument("--kl_prompts", type=int, default=16, help="prompts per prior task for KL")
     ap.add_argument("--kl_tokens", type=int, default=32, help="base-model tokens sampled per prompt for KL")
     ap.add_argument("--table_only", action="store_true", help="print the table of --results and exit")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the methods already in --results (same budget and settings) and add these")
     a = ap.parse_args()
     results_path = Path(a.results)
     if a.table_only:
-        print(table(json.loads(results_path.read_text())))
+        results = json.loads(results_path.read_text())
+        print(table(results))
+        plot(results, results_path.with_suffix(".png"))
         return
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"budget_s": a.budget_s, "kl_prompts": a.kl_prompts, "kl_tokens": a.kl_tokens,
                                "es_settings": ES_SETTINGS, "awd_settings": AWD_SETTINGS, "runs": {}}
+    if a.merge and results_path.exists():
+        previous = json.loads(results_path.read_text())
+        same = all(previous.get(k) == results[k] for k in ("budget_s", "kl_prompts", "kl_tokens", "es_settings",
+                                                          "awd_settings"))
+        if not same:
+            sys.exit(f"--merge: {results_path} was measured with other settings; rerun every method")
+        results["runs"] = previous["runs"]
     for method in a.methods.split(","):
         run_dir = out / method
         if run_dir.exists():
@@ -279,7 +315,8 @@ def main() -> None:
         results_path.parent.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(results, indent=1) + "\n")
     print(table(results))
-    print(f"results: {results_path}")
+    plot(results, results_path.with_suffix(".png"))
+    print(f"results: {results_path} (and the reward curves in {results_path.with_suffix('.png')})")
 
 
 if __name__ == "__main__":
