@@ -6,27 +6,33 @@ four ways, side by side in one process on the embedded model:
 
 - one:     `--members_per_batch 1`, the default path (perturb, generate, restore per member);
 - full:    `--members_per_batch N`, full-rank members stacked in one batched decoding loop
-           (in balanced passes when N copies of the weights exceed the memory budget);
+           (in balanced passes when N copies of the weights exceed the memory budget), one
+           matmul per member with one-at-a-time shapes: bitwise the one-at-a-time logits;
+- full_bmm: the same stacked weights, one batched matmul (bmm) over all members per layer:
+           the CUDA path's kernel, run here on CPU (not bitwise: its thread split differs);
 - lowrank: `--members_per_batch N --noise_rank r`, the base matmul shared by all members;
 - ideal:   plain batched generation with the base weights of the same N·P sequences, with
            N·P rows per pass (the ESFT_BATCH_MEMORY_GB budget does not apply): no ES at all.
 
 `--subset NxP=k` times only the first k members of a slow method on that workload and
 extrapolates the population part linearly to N (the update is always timed in full); the
-table marks such rows. `--quality` adds a short training comparison on the conciseness
+table marks such rows. `--quality_steps K` (default 20) adds a short training comparison on the conciseness
 task: full-rank vs low-rank r=1 and r=4 with the same seeds, N, prompts and iterations.
+`--floor_only` times only the matmuls that full-rank members cannot share (`matmul_floor`).
 `--verify` checks whether speculative verification (score the base model's continuation in
 one teacher-forced pass, keep the prefix a member agrees with) could be exact: it compares
 the logits of incremental greedy decoding with those of one pass over the same tokens.
 
     python benchmarks/population_batching.py                      # defaults below, 2 threads
     python benchmarks/population_batching.py --workloads 8x8 --tokens 16 --quality_steps 0
+    python benchmarks/population_batching.py --floor_only --json results/population_batching.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import time
@@ -63,6 +69,7 @@ def _population_pass(pop, state, engine, members, batch, examples, per_pass: int
 def run_workload(workload: str, tokens: int, threads: int, rank: int, subset: dict[str, int]) -> list[dict]:
     from esft import es
     from esft.config import ESConfig
+    from esft.engine.batched import PopulationBatcher
     from esft.params import WeightState
     from esft.population import LocalPopulation
     from esft.trainer import ESTrainer
@@ -88,13 +95,14 @@ def run_workload(workload: str, tokens: int, threads: int, rank: int, subset: di
         states = {
             "one": (trainer.state, replace(cfg, members_per_batch=1)),
             "full": (trainer.state, replace(cfg, members_per_batch=n)),
+            "full_bmm": (trainer.state, replace(cfg, members_per_batch=n)),
             "lowrank": (WeightState.from_config(trainer.model, lr_cfg), lr_cfg),
         }
         # Every method is timed from the same weights: the update is undone from this copy.
         snapshot = {name: m.clone() for name, m in trainer.state.items()}
         base_texts = None
         results = {}
-        for method in ("ideal", "one", "full", "lowrank"):
+        for method in ("ideal", "one", "full", "full_bmm", "lowrank"):
             if method == "ideal":
                 engine.generate_ids(batch[:2], 2, copies=n)  # warm-up
                 t0 = time.perf_counter()
@@ -105,6 +113,11 @@ def run_workload(workload: str, tokens: int, threads: int, rank: int, subset: di
                                        passes=f"1 x {n * p} rows", extrapolated=False)
                 continue
             state, mcfg = states[method]
+            if method in ("full", "full_bmm"):
+                previous = getattr(state, "_population_batcher", None)
+                if previous is not None:
+                    previous.release()  # one stack of member weights at a time
+                state._population_batcher = PopulationBatcher(state, exact=method == "full")
             pop = LocalPopulation(mcfg, state, engine, trainer.task, trainer.train_examples, prompts, trainer.reward_stats)
             per_pass = mcfg.members_per_batch
             # Warm-up, untimed: allocates work buffers / stacked weights and first-touches them.
@@ -134,7 +147,9 @@ def run_workload(workload: str, tokens: int, threads: int, rank: int, subset: di
         one, full = results["one"], results["full"]
         common = min(len(one["rewards"]), len(full["rewards"]))
         same = one["rewards"][:common] == full["rewards"][:common]
-        for method in ("one", "full", "lowrank"):
+        common_bmm = min(len(one["rewards"]), len(results["full_bmm"]["rewards"]))
+        same_bmm = one["rewards"][:common_bmm] == results["full_bmm"]["rewards"][:common_bmm]
+        for method in ("one", "full", "full_bmm", "lowrank"):
             texts = results[method].pop("texts")
             # Completions (member × prompt) identical to the base model's: the room for
             # speculative verification against the base continuation.
@@ -148,7 +163,7 @@ def run_workload(workload: str, tokens: int, threads: int, rank: int, subset: di
                 "workload": f"{n}x{p}x{tokens}", "method": method, **{k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()},
                 "speedup_vs_one": round(one_s / r["iteration_s"], 2), "over_ideal": round(r["iteration_s"] / ideal_s, 2),
                 "tokens_per_s": round(r["tokens"] / r["generation_s"], 1),
-                "full_rewards_equal_one": same if method == "full" else None,
+                "full_rewards_equal_one": {"full": same, "full_bmm": same_bmm}.get(method),
             })
     return rows
 
@@ -223,29 +238,78 @@ def verify_exactness(threads: int, prompts_n: int = 8, tokens: int = 32) -> dict
             "max_abs_logit_diff": float(diff.max()), "argmax_agreement": float(agree.float().mean())}
 
 
+def matmul_floor(workload: str, tokens: int, group: int, steps: int = 8) -> dict:
+    """Seconds the decoding matmuls alone take when each member has its own weights.
+
+    Full-rank members cannot share a weight: at P rows per member, every decoded token
+    reads each member's whole weight set (all Linear weights and the tied output head;
+    538 MB in fp32), `group` distinct sets in turn, which no cache holds. This times
+    exactly those matmuls (P rows, one per member, the full path's kernel) for `steps`
+    tokens and scales to N members × T tokens: no attention, norms, sampling or
+    prefill. It is what full-rank batching cannot remove.
+    """
+    from esft.models import load_model
+
+    n, p = (int(x) for x in workload.split("x"))
+    model, _ = load_model("embedded", "float32", "cpu")
+    shapes = [m.weight.shape for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    del model
+    copies = [[torch.randn(s) for s in shapes] for _ in range(group)]
+    xs = {s[1]: torch.randn(p, s[1]) for s in shapes}
+    with torch.inference_mode():
+        for ws in copies:  # first touch
+            for w in ws:
+                torch.mm(xs[w.shape[1]], w.t())
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            for ws in copies:
+                for w in ws:
+                    torch.mm(xs[w.shape[1]], w.t())
+        per_member_token = (time.perf_counter() - t0) / (steps * group)
+    bytes_ = sum(s.numel() for s in shapes) * 4
+    return {"workload": f"{n}x{p}x{tokens}", "matmul_floor_s": round(per_member_token * n * tokens, 2),
+            "per_member_token_ms": round(1000 * per_member_token, 2),
+            "weight_bytes_per_member_token": bytes_, "GB_per_s": round(bytes_ / per_member_token / 1e9, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workloads", default="8x8,8x32,30x8,30x32", help="NxP (members x prompts per member)")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rank", type=int, default=1, help="noise_rank of the low-rank rows")
-    ap.add_argument("--subset", default="30x32:one=8,30x32:full=12",
+    ap.add_argument("--subset", default="30x32:one=8,30x32:full=12,30x32:full_bmm=12",
                     help="WORKLOAD:METHOD=k: time k members only and extrapolate (comma separated)")
     ap.add_argument("--quality_steps", type=int, default=20)
     ap.add_argument("--quality_ranks", default="1,4")
     ap.add_argument("--quality_shape", default="8x8x24", help="NxPxT of the quality runs")
     ap.add_argument("--verify", action="store_true", help="also test speculative verification for exactness")
     ap.add_argument("--json", default=None, help="also write results here")
+    ap.add_argument("--floor_only", action="store_true",
+                    help="only time the full-rank matmul floor of each workload (see matmul_floor)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     subset = {}
     for item in filter(None, a.subset.split(",")):
         key, k = item.split("=")
         subset[key] = int(k)
+    if a.floor_only:
+        floor = []
+        for w in filter(None, a.workloads.split(",")):
+            floor.append(matmul_floor(w, a.tokens, group=min(4, int(w.split("x")[0]))))
+            print(json.dumps(floor[-1]), flush=True)
+        if a.json:  # added to the results of a full run, if there is one
+            previous = json.load(open(a.json)) if os.path.exists(a.json) else {}
+            with open(a.json, "w") as f:
+                json.dump({**previous, "matmul_floor": floor}, f, indent=1)
+        return
     rows = []
     for w in filter(None, a.workloads.split(",")):
+        load_before = os.getloadavg()[0]
         rows += run_workload(w, a.tokens, a.threads, a.rank, subset)
-        print(json.dumps(rows[-4:]), flush=True)
+        for r in rows[-5:]:  # another process on the 2 cores would show here
+            r["load_before"], r["load_after"] = round(load_before, 2), round(os.getloadavg()[0], 2)
+        print(json.dumps(rows[-5:]), flush=True)
     print(f"machine: {platform.processor() or platform.machine()}, {a.threads} threads, torch {torch.__version__}")
     head = ["workload (NxPxT)", "method", "passes", "iteration s", "generation s", "ES s", "tokens/s",
             "speed-up vs one", "× ideal", "completions = base"]
@@ -257,8 +321,8 @@ def main() -> None:
         print(f"| {r['workload']} | {r['method']} | {r['passes']} | {r['iteration_s']:.1f}{mark} | {r['generation_s']:.1f} | "
               f"{r['es_s']:.1f} | {r['tokens_per_s']:.0f} | {r['speedup_vs_one']:.2f} | {r['over_ideal']:.2f} | {base} |")
     for r in rows:
-        if r["method"] == "full":
-            print(f"{r['workload']}: full-rank batched rewards identical to one at a time: {r['full_rewards_equal_one']}")
+        if r["method"] in ("full", "full_bmm"):
+            print(f"{r['workload']}: {r['method']} rewards identical to one at a time: {r['full_rewards_equal_one']}")
     quality = []
     if a.quality_steps:
         n, p, t = (int(x) for x in a.quality_shape.split("x"))
