@@ -34,6 +34,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/awd_memory.py
 	$(BIN)/python benchmarks/eval_throughput.py $(if $(DATA_DIR),--data_dir $(DATA_DIR))
 	$(BIN)/python benchmarks/scaling.py
+	$(BIN)/python benchmarks/population_batching.py --verify --json benchmarks/results/population_batching.json
+	$(BIN)/python benchmarks/population_batching.py --floor_only --json benchmarks/results/population_batching.json
 
 clean-venv:
 	rm -rf $(VENV)
