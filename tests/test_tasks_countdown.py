@@ -6,9 +6,9 @@ import random
 import re
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
+from helpers import SHARED_DATA
 
 from esft.tasks import as_reward_func, get_task
 from esft.tasks.arith import numbers_in, safe_eval
@@ -20,7 +20,6 @@ from esft.tasks.countdown import (
     last_answer,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 EX = {"numbers": [44, 19, 35], "target": 98}
 GOOD = "(44 + 19) + 35"
 
