@@ -44,3 +44,16 @@ def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
     assert a.keys() == b.keys(), f"{what}: different tensor names"
     diff = [k for k in a if not torch.equal(a[k], b[k])]
     assert not diff, f"{what}: {len(diff)} tensors differ, e.g. {diff[:3]}"
+
+
+class Tiny(torch.nn.Module):
+    """Two small Linear layers (a bias, a matrix) with fixed random weights: unit tests of the ES math."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.a = torch.nn.Linear(7, 5).to(dtype)
+        self.b = torch.nn.Linear(5, 3, bias=False).to(dtype)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))

@@ -7,22 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import Tiny
 
 from esft import es
 from esft.anchor import AnchorFile, anchor_and_drift, shrink
 from esft.noise import noise, tensor_seed
 from esft.params import WeightState
-
-
-class Tiny(torch.nn.Module):
-    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.a = torch.nn.Linear(7, 5).to(dtype)
-        self.b = torch.nn.Linear(5, 3, bias=False).to(dtype)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g))
 
 
 # --------------------------------------------------------------------------- noise

@@ -7,23 +7,12 @@ import math
 import pytest
 import torch
 import yaml
-from helpers import TINY
+from helpers import TINY, Tiny
 
 from esft import es, lowrank
 from esft.config import ESConfig
 from esft.noise import noise
 from esft.params import WeightState
-
-
-class Tiny(torch.nn.Module):
-    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.a = torch.nn.Linear(7, 5).to(dtype)
-        self.b = torch.nn.Linear(5, 3, bias=False).to(dtype)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g))
 
 
 def expected_noise(seed: int, name: str, shape: torch.Size, rank: int) -> torch.Tensor:
