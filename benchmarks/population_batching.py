@@ -144,11 +144,12 @@ def run_workload(workload: str, tokens: int, threads: int, rank: int, subset: di
             )
             trainer.state.load_masters(snapshot)  # the low-rank state shares these fp32 tensors
         # Side checks: full-rank batched rewards vs one at a time; members that repeat the base.
-        one, full = results["one"], results["full"]
-        common = min(len(one["rewards"]), len(full["rewards"]))
-        same = one["rewards"][:common] == full["rewards"][:common]
-        common_bmm = min(len(one["rewards"]), len(results["full_bmm"]["rewards"]))
-        same_bmm = one["rewards"][:common_bmm] == results["full_bmm"]["rewards"][:common_bmm]
+        one = results["one"]["rewards"]
+        equal_one = {}  # over the members both timed (subset rows time fewer)
+        for method in ("full", "full_bmm"):
+            other = results[method]["rewards"]
+            common = min(len(one), len(other))
+            equal_one[method] = one[:common] == other[:common]
         for method in ("one", "full", "full_bmm", "lowrank"):
             texts = results[method].pop("texts")
             # Completions (member × prompt) identical to the base model's: the room for
@@ -163,7 +164,7 @@ def run_workload(workload: str, tokens: int, threads: int, rank: int, subset: di
                 "workload": f"{n}x{p}x{tokens}", "method": method, **{k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()},
                 "speedup_vs_one": round(one_s / r["iteration_s"], 2), "over_ideal": round(r["iteration_s"] / ideal_s, 2),
                 "tokens_per_s": round(r["tokens"] / r["generation_s"], 1),
-                "full_rewards_equal_one": {"full": same, "full_bmm": same_bmm}.get(method),
+                "full_rewards_equal_one": equal_one.get(method),
             })
     return rows
 
@@ -306,10 +307,11 @@ def main() -> None:
     rows = []
     for w in filter(None, a.workloads.split(",")):
         load_before = os.getloadavg()[0]
-        rows += run_workload(w, a.tokens, a.threads, a.rank, subset)
-        for r in rows[-5:]:  # another process on the 2 cores would show here
+        workload_rows = run_workload(w, a.tokens, a.threads, a.rank, subset)
+        for r in workload_rows:  # another process on the 2 cores would show here
             r["load_before"], r["load_after"] = round(load_before, 2), round(os.getloadavg()[0], 2)
-        print(json.dumps(rows[-5:]), flush=True)
+        rows += workload_rows
+        print(json.dumps(workload_rows), flush=True)
     print(f"machine: {platform.processor() or platform.machine()}, {a.threads} threads, torch {torch.__version__}")
     head = ["workload (NxPxT)", "method", "passes", "iteration s", "generation s", "ES s", "tokens/s",
             "speed-up vs one", "× ideal", "completions = base"]
