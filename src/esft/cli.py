@@ -21,50 +21,19 @@ commands:
   drift       weight drift ||θ − θ₀|| per layer and module type
   report      tables and figures comparing runs
   grpo        GRPO baseline (TRL's GRPOTrainer) on the same tasks; flags are GRPOConfig fields
+  sweep       a grid of runs from one YAML spec, then eval, KL, drift and one report (resumable)
   quickstart  ES vs ES+AWD on the embedded model, with a report and a plot
 
 `esft <command> --help` lists a command's options."""
 
 
-def _config_parser():
-    from transformers import HfArgumentParser
-
-    from esft.config import ESConfig
-
-    parser = HfArgumentParser(ESConfig, prog="esft train", description="Fine-tune a causal LM with Evolution Strategies.")
-    parser.add_argument("--config", default=None, help="YAML file of ESConfig fields; flags override it")
-    return parser
-
-
 def parse_train_args(argv: list[str]):
     """ESConfig from `--config file.yaml` (optional) and flags, flags winning."""
-    import yaml
-
     from esft.config import ESConfig
+    from esft.flags import config_file_values, dataclass_parser, field_names, parse_dataclass_flags
 
-    parser = _config_parser()
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    known, _ = pre.parse_known_args(argv)
-    if known.config:
-        path = Path(known.config)
-        if not path.is_file():
-            parser.error(f"--config {path}: no such file")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            parser.error(f"--config {path}: expected a mapping of ESConfig fields")
-        fields = set(ESConfig.__dataclass_fields__)
-        unknown = sorted(set(data) - fields)
-        if unknown:
-            parser.error(f"--config {path}: unknown keys {', '.join(unknown)}")
-        parser.set_defaults(**data)
-    try:
-        # The extra --config flag comes back as a namespace beside the dataclass.
-        cfg, _extra, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
-    except ValueError as e:
-        parser.exit(2, f"esft train: error: {e}\n")
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    parser = dataclass_parser([ESConfig], "esft train", "Fine-tune a causal LM with Evolution Strategies.")
+    cfg, _ = parse_dataclass_flags(parser, argv, config_file_values(argv, field_names([ESConfig])))
     return cfg
 
 
@@ -100,12 +69,10 @@ def cmd_replay(argv: list[str]) -> int:
 
 
 def cmd_quickstart(argv: list[str]) -> int:
-    from esft.quickstart import add_arguments, run_quickstart
+    from esft.quickstart import parse_args, run_quickstart
 
-    p = argparse.ArgumentParser(prog="esft quickstart", description="ES vs ES+AWD on the embedded model (CPU, minutes).")
-    add_arguments(p)
-    a = p.parse_args(argv)
-    run_quickstart(a)
+    cfg, extra = parse_args(argv)
+    run_quickstart(cfg, extra)
     return 0
 
 
@@ -174,6 +141,7 @@ COMMANDS = {
     "drift": _delegate("esft.evaluation.drift"),
     "report": _delegate("esft.report.runs"),
     "grpo": _delegate("esft.grpo"),
+    "sweep": _delegate("esft.sweep"),
     "quickstart": cmd_quickstart,
 }
 

@@ -9,11 +9,13 @@ never disagree.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from esft.flags import option
 
 #: Per-penalty default λ (Schweighofer et al. 2026 use λ≈10 for L2 and λ≈0.01 for L1).
 DEFAULT_AWD_LAMBDA = {"l2": 10.0, "l1": 0.01, "huber": 0.01}
@@ -45,10 +47,6 @@ RESUMABLE_FIELDS = frozenset(
         "sync_check_steps",
     }
 )
-
-
-def _help(text: str, **kw: Any) -> Any:
-    return field(metadata={"help": text}, **kw)
 
 
 @dataclass
@@ -99,71 +97,71 @@ class ESConfig:
     """
 
     # Model and data
-    model: str = _help("'embedded', a hub id or a local HF directory", default="embedded")
-    task: str = _help("built-in task name or module:function", default="conciseness")
-    dataset: str | None = _help("jsonl/parquet file or hub id with a 'prompt' column", default=None)
-    data_dir: str | None = _help("data folder laid out like the shared data pack", default=None)
-    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _help(
+    model: str = option("'embedded', a hub id or a local HF directory", default="embedded")
+    task: str = option("built-in task name or module:function", default="conciseness")
+    dataset: str | None = option("jsonl/parquet file or hub id with a 'prompt' column", default=None)
+    data_dir: str | None = option("data folder laid out like the shared data pack", default=None)
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "weight dtype; bf16/fp16 keep an fp32 master copy", default="auto"
     )
-    device: Literal["auto", "cpu", "cuda"] = _help("where the model runs", default="auto")
+    device: Literal["auto", "cpu", "cuda"] = option("where the model runs", default="auto")
 
     # ES
-    population_size: int = _help("N, population members per iteration", default=30)
-    sigma: float = _help("σ, perturbation scale", default=1e-3)
-    learning_rate: float = _help("α; θ += (α/N)·Σ zᵢ·εᵢ", default=5e-4)
-    max_steps: int = _help("number of ES iterations", default=100)
-    mirror_sampling: bool = _help("antithetic (+ε, −ε) pairs from one seed", default=False)
-    noise_mode: Literal["iid", "shared"] = _help(
+    population_size: int = option("N, population members per iteration", default=30)
+    sigma: float = option("σ, perturbation scale", default=1e-3)
+    learning_rate: float = option("α; θ += (α/N)·Σ zᵢ·εᵢ", default=5e-4)
+    max_steps: int = option("number of ES iterations", default=100)
+    mirror_sampling: bool = option("antithetic (+ε, −ε) pairs from one seed", default=False)
+    noise_mode: Literal["iid", "shared"] = option(
         "iid: a stream per tensor; shared: every tensor seeded with the same seed", default="iid"
     )
-    noise_rank: int | None = _help(
+    noise_rank: int | None = option(
         "low-rank noise: each matrix gets ε = A·Bᵀ/√r of rank r (default: full-rank)", default=None
     )
-    trainable: str | None = _help("regex: only matching parameters train", default=None)
-    frozen: str | None = _help("regex: matching parameters stay fixed", default=None)
+    trainable: str | None = option("regex: only matching parameters train", default=None)
+    frozen: str | None = option("regex: matching parameters stay fixed", default=None)
 
     # Anchored weight decay
-    awd: Literal["none", "l2", "l1", "huber"] = _help("anchored weight decay", default="none")
-    awd_lambda: float | None = _help("λ (default: 10 for l2, 0.01 for l1/huber)", default=None)
-    awd_decoupled: bool = _help("step s = λ instead of α·λ", default=False)
-    awd_huber_delta: float = _help("huber: |θ−θ₀| threshold of the quadratic zone", default=1e-3)
+    awd: Literal["none", "l2", "l1", "huber"] = option("anchored weight decay", default="none")
+    awd_lambda: float | None = option("λ (default: 10 for l2, 0.01 for l1/huber)", default=None)
+    awd_decoupled: bool = option("step s = λ instead of α·λ", default=False)
+    awd_huber_delta: float = option("huber: |θ−θ₀| threshold of the quadratic zone", default=1e-3)
 
     # Generation
-    max_new_tokens: int = _help("tokens generated per prompt (greedy)", default=1024)
-    max_train_samples: int | None = _help("use only the first k training examples", default=None)
-    prompts_per_step: int | None = _help("seeded subset of prompts per iteration", default=None)
-    generation_batch_size: int = _help("prompts per generate() call", default=32)
-    assistant_prefill: bool = _help("start the answer with the task's prefill", default=True)
-    members_per_batch: int = _help(
+    max_new_tokens: int = option("tokens generated per prompt (greedy)", default=1024)
+    max_train_samples: int | None = option("use only the first k training examples", default=None)
+    prompts_per_step: int | None = option("seeded subset of prompts per iteration", default=None)
+    generation_batch_size: int = option("prompts per generate() call", default=32)
+    assistant_prefill: bool = option("start the answer with the task's prefill", default=True)
+    members_per_batch: int = option(
         "population members generated together in one batched decoding loop", default=1
     )
 
     # Evaluation during training (same rows as `esft eval --run`)
-    eval_tasks: str | None = _help("comma-separated tasks to evaluate during training", default=None)
-    eval_steps: int = _help("evaluate every k iterations (0: never)", default=0)
-    eval_limit: int | None = _help("examples per eval task (default: the whole eval set)", default=None)
-    eval_max_new_tokens: int = _help("tokens per eval completion", default=1024)
+    eval_tasks: str | None = option("comma-separated tasks to evaluate during training", default=None)
+    eval_steps: int = option("evaluate every k iterations (0: never)", default=0)
+    eval_limit: int | None = option("examples per eval task (default: the whole eval set)", default=None)
+    eval_max_new_tokens: int = option("tokens per eval completion", default=1024)
 
     # Ray scale-out
-    workers: int | None = _help("score members on K Ray actors, each a full model replica", default=None)
-    ray_address: str | None = _help("join a running Ray cluster: 'auto' or HOST:PORT (default: start one)", default=None)
-    worker_device: Literal["auto", "cpu", "cuda"] = _help(
+    workers: int | None = option("score members on K Ray actors, each a full model replica", default=None)
+    ray_address: str | None = option("join a running Ray cluster: 'auto' or HOST:PORT (default: start one)", default=None)
+    worker_device: Literal["auto", "cpu", "cuda"] = option(
         "device of each Ray actor (auto: the driver's device)", default="auto"
     )
-    worker_threads: int | None = _help("torch threads per CPU actor (default: cluster CPUs / workers)", default=None)
-    gpus_per_worker: float = _help("GPUs reserved per CUDA actor", default=1.0)
-    sync_check_steps: int = _help("compare actor weight checksums with the driver every k iterations (0: never)", default=10)
+    worker_threads: int | None = option("torch threads per CPU actor (default: cluster CPUs / workers)", default=None)
+    gpus_per_worker: float = option("GPUs reserved per CUDA actor", default=1.0)
+    sync_check_steps: int = option("compare actor weight checksums with the driver every k iterations (0: never)", default=10)
 
     # Run directory and logging
-    output_dir: str = _help("run directory", default="runs/esft")
-    seed: int = _help("seed of seeds and prompt subsets", default=0)
-    logging_steps: int = _help("print a metrics line every k iterations", default=1)
-    save_steps: int = _help("checkpoint every k iterations (0: final only)", default=0)
-    report_to: Literal["none", "tensorboard", "wandb"] = _help("metrics sink", default="none")
-    resume: bool = _help("continue the run in output_dir", default=False)
-    num_threads: int | None = _help("torch CPU threads (default: torch's)", default=None)
-    disable_tqdm: bool = _help("no progress bar", default=False)
+    output_dir: str = option("run directory", default="runs/esft")
+    seed: int = option("seed of seeds and prompt subsets", default=0)
+    logging_steps: int = option("print a metrics line every k iterations", default=1)
+    save_steps: int = option("checkpoint every k iterations (0: final only)", default=0)
+    report_to: Literal["none", "tensorboard", "wandb"] = option("metrics sink", default="none")
+    resume: bool = option("continue the run in output_dir", default=False)
+    num_threads: int | None = option("torch CPU threads (default: torch's)", default=None)
+    disable_tqdm: bool = option("no progress bar", default=False)
 
     def __post_init__(self) -> None:
         self.validate()

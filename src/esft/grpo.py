@@ -24,18 +24,20 @@ machines without CUDA `use_cpu` with fp32 (no bf16 autocast).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from esft.flags import option
 from esft.io import append_jsonl, ensure_writable_dir, read_jsonl, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -71,10 +73,6 @@ def require_trl() -> Any:
     return trl
 
 
-def _help(text: str, **kw: Any) -> Any:
-    return field(metadata={"help": text}, **kw)
-
-
 @dataclass
 class GRPOTaskArgs:
     """esft's options of a GRPO run; every other flag is a field of `trl.GRPOConfig`.
@@ -89,68 +87,87 @@ class GRPOTaskArgs:
         num_threads: torch CPU threads.
     """
 
-    model: str = _help("'embedded', a hub id or a local HF directory", default="embedded")
-    task: str = _help("built-in task name or module:function", default="conciseness")
-    dataset: str | None = _help("jsonl/parquet file or hub id with a 'prompt' column", default=None)
-    data_dir: str | None = _help("data folder laid out like the shared data pack", default=None)
-    max_train_samples: int | None = _help("use only the first k training examples", default=None)
-    assistant_prefill: bool = _help("start the answer with the task's prefill", default=True)
-    num_threads: int | None = _help("torch CPU threads (default: torch's)", default=None)
+    model: str = option("'embedded', a hub id or a local HF directory", default="embedded")
+    task: str = option("built-in task name or module:function", default="conciseness")
+    dataset: str | None = option("jsonl/parquet file or hub id with a 'prompt' column", default=None)
+    data_dir: str | None = option("data folder laid out like the shared data pack", default=None)
+    max_train_samples: int | None = option("use only the first k training examples", default=None)
+    assistant_prefill: bool = option("start the answer with the task's prefill", default=True)
+    num_threads: int | None = option("torch CPU threads (default: torch's)", default=None)
 
 
 # ------------------------------------------------------------------------ arguments
-def _parser(defaults: dict[str, Any]):
-    from transformers import HfArgumentParser
+def _parser():
     from trl import GRPOConfig
 
-    parser = HfArgumentParser(
+    from esft.flags import dataclass_parser
+
+    return dataclass_parser(
         (GRPOTaskArgs, GRPOConfig), prog="esft grpo",
         description="GRPO baseline with TRL's GRPOTrainer on an esft task; flags are esft's task options "
         "and GRPOConfig fields (esft's defaults: " + ", ".join(f"{k}={v}" for k, v in ESFT_GRPO_DEFAULTS.items()) + ").",
     )
-    parser.add_argument("--config", default=None, help="YAML file of the same fields; flags override it")
-    parser.set_defaults(**defaults)
-    return parser
+
+
+def _allowed_keys() -> set[str]:
+    from trl import GRPOConfig
+
+    from esft.flags import field_names
+
+    return field_names((GRPOTaskArgs, GRPOConfig))
+
+
+def _grpo_defaults(values: dict[str, Any], use_cpu: bool | None, bf16_given: bool) -> dict[str, Any]:
+    """esft's defaults, then `values` (a config file or a sweep's mapping), then the CPU rules.
+
+    Without CUDA a run uses the CPU; there TRL's default bf16 autocast is slow and changes the
+    numbers, so CPU runs stay fp32 unless bf16 is asked for.
+    """
+    import torch
+
+    defaults = {**ESFT_GRPO_DEFAULTS, **values}
+    if not torch.cuda.is_available():
+        defaults.setdefault("use_cpu", True)
+    cpu = use_cpu if use_cpu is not None else bool(defaults.get("use_cpu"))
+    if cpu and not bf16_given:
+        defaults.setdefault("bf16", False)
+    return defaults
 
 
 def parse_grpo_args(argv: Sequence[str]) -> tuple[GRPOTaskArgs, Any]:
     """(GRPOTaskArgs, trl.GRPOConfig) from `--config file.yaml` (optional) and flags, flags winning."""
     require_trl()
-    import torch
     from transformers.hf_argparser import string_to_bool
-    from trl import GRPOConfig
+
+    from esft.flags import config_file_values, parse_dataclass_flags
 
     argv = list(argv)
-    defaults = dict(ESFT_GRPO_DEFAULTS)
+    # A run directory's config.yaml records `trainer: grpo`; it may be passed back as --config.
+    values = config_file_values(argv, _allowed_keys(), ignore=("trainer",))
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
     pre.add_argument("--use_cpu", type=string_to_bool, nargs="?", const=True, default=None)
     known, _ = pre.parse_known_args(argv)
-    if known.config:
-        path = Path(known.config)
-        data = yaml.safe_load(path.read_text()) if path.is_file() else None
-        if not isinstance(data, dict):
-            raise ValueError(f"--config {path}: expected a YAML mapping of esft grpo fields")
-        fields = set(GRPOTaskArgs.__dataclass_fields__) | set(GRPOConfig.__dataclass_fields__)
-        unknown = sorted(set(data) - fields - {"trainer"})
-        if unknown:
-            raise ValueError(f"--config {path}: unknown keys {', '.join(unknown)}")
-        data.pop("trainer", None)
-        defaults.update(data)
-    if not torch.cuda.is_available():
-        defaults.setdefault("use_cpu", True)
-    cpu = known.use_cpu if known.use_cpu is not None else bool(defaults.get("use_cpu"))
-    if cpu and not any(a.startswith("--bf16") for a in argv):
-        # TRL turns bf16 autocast on unless told otherwise; on a CPU it is slow and changes
-        # the numbers, so CPU runs stay fp32 unless --bf16 is given.
-        defaults.setdefault("bf16", False)
-    parser = _parser(defaults)
-    try:
-        run, cfg, _extra, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
-    except ValueError as e:
-        parser.exit(2, f"esft grpo: error: {e}\n")
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    defaults = _grpo_defaults(values, known.use_cpu, any(a.startswith("--bf16") for a in argv))
+    run, cfg, _ = parse_dataclass_flags(_parser(), argv, defaults)
+    return run, cfg
+
+
+def grpo_args_from_mapping(values: dict[str, Any]) -> tuple[GRPOTaskArgs, Any]:
+    """(GRPOTaskArgs, trl.GRPOConfig) from a mapping of their fields (a sweep's `grpo:` arm).
+
+    Same defaults as the command line; an unknown key is a ValueError naming it.
+    """
+    require_trl()
+    from trl import GRPOConfig
+
+    values = {k: v for k, v in values.items() if k != "trainer"}
+    unknown = sorted(set(values) - _allowed_keys())
+    if unknown:
+        raise ValueError(f"unknown GRPO fields: {', '.join(map(str, unknown))}")
+    merged = _grpo_defaults(values, values.get("use_cpu"), "bf16" in values)
+    task_keys = {f.name for f in dataclasses.fields(GRPOTaskArgs)}
+    run = GRPOTaskArgs(**{k: v for k, v in merged.items() if k in task_keys})
+    cfg = GRPOConfig(**{k: v for k, v in merged.items() if k not in task_keys})
     return run, cfg
 
 

@@ -7,6 +7,7 @@ conciseness reward climbs, and the drift curves show AWD holding θ near θ₀.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,11 @@ from esft.config import ESConfig
 from esft.io import write_text_atomic
 from esft.report.curves import plot_training_curves
 
-# Tuned on a 2-core CPU (see README "Quickstart" for the measured run).
-DEFAULTS: dict[str, Any] = {
+# Where the quickstart's defaults differ from ESConfig's; every other flag is an ESConfig
+# field with its usual default. Tuned on a 2-core CPU (see README "Quickstart" for the
+# measured run).
+QUICKSTART_DEFAULTS: dict[str, Any] = {
+    "output_dir": "runs/quickstart",
     "max_steps": 12,
     "population_size": 8,
     "max_train_samples": 8,
@@ -30,60 +34,57 @@ DEFAULTS: dict[str, Any] = {
     # s = α·λ = 0.15 per iteration: strong enough to bound the drift within 12 iterations
     # (the paper's λ=10 at α=5e-4 gives s=0.005, sized for ~1000 iterations).
     "awd_lambda": 30.0,
-    "seed": 0,
 }
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output_dir", default="runs/quickstart")
-    p.add_argument("--model", default="embedded")
-    p.add_argument("--task", default="conciseness")
-    for key, value in DEFAULTS.items():
-        p.add_argument(f"--{key}", type=type(value), default=value)
-    p.add_argument("--data_dir", default=None, help="shared data pack (default $ESFT_DATA_DIR) for prior tasks")
-    p.add_argument("--prior_tasks", default="hellaswag,piqa,arc_challenge")
-    p.add_argument("--prior_limit", type=int, default=20, help="eval examples per prior task")
-    p.add_argument("--kl_prompts", type=int, default=8, help="prompts per prior task for KL")
-    p.add_argument("--num_threads", type=int, default=None)
-    p.add_argument("--disable_tqdm", action="store_true")
+def parse_args(argv: list[str]) -> tuple[ESConfig, argparse.Namespace]:
+    """The AWD run's ESConfig (the plain ES run is the same without AWD) and the report options."""
+    from esft.flags import config_file_values, dataclass_parser, field_names, parse_dataclass_flags
+
+    parser = dataclass_parser([ESConfig], "esft quickstart", "ES vs ES+AWD on the embedded model (CPU, minutes).")
+    parser.add_argument("--prior_tasks", default="hellaswag,piqa,arc_challenge")
+    parser.add_argument("--prior_limit", type=int, default=20, help="eval examples per prior task")
+    parser.add_argument("--kl_prompts", type=int, default=8, help="prompts per prior task for KL")
+    values = {**QUICKSTART_DEFAULTS, **config_file_values(argv, field_names([ESConfig]))}
+    cfg, extra = parse_dataclass_flags(parser, argv, values)
+    if cfg.awd == "none":
+        parser.error("the quickstart compares ES with ES + AWD: --awd must be l2, l1 or huber")
+    return cfg, extra
 
 
-def _config(a: argparse.Namespace, awd: str, output_dir: Path) -> ESConfig:
-    return ESConfig(
-        model=a.model, task=a.task, output_dir=str(output_dir), max_steps=a.max_steps,
-        population_size=a.population_size, max_train_samples=a.max_train_samples,
-        max_new_tokens=a.max_new_tokens, sigma=a.sigma, learning_rate=a.learning_rate,
-        awd=awd, awd_lambda=a.awd_lambda if awd != "none" else None, seed=a.seed,
-        num_threads=a.num_threads, disable_tqdm=a.disable_tqdm,
-        resume=(output_dir / "config.yaml").exists(),
+def _run_config(cfg: ESConfig, awd: bool, output_dir: Path) -> ESConfig:
+    """One of the two runs: the same config and seeds, with or without AWD; resumes a finished part."""
+    return dataclasses.replace(
+        cfg, awd=cfg.awd if awd else "none", awd_lambda=cfg.awd_lambda if awd else None,
+        output_dir=str(output_dir), resume=(output_dir / "config.yaml").exists(),
     )
 
 
-def run_quickstart(a: argparse.Namespace) -> dict[str, Any]:
+def run_quickstart(cfg: ESConfig, a: argparse.Namespace) -> dict[str, Any]:
     from esft.trainer import ESTrainer
 
-    out = Path(a.output_dir)
+    out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    runs = {"ES": ("none", out / "es"), f"ES + AWD {a.awd.upper()} λ={a.awd_lambda:g}": (a.awd, out / "es_awd")}
+    runs = {"ES": (False, out / "es"), f"ES + AWD {cfg.awd.upper()} λ={cfg.resolved_awd_lambda:g}": (True, out / "es_awd")}
     histories: dict[str, list[dict[str, Any]]] = {}
     seconds: dict[str, float] = {}
     for label, (awd, run_dir) in runs.items():
         print(f"\n=== {label}  ->  {run_dir}")
         t0 = time.perf_counter()
-        trainer = ESTrainer(args=_config(a, awd, run_dir))
+        trainer = ESTrainer(args=_run_config(cfg, awd, run_dir))
         histories[label] = trainer.train()
         seconds[label] = sum(m["time/iteration"] for m in histories[label])
         print(f"=== {label}: {time.perf_counter() - t0:.0f} s")
     plot_training_curves(histories, out / "curves.png")
-    report = _report(histories, seconds, a)
-    report += _prior_tasks_section(a, {label: run_dir for label, (_, run_dir) in runs.items()})
+    report = _report(histories, seconds, cfg)
+    report += _prior_tasks_section(cfg, a, {label: run_dir for label, (_, run_dir) in runs.items()})
     write_text_atomic(out / "report.md", report)
     print("\n" + report)
     print(f"report: {out / 'report.md'}   curves: {out / 'curves.png'}")
     return {"histories": histories, "seconds": seconds}
 
 
-def _report(histories: dict[str, list[dict[str, Any]]], seconds: dict[str, float], a: argparse.Namespace) -> str:
+def _report(histories: dict[str, list[dict[str, Any]]], seconds: dict[str, float], a: ESConfig) -> str:
     lines = [
         "# esft quickstart",
         "",
@@ -108,7 +109,7 @@ def _report(histories: dict[str, list[dict[str, Any]]], seconds: dict[str, float
     return "\n".join(lines)
 
 
-def _prior_tasks_section(a: argparse.Namespace, runs: dict[str, Path]) -> str:
+def _prior_tasks_section(cfg: ESConfig, a: argparse.Namespace, runs: dict[str, Path]) -> str:
     """Prior-task accuracy and KL to the base model, when a data pack is available."""
     import json
     import os
@@ -116,7 +117,7 @@ def _prior_tasks_section(a: argparse.Namespace, runs: dict[str, Path]) -> str:
     from esft.evaluation.accuracy import evaluate_run
     from esft.evaluation.kl import kl_report
 
-    data_dir = a.data_dir or os.environ.get("ESFT_DATA_DIR")
+    data_dir = cfg.data_dir or os.environ.get("ESFT_DATA_DIR")
     tasks = [t.strip() for t in a.prior_tasks.split(",") if t.strip()]
     if not data_dir or not Path(data_dir).is_dir():
         return ("\n## Prior tasks\n\nSkipped: no data pack (pass `--data_dir` or set `ESFT_DATA_DIR` to a folder "
@@ -125,11 +126,11 @@ def _prior_tasks_section(a: argparse.Namespace, runs: dict[str, Path]) -> str:
     kl: dict[str, dict[str, float]] = {}
     for label, run_dir in runs.items():
         print(f"\n=== prior tasks for {label}: accuracy on {a.prior_limit} examples, KL on {a.kl_prompts} prompts")
-        rows = evaluate_run(run_dir, tasks, iterations=[0, a.max_steps], limit=a.prior_limit, max_new_tokens=16,
+        rows = evaluate_run(run_dir, tasks, iterations=[0, cfg.max_steps], limit=a.prior_limit, max_new_tokens=16,
                             data_dir=data_dir, device="cpu", progress=False)
         for r in rows:
             acc.setdefault(label, {}).setdefault(r["task"], {})[r["iteration"]] = r["accuracy"]
-        kl_rows = kl_report(run_dir, tasks, iterations=[a.max_steps], num_prompts=a.kl_prompts, max_tokens=32,
+        kl_rows = kl_report(run_dir, tasks, iterations=[cfg.max_steps], num_prompts=a.kl_prompts, max_tokens=32,
                             data_dir=data_dir, device="cpu")
         write_text_atomic(run_dir / "kl.json", json.dumps(kl_rows, indent=1))
         kl[label] = {r["task"]: r["kl_exact_token"] for r in kl_rows}
@@ -149,7 +150,7 @@ def _prior_tasks_section(a: argparse.Namespace, runs: dict[str, Path]) -> str:
         cells = []
         for t in tasks:
             c = acc.get(label, {}).get(t, {})
-            cells.append(f"{c.get(0, float('nan')):.2f} → {c.get(a.max_steps, float('nan')):.2f}")
+            cells.append(f"{c.get(0, float('nan')):.2f} → {c.get(cfg.max_steps, float('nan')):.2f}")
         cells += [f"{kl.get(label, {}).get(t, float('nan')):.3g}" for t in tasks]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -1,0 +1,92 @@
+"""`--config file.yaml` plus flags over config dataclasses: the one parser of every command.
+
+`esft train` (ESConfig), `esft grpo` (esft's task options + trl.GRPOConfig) and the
+quickstart all read their options the same way: a YAML file of field values, then flags
+that win over it, generated from the dataclasses by transformers' `HfArgumentParser` so
+that flags, YAML keys and the docstrings never disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def option(help: str, **kw: Any) -> Any:
+    """A dataclass field whose help text becomes its flag's `--help` line."""
+    return dataclasses.field(metadata={"help": help}, **kw)
+
+
+def field_names(types: Iterable[type]) -> set[str]:
+    """Every field name of the given dataclasses."""
+    return {f.name for t in types for f in dataclasses.fields(t)}
+
+
+def read_config_file(path: str | Path, allowed: set[str], ignore: Iterable[str] = ()) -> dict[str, Any]:
+    """The mapping in a YAML config file, with errors that name the file and the fix.
+
+    `ignore` lists keys a run directory's config.yaml holds besides the fields (e.g.
+    `trainer: grpo`): they are accepted and dropped.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"--config {path}: not valid YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of field: value, got {type(data).__name__}")
+    for key in ignore:
+        data.pop(key, None)
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ValueError(f"--config {path}: unknown keys {', '.join(map(str, unknown))}")
+    return data
+
+
+def config_file_values(argv: Sequence[str], allowed: set[str], ignore: Iterable[str] = ()) -> dict[str, Any]:
+    """The values of `--config FILE` in `argv` ({} without one)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(list(argv))
+    return read_config_file(known.config, allowed, ignore) if known.config else {}
+
+
+def dataclass_parser(types: Sequence[type], prog: str, description: str):
+    """An HfArgumentParser over `types` that also accepts `--config FILE`."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(list(types), prog=prog, description=description)
+    parser.add_argument("--config", default=None, help="YAML file of the same fields; flags override it")
+    return parser
+
+
+def parse_dataclass_flags(parser: Any, argv: Sequence[str], defaults: dict[str, Any]) -> tuple[Any, ...]:
+    """(*dataclasses, namespace of the parser's other options) from `defaults` and flags.
+
+    `defaults` are the config file's values (and a command's own defaults); flags win. A
+    value a dataclass refuses (its `__post_init__` raises ValueError) exits with the
+    command's name and the message, as a bad flag does.
+    """
+    parser.set_defaults(**defaults)
+    try:
+        *objs, extra, rest = parser.parse_args_into_dataclasses(list(argv), return_remaining_strings=True)
+    except ValueError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return (*objs, extra)
+
+
+__all__ = [
+    "config_file_values", "dataclass_parser", "field_names", "option", "parse_dataclass_flags", "read_config_file",
+]
