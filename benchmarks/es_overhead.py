@@ -24,8 +24,8 @@ import torch
 def run(workload: str, threads: int) -> dict:
     from esft.config import ESConfig
     from esft.es import coefficients
-    from esft.seedlog import IterationRecord
-    from esft.trainer import ESTrainer, apply_record
+    from esft.seedlog import IterationRecord, apply_record
+    from esft.trainer import ESTrainer
 
     n, p, t = (int(x) for x in workload.split("x"))
     with tempfile.TemporaryDirectory() as out:

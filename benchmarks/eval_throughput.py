@@ -33,8 +33,7 @@ def replay_cost(iterations: int, population: int) -> dict:
     from esft.config import ESConfig
     from esft.models import load_model
     from esft.params import WeightState
-    from esft.seedlog import IterationRecord
-    from esft.trainer import apply_record
+    from esft.seedlog import IterationRecord, apply_record
 
     model, _ = load_model("embedded", "float32", "cpu")
     state = WeightState(model)

@@ -12,8 +12,8 @@ import torch
 from helpers import TINY, assert_bitwise_equal, tiny_cli_args
 
 from esft.config import ESConfig
-from esft.seedlog import SEEDLOG
-from esft.trainer import ESTrainer, TrainerCallback, load_checkpoint_tensors
+from esft.seedlog import SEEDLOG, load_checkpoint_tensors
+from esft.trainer import ESTrainer, TrainerCallback
 
 ray = pytest.importorskip("ray")
 from esft import distributed  # noqa: E402

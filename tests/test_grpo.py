@@ -136,7 +136,7 @@ def grpo_run(tmp_path_factory, embedded_dir) -> Path:
 def test_tiny_grpo_run_writes_loadable_checkpoints_config_and_metrics(grpo_run: Path, embedded_dir) -> None:
     from transformers import AutoModelForCausalLM
 
-    from esft.trainer import checkpoint_steps
+    from esft.seedlog import checkpoint_steps
 
     assert checkpoint_steps(grpo_run) == [1, 2]
     assert not list(grpo_run.glob(".staging-*")), "staging directories must be renamed away"

@@ -112,7 +112,7 @@ def lowrank_run(tmp_path_factory, embedded_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize("k", [1, 3])
 def test_lowrank_replay_is_bitwise_equal_to_the_checkpoint(lowrank_run, k: int) -> None:
-    from esft.trainer import load_checkpoint_tensors, replay
+    from esft.seedlog import load_checkpoint_tensors, replay
 
     assert yaml.safe_load((lowrank_run / "config.yaml").read_text())["noise_rank"] == 2
     state, _ = replay(lowrank_run, k, device="cpu")
@@ -126,8 +126,7 @@ def test_lowrank_replay_is_bitwise_equal_to_the_checkpoint(lowrank_run, k: int) 
 def test_lowrank_update_equals_independent_computation_from_the_seed_log(lowrank_run, embedded_dir) -> None:
     from safetensors.torch import load_file
 
-    from esft.seedlog import SeedLog
-    from esft.trainer import load_checkpoint_tensors
+    from esft.seedlog import SeedLog, load_checkpoint_tensors
 
     base = load_file(str(embedded_dir / "model.safetensors"))
     final = load_checkpoint_tensors(lowrank_run / "final")

@@ -186,8 +186,8 @@ def test_static_cache_option_on_cpu_generates_the_same_tokens(trainer) -> None:
 
 @pytest.mark.slow
 def test_batched_run_ends_bitwise_equal_to_a_one_at_a_time_run(tmp_path, reference_run) -> None:
-    from esft.seedlog import SeedLog
-    from esft.trainer import ESTrainer, load_checkpoint_tensors
+    from esft.seedlog import SeedLog, load_checkpoint_tensors
+    from esft.trainer import ESTrainer
 
     # reference_run is the TINY run one member at a time (conftest.py).
     out = tmp_path / "m4"

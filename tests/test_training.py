@@ -19,8 +19,8 @@ from esft import es
 from esft.config import ESConfig
 from esft.io import read_jsonl
 from esft.noise import noise
-from esft.seedlog import SeedLog
-from esft.trainer import ESTrainer, load_checkpoint_tensors, replay
+from esft.seedlog import SeedLog, load_checkpoint_tensors, replay
+from esft.trainer import ESTrainer
 
 pytestmark = pytest.mark.slow
 
@@ -262,12 +262,12 @@ def test_countdown_trains_from_the_shared_data_file(tmp_path, embedded_dir) -> N
 
 
 def test_run_view_jumps_to_checkpoints_and_matches_pure_replay(reference_run: Path, monkeypatch) -> None:
-    import esft.trainer as trainer_mod
+    import esft.seedlog as seedlog_mod
     from esft.evaluation.runs import RunView
 
     calls = []
-    real = trainer_mod.apply_record
-    monkeypatch.setattr(trainer_mod, "apply_record", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = seedlog_mod.apply_record
+    monkeypatch.setattr(seedlog_mod, "apply_record", lambda *a, **k: calls.append(1) or real(*a, **k))
     ((k, model, _),) = list(RunView.open(reference_run).models([3], device="cpu"))
     assert k == 3 and calls == [], "checkpoint-3 exists: no record should be replayed"
     pure, _ = replay(reference_run, 3, device="cpu")

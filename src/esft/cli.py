@@ -53,7 +53,7 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_replay(argv: list[str]) -> int:
-    from esft.trainer import replay, save_hf_dir
+    from esft.seedlog import replay, save_hf_dir
 
     p = argparse.ArgumentParser(prog="esft replay", description="Rebuild the weights after iteration K from the seed log.")
     p.add_argument("run_dir")

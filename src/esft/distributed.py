@@ -4,7 +4,7 @@ What travels per iteration is O(N) numbers: the driver sends each actor
 (iteration, member index, seed, sign) per member (grouped with `--members_per_batch`) and
 gets back (reward, token count, timings);
 after the update it broadcasts the seed-log record (seeds, coefficients) and every actor
-applies it with the same code as the driver (`trainer.apply_record`), so no weights
+applies it with the same code as the driver (`seedlog.apply_record`), so no weights
 move in the steady state. The driver keeps its own replica on the same device type: it
 writes checkpoints and the seed log, and every `sync_check_steps` iterations it compares
 the actors' weight checksums with its own.
@@ -43,8 +43,7 @@ from esft.population import (
     score_member,
 )
 from esft.rewards import RewardStats
-from esft.seedlog import IterationRecord
-from esft.trainer import ANCHOR_FILE
+from esft.seedlog import ANCHOR_FILE, IterationRecord, apply_record
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +174,6 @@ class ESWorker:
         return results
 
     def apply(self, record: dict[str, Any], want_checksum: bool) -> str | None:
-        from esft.trainer import apply_record
-
         rec = IterationRecord.from_json(record)
         with self._lock:
             if rec.iteration != self.iteration + 1:

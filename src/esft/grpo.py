@@ -313,7 +313,7 @@ def run_config(run: GRPOTaskArgs, cfg: Any, task_name: str) -> dict[str, Any]:
 def _resume_step(resume: Any, run_dir: Path) -> int | None:
     if resume in (None, False, "", "false", "False"):
         return None
-    from esft.trainer import checkpoint_steps
+    from esft.seedlog import checkpoint_steps
 
     if resume in (True, "true", "True", "last"):
         steps = checkpoint_steps(run_dir)

@@ -1,21 +1,36 @@
-"""A run is its seed log (DESIGN.md, principle 1).
+"""A run is its seed log (DESIGN.md, principle 1): the run directory and its replay.
 
 Each finished iteration appends one record: `iteration`, `seeds`, `rewards`,
 `coefficients` (null when the update was skipped) and the prompt subset; timings
 live in metrics.jsonl, so the log is a pure function of the config. The weights after
 iteration k are base weights + the updates of records 1..k (+ AWD after each), which is
-all that replay, resume and distributed catch-up ever need.
+all that replay, resume, evaluation and distributed catch-up ever need: they all go
+through `apply_record` and `restore` here, and checkpoints are only a cache of the log.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from esft.io import append_jsonl, read_jsonl
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from esft import es
+from esft.anchor import AnchorFile, anchor_and_drift
+from esft.config import ESConfig
+from esft.io import append_jsonl, read_jsonl, write_dir_atomic, write_text_atomic
+
+if TYPE_CHECKING:
+    from esft.params import WeightState
 
 SEEDLOG = "seedlog.jsonl"
+CONFIG_FILE = "config.yaml"
+ANCHOR_FILE = "theta0.safetensors"
+METRICS_FILE = "metrics.jsonl"
+STATE_FILE = "esft_state.json"
 
 
 @dataclass
@@ -69,3 +84,127 @@ class SeedLog:
 
     def append(self, record: IterationRecord) -> None:
         append_jsonl(self.path, record.to_json())
+
+
+# ------------------------------------------------------------------------ weights
+def apply_record(
+    state: WeightState, record: IterationRecord, config: ESConfig, anchor: AnchorFile | None,
+    compute_drift: bool = True,
+) -> tuple[float, float | None]:
+    """Apply one logged iteration to the weights: the update, then AWD.
+
+    Training, replay and Ray workers all call this, so a replay repeats the same
+    operations in the same order and reaches the same bits. Returns (‖Δθ‖, ‖θ − θ₀‖ or None).
+    """
+    update_norm = 0.0
+    if record.coefficients is not None:
+        scale = es.update_scale(config.learning_rate, config.population_size)
+        update_norm = state.apply_update(record.seeds, record.coefficients, scale)
+    penalty = config.awd if record.coefficients is not None else "none"
+    drift = None
+    if anchor is not None and (compute_drift or penalty != "none"):
+        drift = anchor_and_drift(
+            state.items(), anchor, penalty, config.awd_step, config.awd_huber_delta
+        )
+        state.sync_rest()
+    return update_norm, drift
+
+
+# -------------------------------------------------------------------- checkpoints
+def checkpoint_steps(run_dir: str | Path) -> list[int]:
+    """Iterations of the complete `checkpoint-<k>/` directories (written atomically, so present = complete)."""
+    steps = []
+    for p in Path(run_dir).iterdir():
+        name, _, k = p.name.partition("-")
+        if name == "checkpoint" and k.isdigit() and p.is_dir():
+            steps.append(int(k))
+    return sorted(steps)
+
+
+def load_checkpoint_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no safetensors weights in {path}")
+    for f in files:
+        tensors.update(load_file(str(f)))
+    return tensors
+
+
+def save_hf_dir(path: str | Path, state: WeightState, tokenizer: Any, extra: dict[str, Any]) -> None:
+    """An HF directory (loadable by from_pretrained) holding the fp32 masters, atomically."""
+
+    def fill(tmp: Path) -> None:
+        state.model.save_pretrained(tmp, state_dict=state.state_dict())
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_text_atomic(tmp / STATE_FILE, yaml.safe_dump(extra))
+
+    write_dir_atomic(path, fill)
+
+
+# ------------------------------------------------------------------------- replay
+def restore(
+    state: WeightState, run_dir: str | Path, upto: int, records: list[IterationRecord], config: ESConfig,
+    anchor: AnchorFile | None, current: int = 0, use_checkpoints: bool = True, progress: bool = False,
+) -> int:
+    """Bring `state` from the weights after iteration `current` to those after `upto`.
+
+    Jumps to the latest checkpoint in (current, upto] (a cache of the log, bitwise equal
+    to its replay) unless `use_checkpoints` is off, then replays the remaining records.
+    Resume, `esft replay`, evaluation and drift all rebuild weights through here.
+    Returns the number of records replayed.
+    """
+    if not current <= upto <= len(records):
+        raise ValueError(f"cannot restore iteration {upto} from iteration {current} with {len(records)} records")
+    usable = [k for k in checkpoint_steps(run_dir) if current < k <= upto] if use_checkpoints else []
+    if usable:
+        current = usable[-1]
+        state.load_masters(load_checkpoint_tensors(Path(run_dir) / f"checkpoint-{current}"))
+    todo = records[current:upto]
+    for rec in tqdm(todo, desc="replaying seed log", disable=not progress or not todo, leave=False):
+        apply_record(state, rec, config, anchor, compute_drift=False)
+    return len(todo)
+
+
+def open_replay(
+    run_dir: str | Path, upto: int, model: str | None = None, device: str = "auto"
+) -> tuple[ESConfig, WeightState, Any, list[IterationRecord], AnchorFile | None]:
+    """The base model of an ES run, ready to replay its records up to iteration `upto`.
+
+    Returns (config, weight state at iteration 0, tokenizer, records, anchor); shared by
+    `replay` and evaluation's forward walk so both rebuild weights the same way.
+    """
+    from esft.models import load_model
+    from esft.params import WeightState
+
+    run_dir = Path(run_dir)
+    config_path = run_dir / CONFIG_FILE
+    if not config_path.exists():
+        raise ValueError(f"{run_dir} is not an esft run directory (no {CONFIG_FILE})")
+    cfg = ESConfig.from_yaml(config_path)
+    records = SeedLog(run_dir).records()
+    if not 0 <= upto <= len(records):
+        raise ValueError(f"iteration {upto} is out of range: {run_dir} has iterations 0..{len(records)}")
+    anchor_path = run_dir / ANCHOR_FILE
+    anchor = AnchorFile(anchor_path) if anchor_path.exists() else None
+    if anchor is None and cfg.awd != "none" and upto > 0:
+        raise ValueError(f"{anchor_path} is missing; AWD runs need θ₀ to replay")
+    net, tokenizer = load_model(model or cfg.model, cfg.torch_dtype, device if device != "auto" else cfg.device)
+    state = WeightState.from_config(net, cfg)
+    return cfg, state, tokenizer, records, anchor
+
+
+def replay(
+    run_dir: str | Path, iteration: int, model: str | None = None, device: str = "auto", use_checkpoints: bool = False,
+) -> tuple[WeightState, Any]:
+    """Weights after `iteration` (0 = base) rebuilt from the base model and the seed log.
+
+    By default every record is replayed from the base model, which is what makes a replay
+    an audit of the checkpoints; `use_checkpoints` starts from the latest one instead.
+    """
+    cfg, state, tokenizer, records, anchor = open_replay(run_dir, iteration, model, device)
+    restore(state, run_dir, iteration, records, cfg, anchor, use_checkpoints=use_checkpoints, progress=True)
+    return state, tokenizer

@@ -19,20 +19,26 @@ import yaml
 from tqdm.auto import tqdm
 
 from esft import es
-from esft.anchor import AnchorFile, anchor_and_drift
+from esft.anchor import AnchorFile
 from esft.config import ESConfig
 from esft.engine import HFEngine
-from esft.io import ensure_writable_dir, read_jsonl, write_dir_atomic, write_text_atomic
+from esft.io import ensure_writable_dir, read_jsonl, write_text_atomic
 from esft.params import WeightState
 from esft.reporting import MetricsWriter
 from esft.rewards import RewardStats
-from esft.seedlog import IterationRecord, SeedLog
+from esft.seedlog import (
+    ANCHOR_FILE,
+    CONFIG_FILE,
+    METRICS_FILE,
+    IterationRecord,
+    SeedLog,
+    apply_record,
+    restore,
+    save_hf_dir,
+)
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.yaml"
-ANCHOR_FILE = "theta0.safetensors"
-STATE_FILE = "esft_state.json"
 
 
 class TrainerCallback:
@@ -43,54 +49,6 @@ class TrainerCallback:
     def on_iteration_end(self, trainer: ESTrainer, metrics: dict[str, Any]) -> None: ...
 
     def on_train_end(self, trainer: ESTrainer) -> None: ...
-
-
-# ------------------------------------------------------------------------ weights
-def apply_record(
-    state: WeightState, record: IterationRecord, config: ESConfig, anchor: AnchorFile | None,
-    compute_drift: bool = True,
-) -> tuple[float, float | None]:
-    """Apply one logged iteration to the weights: the update, then AWD.
-
-    Training and replay both call this, so a replay repeats the same operations in the
-    same order and reaches the same bits. Returns (‖Δθ‖, ‖θ − θ₀‖ or None).
-    """
-    update_norm = 0.0
-    if record.coefficients is not None:
-        scale = es.update_scale(config.learning_rate, config.population_size)
-        update_norm = state.apply_update(record.seeds, record.coefficients, scale)
-    penalty = config.awd if record.coefficients is not None else "none"
-    drift = None
-    if anchor is not None and (compute_drift or penalty != "none"):
-        drift = anchor_and_drift(
-            state.items(), anchor, penalty, config.awd_step, config.awd_huber_delta
-        )
-        state.sync_rest()
-    return update_norm, drift
-
-
-def load_checkpoint_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    tensors: dict[str, torch.Tensor] = {}
-    files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no safetensors weights in {path}")
-    for f in files:
-        tensors.update(load_file(str(f)))
-    return tensors
-
-
-def save_hf_dir(path: str | Path, state: WeightState, tokenizer, extra: dict[str, Any]) -> None:
-    """An HF directory (loadable by from_pretrained) holding the fp32 masters, atomically."""
-
-    def fill(tmp: Path) -> None:
-        state.model.save_pretrained(tmp, state_dict=state.state_dict())
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        write_text_atomic(tmp / STATE_FILE, yaml.safe_dump(extra))
-
-    write_dir_atomic(path, fill)
 
 
 # ------------------------------------------------------------------------ trainer
@@ -210,14 +168,11 @@ class ESTrainer:
 
     def _restore_from(self, records: list[IterationRecord]) -> None:
         """Rebuild the weights after the last logged iteration: checkpoint + replay."""
-        usable = [k for k in checkpoint_steps(self.run_dir) if k <= len(records)]
-        start = usable[-1] if usable else 0
-        if start:
-            self.state.load_masters(load_checkpoint_tensors(self.run_dir / f"checkpoint-{start}"))
-        for rec in tqdm(records[start:], desc="replaying seed log", disable=self.args.disable_tqdm or len(records) == start):
-            apply_record(self.state, rec, self.args, self.anchor, compute_drift=False)
+        replayed = restore(self.state, self.run_dir, len(records), records, self.args, self.anchor,
+                           progress=not self.args.disable_tqdm)
         self.iteration = len(records)
-        log.info("resumed after iteration %d (checkpoint %d + %d replayed)", self.iteration, start, len(records) - start)
+        log.info("resumed after iteration %d (checkpoint %d + %d replayed)", self.iteration,
+                 self.iteration - replayed, replayed)
 
     # --------------------------------------------------------------------- train
     def train(self) -> list[dict[str, Any]]:
@@ -234,9 +189,9 @@ class ESTrainer:
         except BaseException:
             self.population.close()
             raise
-        self.history = [m for m in read_jsonl(self.run_dir / "metrics.jsonl", repair=True) if m.get("iteration", 0) <= self.iteration]
+        self.history = [m for m in read_jsonl(self.run_dir / METRICS_FILE, repair=True) if m.get("iteration", 0) <= self.iteration]
         if records:
-            write_text_atomic(self.run_dir / "metrics.jsonl", "".join(_json_line(m) for m in self.history))
+            write_text_atomic(self.run_dir / METRICS_FILE, "".join(_json_line(m) for m in self.history))
         writer = MetricsWriter(self.run_dir, cfg.report_to, cfg.to_dict())
         for cb in self.callbacks:
             cb.on_train_begin(self)
@@ -348,16 +303,6 @@ class ESTrainer:
         return path
 
 
-def checkpoint_steps(run_dir: str | Path) -> list[int]:
-    """Iterations of the complete `checkpoint-<k>/` directories (written atomically, so present = complete)."""
-    steps = []
-    for p in Path(run_dir).iterdir():
-        name, _, k = p.name.partition("-")
-        if name == "checkpoint" and k.isdigit() and p.is_dir():
-            steps.append(int(k))
-    return sorted(steps)
-
-
 def _json_line(d: dict[str, Any]) -> str:
     import json
 
@@ -375,39 +320,4 @@ def _format_metrics(m: dict[str, Any]) -> str:
     )
 
 
-def open_replay(
-    run_dir: str | Path, upto: int, model: str | None = None, device: str = "auto"
-) -> tuple[ESConfig, WeightState, Any, list[IterationRecord], AnchorFile | None]:
-    """The base model of an ES run, ready to replay its records up to iteration `upto`.
-
-    Returns (config, weight state at iteration 0, tokenizer, records, anchor); shared by
-    `replay` and evaluation's forward walk so both rebuild weights the same way.
-    """
-    from esft.models import load_model
-
-    run_dir = Path(run_dir)
-    config_path = run_dir / CONFIG_FILE
-    if not config_path.exists():
-        raise ValueError(f"{run_dir} is not an esft run directory (no {CONFIG_FILE})")
-    cfg = ESConfig.from_yaml(config_path)
-    records = SeedLog(run_dir).records()
-    if not 0 <= upto <= len(records):
-        raise ValueError(f"iteration {upto} is out of range: {run_dir} has iterations 0..{len(records)}")
-    anchor_path = run_dir / ANCHOR_FILE
-    anchor = AnchorFile(anchor_path) if anchor_path.exists() else None
-    if anchor is None and cfg.awd != "none" and upto > 0:
-        raise ValueError(f"{anchor_path} is missing; AWD runs need θ₀ to replay")
-    net, tokenizer = load_model(model or cfg.model, cfg.torch_dtype, device if device != "auto" else cfg.device)
-    state = WeightState.from_config(net, cfg)
-    return cfg, state, tokenizer, records, anchor
-
-
-def replay(run_dir: str | Path, iteration: int, model: str | None = None, device: str = "auto") -> tuple[WeightState, Any]:
-    """Weights after `iteration` (0 = base) rebuilt from the base model and the seed log."""
-    cfg, state, tokenizer, records, anchor = open_replay(run_dir, iteration, model, device)
-    for rec in tqdm(records[:iteration], desc="replay", disable=iteration == 0):
-        apply_record(state, rec, cfg, anchor, compute_drift=False)
-    return state, tokenizer
-
-
-__all__ = ["ESTrainer", "TrainerCallback", "apply_record", "replay", "save_hf_dir"]
+__all__ = ["ESTrainer", "TrainerCallback"]

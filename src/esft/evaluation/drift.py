@@ -221,7 +221,7 @@ def drift_report(
     from esft.anchor import AnchorFile
     from esft.evaluation.runs import RunView
     from esft.models import load_model, resolve_device, resolve_dtype
-    from esft.trainer import ANCHOR_FILE
+    from esft.seedlog import ANCHOR_FILE
 
     taus = tuple(taus)
     run = RunView.open(run_dir)

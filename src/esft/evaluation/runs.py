@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from esft.seedlog import SeedLog
+from esft.seedlog import CONFIG_FILE, SEEDLOG, SeedLog, checkpoint_steps, open_replay, restore
 
 
 @dataclass
@@ -32,12 +32,10 @@ class RunView:
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
             raise ValueError(f"run directory {run_dir} does not exist")
-        cfg_path = run_dir / "config.yaml"
+        cfg_path = run_dir / CONFIG_FILE
         config = yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else {}
-        if (run_dir / "seedlog.jsonl").exists() and config:
+        if (run_dir / SEEDLOG).exists() and config:
             return cls(run_dir, "es", str(config.get("model", "embedded")), config)
-        from esft.trainer import checkpoint_steps
-
         if checkpoint_steps(run_dir):
             base = config.get("model") or _base_from_checkpoints(run_dir)
             if base is None:
@@ -56,8 +54,6 @@ class RunView:
         """All iterations whose weights can be produced (0 = the base model)."""
         if self.kind == "es":
             return list(range(len(SeedLog(self.run_dir).records()) + 1))
-        from esft.trainer import checkpoint_steps
-
         return [0, *checkpoint_steps(self.run_dir)]
 
     def select(self, iterations: list[int] | None = None, every: int | None = None) -> list[int]:
@@ -89,25 +85,12 @@ class RunView:
 
         iterations = sorted(iterations)
         if self.kind == "es":
-            from esft.trainer import (
-                apply_record,
-                checkpoint_steps,
-                load_checkpoint_tensors,
-                open_replay,
-            )
-
             cfg, state, tokenizer, records, anchor = open_replay(self.run_dir, iterations[-1], device=device)
-            checkpoints = checkpoint_steps(self.run_dir)
             done = 0
             for k in iterations:
-                # Checkpoints are a cache of the log (bitwise equal to its replay): jump to
-                # the latest one on the way instead of regenerating its K·N noise tensors.
-                usable = [j for j in checkpoints if done < j <= k]
-                if usable:
-                    state.load_masters(load_checkpoint_tensors(self.run_dir / f"checkpoint-{usable[-1]}"))
-                    done = usable[-1]
-                for rec in records[done:k]:
-                    apply_record(state, rec, cfg, anchor, compute_drift=False)
+                # Checkpoints are a cache of the log (bitwise equal to its replay): `restore`
+                # jumps to the latest one on the way instead of regenerating its K·N noise tensors.
+                restore(state, self.run_dir, k, records, cfg, anchor, current=done)
                 done = k
                 yield k, state.model, tokenizer
             return
