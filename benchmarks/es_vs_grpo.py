@@ -99,8 +99,9 @@ class BudgetClock:
 
 
 def train_es(run_dir: Path, budget_s: float, awd: bool) -> dict[str, Any]:
+    from esft.callbacks import TrainerCallback
     from esft.config import ESConfig
-    from esft.trainer import ESTrainer, TrainerCallback
+    from esft.trainer import ESTrainer
 
     clock = BudgetClock(budget_s)
 

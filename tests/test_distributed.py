@@ -11,9 +11,10 @@ import pytest
 import torch
 from helpers import TINY, assert_bitwise_equal, tiny_cli_args
 
+from esft.callbacks import TrainerCallback
 from esft.config import ESConfig
 from esft.seedlog import SEEDLOG, load_checkpoint_tensors
-from esft.trainer import ESTrainer, TrainerCallback
+from esft.trainer import ESTrainer
 
 ray = pytest.importorskip("ray")
 from esft import distributed  # noqa: E402

@@ -6,11 +6,15 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # Import the trainer lazily: `import esft` should not pay for torch + transformers.
-    if name in ("ESTrainer", "TrainerCallback"):
-        from esft import trainer
+    # Import lazily: `import esft` should not pay for torch + transformers.
+    if name == "ESTrainer":
+        from esft.trainer import ESTrainer
 
-        return getattr(trainer, name)
+        return ESTrainer
+    if name == "TrainerCallback":
+        from esft.callbacks import TrainerCallback
+
+        return TrainerCallback
     raise AttributeError(name)
 
 

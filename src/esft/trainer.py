@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from esft import es
 from esft.anchor import AnchorFile
+from esft.callbacks import EvalCallback, TrainerCallback
 from esft.config import ESConfig
 from esft.engine import HFEngine
 from esft.io import ensure_writable_dir, read_jsonl, write_text_atomic
@@ -39,16 +40,6 @@ from esft.seedlog import (
 
 log = logging.getLogger(__name__)
 
-
-
-class TrainerCallback:
-    """Hooks into training; override what you need (TRL/transformers-style)."""
-
-    def on_train_begin(self, trainer: ESTrainer) -> None: ...
-
-    def on_iteration_end(self, trainer: ESTrainer, metrics: dict[str, Any]) -> None: ...
-
-    def on_train_end(self, trainer: ESTrainer) -> None: ...
 
 
 # ------------------------------------------------------------------------ trainer
@@ -79,8 +70,6 @@ class ESTrainer:
             torch.set_num_threads(cfg.num_threads)
         self.callbacks = list(callbacks)
         if cfg.eval_tasks:
-            from esft.evaluation.callback import EvalCallback
-
             self.callbacks.append(EvalCallback(
                 [t.strip() for t in cfg.eval_tasks.split(",") if t.strip()], cfg.eval_steps, cfg.eval_limit,
                 cfg.eval_max_new_tokens, cfg.generation_batch_size, cfg.data_dir,
@@ -320,4 +309,4 @@ def _format_metrics(m: dict[str, Any]) -> str:
     )
 
 
-__all__ = ["ESTrainer", "TrainerCallback"]
+__all__ = ["ESTrainer"]

@@ -1,20 +1,35 @@
-"""Evaluation during training: the same rows `esft eval --run` writes, at every k iterations."""
+"""Training callbacks (TRL/transformers-style hooks) and the built-in ones.
+
+The trainer calls `on_train_begin`, `on_iteration_end` and `on_train_end` on each
+callback; nothing here imports the trainer, so evaluation and user code can hook into
+training without an import cycle.
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
 from typing import Any
 
-from esft.evaluation.accuracy import FORGETTING_FILE, evaluate_model, load_tasks
-from esft.io import append_jsonl, read_jsonl
-from esft.trainer import TrainerCallback
+log = logging.getLogger(__name__)
+
+
+class TrainerCallback:
+    """Hooks into training; override what you need. `trainer` is the running ESTrainer."""
+
+    def on_train_begin(self, trainer: Any) -> None: ...
+
+    def on_iteration_end(self, trainer: Any, metrics: dict[str, Any]) -> None: ...
+
+    def on_train_end(self, trainer: Any) -> None: ...
 
 
 class EvalCallback(TrainerCallback):
     """Scores the unperturbed weights at iteration 0 and every `every` iterations.
 
-    Rows land in `<output_dir>/eval/forgetting.jsonl`, so `esft report` reads them exactly
-    like a post-hoc evaluation, and a resumed run skips what is already there.
+    Rows land in `<output_dir>/eval/forgetting.jsonl`, exactly the rows `esft eval --run`
+    writes (`esft.evaluation.accuracy`), so `esft report` reads both alike and a resumed
+    run skips what is already there.
     """
 
     def __init__(self, tasks: list[str], every: int, limit: int | None, max_new_tokens: int,
@@ -28,6 +43,8 @@ class EvalCallback(TrainerCallback):
         self.tasks: list[Any] = []
 
     def on_train_begin(self, trainer: Any) -> None:
+        from esft.evaluation.accuracy import FORGETTING_FILE, load_tasks
+
         self.tasks = load_tasks(self.task_names, self.data_dir)
         self.path = trainer.run_dir / "eval" / FORGETTING_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -39,6 +56,9 @@ class EvalCallback(TrainerCallback):
             self._evaluate(trainer, k)
 
     def _evaluate(self, trainer: Any, iteration: int) -> None:
+        from esft.evaluation.accuracy import evaluate_model
+        from esft.io import append_jsonl, read_jsonl
+
         done = {(r["iteration"], r["task"]) for r in read_jsonl(self.path, repair=True)}
         pending = [t for t in self.tasks if (iteration, t.name) not in done]
         if not pending:
@@ -49,5 +69,7 @@ class EvalCallback(TrainerCallback):
         for r in results:
             append_jsonl(self.path, {"iteration": iteration, **asdict(r), "limit": self.limit,
                                      "max_new_tokens": self.max_new_tokens})
-        trainer_log = " ".join(f"{r.task}={r.accuracy:.3f}" for r in results)
-        print(f"eval @ iteration {iteration}: {trainer_log}")
+        log.info("eval @ iteration %d: %s", iteration, " ".join(f"{r.task}={r.accuracy:.3f}" for r in results))
+
+
+__all__ = ["EvalCallback", "TrainerCallback"]
