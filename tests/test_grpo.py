@@ -109,7 +109,7 @@ def test_reward_is_the_task_reward_through_the_trl_adapter(monkeypatch, embedded
 
 
 def test_trl_adapter_scores_a_raising_reward_zero_instead_of_stopping(caplog) -> None:
-    from esft.tasks import as_reward_func
+    from esft.rewards import as_reward_func
     from esft.tasks.base import BaseTask
 
     class Fragile(BaseTask):

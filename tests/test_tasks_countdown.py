@@ -10,7 +10,8 @@ from collections import Counter
 import pytest
 from helpers import SHARED_DATA
 
-from esft.tasks import as_reward_func, get_task
+from esft.rewards import as_reward_func
+from esft.tasks import get_task
 from esft.tasks.arith import numbers_in, safe_eval
 from esft.tasks.countdown import (
     PREFILL,

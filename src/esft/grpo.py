@@ -6,7 +6,7 @@ trainer, unchanged; this module only adapts the inputs and the outputs:
 
 - prompts are the task's chat messages rendered exactly as ES renders them (chat
   template + assistant prefill, see `HFEngine.prompt_text`), and the reward is the task's
-  `reward` through the TRL adapter (`esft.tasks.as_reward_func`), as in ES training;
+  `reward` through the TRL adapter (`esft.rewards.as_reward_func`), as in ES training;
 - the run directory holds `config.yaml` (`trainer: grpo`, the base `model`, the `task`,
   every GRPOConfig field), `metrics.jsonl` (one line per logged step, TRL's metric names
   plus `iteration` and `reward/mean|std`), HF checkpoints `checkpoint-<step>/` written
@@ -210,7 +210,7 @@ def task_dataset(task: Any, examples: list[dict[str, Any]], tokenizer: Any) -> A
 
 def task_reward_func(task: Any) -> Any:
     """The task's reward in TRL's signature, fed the examples stored in `EXAMPLE_COLUMN`."""
-    from esft.tasks import as_reward_func
+    from esft.rewards import as_reward_func
 
     adapter = as_reward_func(task)
 

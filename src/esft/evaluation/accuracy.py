@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from esft.engine import HFEngine
 from esft.io import append_jsonl, read_jsonl, write_text_atomic
+from esft.tasks.base import Task
 
 FORGETTING_FILE = "forgetting.jsonl"
 
@@ -34,17 +35,15 @@ class TaskResult:
     tokens_per_second: float
 
 
-def _call(task: Any, method: str, *args: Any) -> Any:
-    fn = getattr(task, method, None)
-    if fn is None:
-        return None
+def _safe(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args), or None if it raises: grading helpers must never stop an evaluation."""
     try:
         return fn(*args)
-    except Exception:  # noqa: BLE001 - extraction helpers must never stop an evaluation
+    except Exception:  # noqa: BLE001 - a task's helper failing on odd output is that sample's problem
         return None
 
 
-def evaluate_task(engine: HFEngine, task: Any, examples: list[dict]) -> tuple[TaskResult, list[dict]]:
+def evaluate_task(engine: HFEngine, task: Task, examples: list[dict]) -> tuple[TaskResult, list[dict]]:
     """Greedy completions for `examples`, scored with the task's `is_correct`."""
     conversations = [task.messages(e) for e in examples]
     prompts = engine.encode(conversations)
@@ -55,17 +54,16 @@ def evaluate_task(engine: HFEngine, task: Any, examples: list[dict]) -> tuple[Ta
     correct = 0
     strict: list[bool] = []
     for conv, ex, g in zip(conversations, examples, gens):
-        ok = bool(_call(task, "is_correct", g.text, ex))
+        ok = bool(_safe(task.is_correct, g.text, ex))
         correct += ok
-        s = _call(task, "strict_format", g.text)
+        s = _safe(task.strict_format, g.text)
         if s is not None:
             strict.append(bool(s))
-        gold = _call(task, "gold", ex)
         samples.append({
             "prompt": engine.prompt_text(conv),
             "completion": g.text,
-            "extracted": _call(task, "extract", g.text),
-            "gold": gold if gold is not None else ex.get("target", ex.get("answer")),
+            "extracted": _safe(task.extract, g.text),
+            "gold": _safe(task.gold, ex),
             "correct": ok,
             "tokens": g.num_tokens,
         })

@@ -7,25 +7,28 @@ asked for, so naming one task never pays for the others' imports.
 
 from __future__ import annotations
 
+import importlib
 import os
 
-from esft.tasks.base import BaseTask, Task, as_reward_func
+from esft.tasks.base import BaseTask, Task
 
-_BUILTINS = (
-    "conciseness",
-    "countdown",
-    "gsm8k",
-    "proofwriter",
-    "hellaswag",
-    "piqa",
-    "arc_challenge",
-    "mmlu_pro",
-)
+#: Built-in tasks: name -> "module:Class". Data, not code: modules are imported only when
+#: their task is asked for, so naming one task never pays for the others' imports.
+BUILTIN_TASKS: dict[str, str] = {
+    "conciseness": "esft.tasks.conciseness:ConcisenessTask",
+    "countdown": "esft.tasks.countdown:CountdownTask",
+    "gsm8k": "esft.tasks.gsm8k:GSM8KTask",
+    "proofwriter": "esft.tasks.proofwriter:ProofWriterTask",
+    "hellaswag": "esft.tasks.hellaswag:HellaSwagTask",
+    "piqa": "esft.tasks.piqa:PIQATask",
+    "arc_challenge": "esft.tasks.arc:ARCChallengeTask",
+    "mmlu_pro": "esft.tasks.mmlu_pro:MMLUProTask",
+}
 
 
 def available_tasks() -> list[str]:
     """Names `get_task` accepts besides the `module:function` form."""
-    return list(_BUILTINS)
+    return list(BUILTIN_TASKS)
 
 
 def get_task(
@@ -57,43 +60,15 @@ def get_task(
                 "(a .jsonl/.json/.parquet/.csv file or a Hugging Face hub id)"
             )
         return CustomTask(name, dataset)
-    key = name.strip().lower()
-    if key == "countdown":
-        from esft.tasks.countdown import CountdownTask
-
-        return CountdownTask(data_dir, seed=seed, prefill=prefill)
-    if key == "conciseness":
-        from esft.tasks.conciseness import ConcisenessTask
-
-        return ConcisenessTask()
-    if key == "gsm8k":
-        from esft.tasks.gsm8k import GSM8KTask
-
-        return GSM8KTask(data_dir)
-    if key == "proofwriter":
-        from esft.tasks.proofwriter import ProofWriterTask
-
-        return ProofWriterTask(data_dir)
-    if key == "hellaswag":
-        from esft.tasks.hellaswag import HellaSwagTask
-
-        return HellaSwagTask(data_dir)
-    if key == "piqa":
-        from esft.tasks.piqa import PIQATask
-
-        return PIQATask(data_dir)
-    if key == "arc_challenge":
-        from esft.tasks.arc import ARCChallengeTask
-
-        return ARCChallengeTask(data_dir)
-    if key == "mmlu_pro":
-        from esft.tasks.mmlu_pro import MMLUProTask
-
-        return MMLUProTask(data_dir)
-    raise ValueError(
-        f"unknown task {name!r}; available tasks: {', '.join(available_tasks())}, "
-        "or 'module:function' for a custom TRL-style reward (with --dataset)"
-    )
+    target = BUILTIN_TASKS.get(name.strip().lower())
+    if target is None:
+        raise ValueError(
+            f"unknown task {name!r}; available tasks: {', '.join(available_tasks())}, "
+            "or 'module:function' for a custom TRL-style reward (with --dataset)"
+        )
+    module, _, cls_name = target.partition(":")
+    cls = getattr(importlib.import_module(module), cls_name)
+    return cls.from_options(data_dir=data_dir, seed=seed, prefill=prefill)
 
 
-__all__ = ["BaseTask", "Task", "as_reward_func", "available_tasks", "get_task"]
+__all__ = ["BUILTIN_TASKS", "BaseTask", "Task", "available_tasks", "get_task"]

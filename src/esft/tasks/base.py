@@ -6,7 +6,6 @@ plain dicts; each task documents its fields.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -17,7 +16,11 @@ RewardFunc = Callable[..., list[float]]
 
 @runtime_checkable
 class Task(Protocol):
-    """What the trainer and the evaluation need from a task."""
+    """Everything the trainer, the population, evaluation and GRPO call on a task.
+
+    `BaseTask` implements the optional parts (`rewards`, `extract`, `gold`,
+    `strict_format`), so a task only writes what it has.
+    """
 
     name: str
 
@@ -33,17 +36,38 @@ class Task(Protocol):
         """Training reward of one completion (never raises on model output)."""
         ...
 
+    def rewards(self, completions: list[str], examples: list[Example]) -> list[float]:
+        """Training rewards of a batch (one call of a TRL-style function for custom tasks)."""
+        ...
+
     def is_correct(self, completion: str, example: Example) -> bool:
         """Accuracy under the task's answer-extraction rules."""
         ...
 
+    def extract(self, completion: str) -> str | None:
+        """The answer the grading rules read from `completion`, for sample logs (None: not defined)."""
+        ...
+
+    def gold(self, example: Example) -> Any:
+        """The correct answer, for sample logs."""
+        ...
+
+    def strict_format(self, completion: str) -> bool | None:
+        """Whether the output is exactly the requested answer; None where not measured."""
+        ...
+
 
 class BaseTask:
-    """Defaults shared by the built-in tasks: batched rewards and prefill handling."""
+    """Defaults shared by the built-in tasks: batched rewards, prefill, sample-log helpers."""
 
     name: str = "base"
     #: Text the assistant turn starts with; generation continues after it.
     prefill: str | None = None
+
+    @classmethod
+    def from_options(cls, *, data_dir: str | None = None, seed: int = 0, prefill: bool = True) -> BaseTask:
+        """Build the task from `get_task`'s options; each task takes the ones it uses."""
+        return cls()
 
     def load(self, split: str, limit: int | None = None) -> list[Example]:
         raise NotImplementedError
@@ -61,44 +85,11 @@ class BaseTask:
         """Rewards for a batch; custom tasks override this to call a TRL-style function."""
         return [self.reward(c, e) for c, e in zip(completions, examples)]
 
+    def extract(self, completion: str) -> str | None:
+        return None
 
-#: Keyword arguments TRL's GRPOTrainer passes to reward functions besides the dataset
-#: columns; they are not example fields.
-TRL_REWARD_EXTRAS = frozenset({"completion_ids", "trainer_state", "log_extra", "log_metric", "environments"})
+    def gold(self, example: Example) -> Any:
+        return example.get("target", example.get("answer"))
 
-
-def as_reward_func(task: Task) -> RewardFunc:
-    """Adapt a task to TRL's signature `f(prompts, completions, **columns) -> list[float]`.
-
-    The dataset columns are the example's fields, so `columns[k][i]` is example i's field k.
-    Completions may be strings or TRL's conversational form (a list of messages). Scoring
-    is ES training's own (`esft.rewards.score_completions`): a reward that raises or
-    returns NaN/inf scores that completion 0 instead of stopping the run.
-    """
-    from esft.rewards import RewardStats, score_completions
-
-    stats = RewardStats()
-
-    def reward_func(prompts: list[Any], completions: list[Any], **columns: Any) -> list[float]:
-        n = len(completions)
-        # TRL adds trainer_state, log_metric, ... beside the columns: only per-completion
-        # lists can be example fields.
-        fields = {
-            k: v for k, v in columns.items()
-            if k not in TRL_REWARD_EXTRAS and isinstance(v, (list, tuple)) and len(v) == n
-        }
-        texts = []
-        for completion in completions:
-            if isinstance(completion, list):
-                completion = completion[-1]["content"] if completion else ""
-            texts.append(completion)
-        examples = [{k: v[i] for k, v in fields.items()} for i in range(n)]
-        return score_completions(task, texts, examples, stats)
-
-    reward_func.__name__ = f"{task.name}_reward"
-    return reward_func
-
-
-def finite_or_zero(value: float) -> float:
-    """Reward helper: NaN/inf become 0 so one bad score cannot poison the z-scores."""
-    return value if math.isfinite(value) else 0.0
+    def strict_format(self, completion: str) -> bool | None:
+        return None

@@ -184,6 +184,10 @@ class CountdownTask(BaseTask):
         self.n_train = n_train
         self.n_test = n_test
 
+    @classmethod
+    def from_options(cls, *, data_dir: str | None = None, seed: int = 0, prefill: bool = True) -> CountdownTask:
+        return cls(data_dir, seed=seed, prefill=prefill)
+
     def load(self, split: str, limit: int | None = None) -> list[Example]:
         if split not in ("train", "test"):
             raise ValueError(f"unknown split {split!r}; countdown has 'train' and 'test'")

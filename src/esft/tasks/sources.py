@@ -188,6 +188,11 @@ class BenchmarkTask(BaseTask):
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self._cache: dict[str, list[Example]] = {}
 
+    @classmethod
+    def from_options(cls, *, data_dir: str | None = None, seed: int = 0, prefill: bool = True) -> BenchmarkTask:
+        # Fixed example subsets (not `seed`), so every run trains and evaluates on the same ones.
+        return cls(data_dir)
+
     def load(self, split: str, limit: int | None = None) -> list[Example]:
         if split not in ("train", "test"):
             raise ValueError(f"unknown split {split!r}; {self.name} has 'train' and 'test'")
