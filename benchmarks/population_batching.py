@@ -43,33 +43,30 @@ import torch
 
 def _population_pass(pop, state, engine, members, batch, examples, per_pass: int):
     """Generate and score `members` in passes of `per_pass`; (rewards, tokens, gen s, es s, texts)."""
-    from esft.population import generate_member, generate_members, score_member
+    from esft.es import balanced_groups
+    from esft.population import generate_group, score_group
 
     rewards, texts = [], []
     tokens, t_gen, t_es = 0, 0.0, 0.0
-    sizes = [1] * len(members) if per_pass == 1 else pop._batcher().group_sizes(len(members), per_pass)
+    sizes = [1] * len(members) if per_pass == 1 else balanced_groups(len(members), pop.max_group())
     start = 0
     for size in sizes:
         group = members[start : start + size]
-        start += size
-        if per_pass == 1:
-            gens, g, p = generate_member(state, engine, group[0], pop.cfg.sigma, batch)
-            per_member = [gens]
-        else:
-            per_member, g, p = generate_members(state, engine, group, pop.cfg.sigma, batch, pop._batcher())
+        per_member, g, p = generate_group(state, engine, pop.batcher, group, pop.cfg.sigma, batch)
         t_gen += g
         t_es += p
         for gens in per_member:
             tokens += sum(x.num_tokens for x in gens)
             texts.append([x.text for x in gens])
-            rewards.append(score_member(pop.task, gens, examples, pop.reward_stats))
+        rewards += [r.reward for r in score_group(pop.task, list(range(start, start + size)), per_member, examples, g, p)]
+        start += size
     return rewards, tokens, t_gen, t_es, texts, sizes
 
 
 def run_workload(workload: str, tokens: int, threads: int, rank: int, subset: dict[str, int]) -> list[dict]:
     from esft import es
+    from esft.batched import PopulationBatcher
     from esft.config import ESConfig
-    from esft.engine.batched import PopulationBatcher
     from esft.params import WeightState
     from esft.population import LocalPopulation
     from esft.trainer import ESTrainer
@@ -102,6 +99,7 @@ def run_workload(workload: str, tokens: int, threads: int, rank: int, subset: di
         snapshot = {name: m.clone() for name, m in trainer.state.items()}
         base_texts = None
         results = {}
+        previous_batcher = None
         for method in ("ideal", "one", "full", "full_bmm", "lowrank"):
             if method == "ideal":
                 engine.generate_ids(batch[:2], 2, copies=n)  # warm-up
@@ -113,12 +111,12 @@ def run_workload(workload: str, tokens: int, threads: int, rank: int, subset: di
                                        passes=f"1 x {n * p} rows", extrapolated=False)
                 continue
             state, mcfg = states[method]
+            batcher = None
             if method in ("full", "full_bmm"):
-                previous = getattr(state, "_population_batcher", None)
-                if previous is not None:
-                    previous.release()  # one stack of member weights at a time
-                state._population_batcher = PopulationBatcher(state, exact=method == "full")
-            pop = LocalPopulation(mcfg, state, engine, trainer.task, trainer.train_examples, prompts, trainer.reward_stats)
+                if previous_batcher is not None:
+                    previous_batcher.release()  # one stack of member weights at a time
+                batcher = previous_batcher = PopulationBatcher(state, exact=method == "full")
+            pop = LocalPopulation(mcfg, state, engine, trainer.task, trainer.train_examples, prompts, batcher)
             per_pass = mcfg.members_per_batch
             # Warm-up, untimed: allocates work buffers / stacked weights and first-touches them.
             k_warm = min(n, per_pass if per_pass > 1 else 1)

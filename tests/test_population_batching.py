@@ -7,8 +7,9 @@ import torch
 from helpers import TINY
 
 from esft import es
+from esft.batched import PopulationBatcher, default_memory_budget
 from esft.config import ESConfig
-from esft.engine.batched import PopulationBatcher, balanced_groups, default_memory_budget
+from esft.es import balanced_groups
 from esft.params import WeightState
 
 

@@ -1,8 +1,8 @@
 """Ray scale-out: population members scored by K actors, each a full model replica.
 
-What travels per iteration is O(N) numbers: the driver sends each actor
-(iteration, member index, seed, sign) per member (grouped with `--members_per_batch`) and
-gets back (reward, token count, timings);
+What travels per iteration is O(N) numbers: the driver plans the iteration once
+(`es.plan_iteration`) and sends an actor (iteration, prompt subset, [(member index, seed,
+sign)]) per group of the plan and gets back (reward, token count, timings) per member;
 after the update it broadcasts the seed-log record (seeds, coefficients) and every actor
 applies it with the same code as the driver (`seedlog.apply_record`), so no weights
 move in the steady state. The driver keeps its own replica on the same device type: it
@@ -33,17 +33,9 @@ import torch
 
 from esft import es
 from esft.config import ESConfig
-from esft.engine.batched import balanced_groups
-from esft.population import (
-    MemberResult,
-    PopulationResult,
-    generate_member,
-    generate_members,
-    population_batcher,
-    score_member,
-)
-from esft.rewards import RewardStats
-from esft.seedlog import ANCHOR_FILE, IterationRecord, apply_record
+from esft.params import WeightState
+from esft.population import MemberResult, PopulationResult, generate_group, max_group, score_group
+from esft.seedlog import IterationRecord, apply_record
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +81,6 @@ class ESWorker:
     ) -> None:
         from esft.engine import HFEngine
         from esft.models import load_model
-        from esft.params import WeightState
 
         if threads:
             torch.set_num_threads(threads)
@@ -105,7 +96,8 @@ class ESWorker:
         self.anchor = self._open_anchor(anchor_path) if self.cfg.awd != "none" else None
         self.iteration = 0
         self._lock = threading.Lock()
-        self._subsets: dict[int, list[int]] = {}
+        self._batcher = None
+        self._warned: set[str] = set()
 
     def _open_anchor(self, driver_path: str | None):
         """θ₀ for AWD: the driver's file when this node can see it, else written from the
@@ -131,20 +123,25 @@ class ESWorker:
             "max_group": self.max_group(),
         }
 
+    @property
+    def batcher(self):
+        """This replica's batched forward (`--members_per_batch`), built on first use."""
+        from esft.batched import PopulationBatcher
+
+        if self.cfg.members_per_batch == 1:
+            return None
+        if self._batcher is None:
+            self._batcher = PopulationBatcher(self.state)
+        return self._batcher
+
     def max_group(self) -> int:
         """Members one batched pass may hold here (memory-capped `members_per_batch`)."""
-        m = self.cfg.members_per_batch
-        return population_batcher(self.state).max_group(m) if m > 1 else 1
+        return max_group(self.cfg, self.batcher)
 
-    def _subset(self, iteration: int) -> list[int]:
-        if iteration not in self._subsets:
-            self._subsets = {iteration: es.prompt_subset(self.cfg.seed, iteration, len(self.prompts), self.cfg.prompts_per_step)}
-        return self._subsets[iteration]
-
-    def run_members(self, iteration: int, items: list[tuple[int, int, int]]) -> list[MemberResult]:
-        """Score members `(index, seed, sign)`: one at a time, or as one batched pass
-        (`--members_per_batch`); the driver sends groups the same size as in-process."""
-        subset = self._subset(iteration)
+    def run_members(self, iteration: int, subset: list[int] | None, items: list[tuple[int, int, int]]) -> list[MemberResult]:
+        """Score one group of the driver's plan, members `(index, seed, sign)`, on the plan's
+        prompt subset (None: every prompt): alone, or as one batched pass."""
+        subset = list(range(len(self.prompts))) if subset is None else subset
         batch = [self.prompts[i] for i in subset]
         members = [es.Member(seed, sign) for _, seed, sign in items]
         with self._lock:
@@ -154,23 +151,13 @@ class ESWorker:
                     f"{self.name} holds the weights after iteration {self.iteration}, "
                     f"asked to score members of iteration {iteration}"
                 )
-            if len(members) == 1 and self.cfg.members_per_batch == 1:
-                gens, t_gen, t_perturb = generate_member(self.state, self.engine, members[0], self.cfg.sigma, batch)
-                per_member = [gens]
-            else:
-                per_member, t_gen, t_perturb = generate_members(self.state, self.engine, members, self.cfg.sigma, batch)
-        results = []
-        share = 1.0 / len(members)  # a batched pass's time is shared evenly by its members
-        for (index, _, _), gens in zip(items, per_member):
-            stats = RewardStats()  # per call: two calls may score at once
-            reward = score_member(self.task, gens, [self.examples[i] for i in subset], stats)
-            results.append(MemberResult(
-                index, reward, sum(g.num_tokens for g in gens), len(gens), t_gen * share, t_perturb * share,
-                self.name, 0.0, stats.errors + stats.nonfinite,
-            ))
+            per_member, t_gen, t_perturb = generate_group(self.state, self.engine, self.batcher, members, self.cfg.sigma, batch)
+        # Scoring runs outside the lock, so it overlaps the next group's generation.
+        results = score_group(self.task, [i for i, _, _ in items], per_member, [self.examples[i] for i in subset],
+                              t_gen, t_perturb, self.name, self._warned)
         busy = time.perf_counter() - t0
         for r in results:
-            r.t_busy = busy * share
+            r.t_busy = busy / len(results)
         return results
 
     def apply(self, record: dict[str, Any], want_checksum: bool) -> str | None:
@@ -216,19 +203,27 @@ class WorkerHandle:
 
 
 class RayPopulation:
-    """Scores each iteration's members on Ray actors; same rewards as `LocalPopulation`."""
+    """Scores each iteration's plan on Ray actors; same rewards as `LocalPopulation`.
 
-    def __init__(self, trainer: Any, prompts: list[list[int]]) -> None:
+    `state` is the driver's own replica (checksums, and the weights a replacement actor
+    starts from); `model` is what actors load: a name (`embedded`, a hub id, a directory
+    every node sees) or a model object, shipped once.
+    """
+
+    def __init__(
+        self, cfg: ESConfig, state: WeightState, model: str | torch.nn.Module, tokenizer: Any, task: Any,
+        examples: list[Any], prompts: list[list[int]], anchor_path: str | os.PathLike[str] | None = None,
+    ) -> None:
         ray = require_ray()
         self.ray = ray
-        cfg: ESConfig = trainer.args
-        self.cfg, self.trainer = cfg, trainer
+        self.cfg, self.state = cfg, state
+        self.anchor_path = str(anchor_path) if anchor_path is not None else None
         self.num_prompts = len(prompts)
         self.hooks: list[Callable[[RayPopulation, int, MemberResult], None]] = []
         self.failures = 0
         self.restarts = 0
         self._next_id = 0
-        driver_device = trainer.state.masters[0].device.type
+        driver_device = state.masters[0].device.type
         self.device = driver_device if cfg.worker_device == "auto" else cfg.worker_device
         if self.device != driver_device:
             raise ValueError(
@@ -242,17 +237,15 @@ class RayPopulation:
         except ValueError:
             self.close()
             raise
-        if _is_loadable_name(trainer):
-            model: Any = trainer.model_name
-        else:  # a model object without a loadable name: ship a CPU copy once
+        if not isinstance(model, str):  # a model object without a loadable name: ship a CPU copy once
             import copy
 
-            model = self.ray.put(trainer.model if driver_device == "cpu" else copy.deepcopy(trainer.model).to("cpu"))
+            model = self.ray.put(model if driver_device == "cpu" else copy.deepcopy(model).to("cpu"))
         self._refs = {
             "model": model,
-            "tokenizer": ray.put(trainer.tokenizer),
-            "task": ray.put(trainer.task),
-            "examples": ray.put(trainer.train_examples),
+            "tokenizer": ray.put(tokenizer),
+            "task": ray.put(task),
+            "examples": ray.put(examples),
             "prompts": ray.put(prompts),
         }
         self._snap: tuple[int, str | None, Any] | None = None
@@ -280,8 +273,7 @@ class RayPopulation:
         cls = self.ray.remote(ESWorker).options(**self.options)
         actor = cls.remote(
             self.cfg.to_dict(), self._refs["model"], self._refs["tokenizer"], self._refs["task"],
-            self._refs["examples"], self._refs["prompts"], self.device, self._threads, name,
-            str(self.trainer.run_dir / ANCHOR_FILE),
+            self._refs["examples"], self._refs["prompts"], self.device, self._threads, name, self.anchor_path,
         )
         handle = WorkerHandle(name, actor, iteration=iteration)
         handle.expected, weights = self._snapshot(iteration, weights=iteration > 0)
@@ -301,10 +293,10 @@ class RayPopulation:
         Cached per iteration: weights are only shipped when a replica must catch up.
         """
         if self._snap is None or self._snap[0] != iteration:
-            checksum = self.trainer.state.checksum() if self.cfg.sync_check_steps else None
+            checksum = self.state.checksum() if self.cfg.sync_check_steps else None
             self._snap = (iteration, checksum, None)
         if weights and self._snap[2] is None:
-            masters = {n: m.detach().to("cpu", copy=True) for n, m in self.trainer.state.items()}
+            masters = {n: m.detach().to("cpu", copy=True) for n, m in self.state.items()}
             self._snap = (iteration, self._snap[1], self.ray.put(masters))
         return self._snap[1], self._snap[2]
 
@@ -358,20 +350,20 @@ class RayPopulation:
         )
 
     # --------------------------------------------------------------- iteration
-    def evaluate(self, iteration: int) -> PopulationResult:
-        ray, cfg = self.ray, self.cfg
+    def max_group(self) -> int:
+        """The smallest actor's memory-capped `members_per_batch`: the plan's groups then fit
+        every actor, and are the groups in-process scoring would use on the same device."""
+        if self.cfg.members_per_batch == 1:
+            return 1
+        return min(w.info.get("max_group", 1) for w in self.live_workers())
+
+    def score(self, plan: es.IterationPlan) -> PopulationResult:
+        ray = self.ray
+        iteration, population = plan.iteration, plan.members
+        # The full prompt list travels as None: a few bytes instead of one index per prompt.
+        subset = None if plan.subset == list(range(self.num_prompts)) else plan.subset
         t_start = time.perf_counter()
-        seeds = es.iteration_seeds(cfg.seed, iteration, cfg.num_seeds)
-        subset = es.prompt_subset(cfg.seed, iteration, self.num_prompts, cfg.prompts_per_step)
-        population = es.members(seeds, cfg.mirror_sampling)
-        # The same groups as in-process (`--members_per_batch`, capped by the smallest
-        # actor's memory), so batched members get the same bits wherever they run.
-        cap = min(w.info.get("max_group", 1) for w in self.live_workers()) if cfg.members_per_batch > 1 else 1
-        groups, start = [], 0
-        for size in balanced_groups(len(population), cap):
-            groups.append(list(range(start, start + size)))
-            start += size
-        pending = deque(groups)
+        pending = deque(plan.groups)
         results: dict[int, MemberResult] = {}
         inflight: dict[Any, tuple[str, list[int], float]] = {}  # ref -> (worker, members, submitted at)
         wire = 0
@@ -385,8 +377,8 @@ class RayPopulation:
                 while pending and sum(1 for v in inflight.values() if v[0] == w.name) < QUEUE_DEPTH:
                     group = pending.popleft()
                     items = [(i, population[i].seed, population[i].sign) for i in group]
-                    wire += len(pickle.dumps((iteration, items)))
-                    inflight[w.actor.run_members.remote(iteration, items)] = (w.name, group, time.perf_counter())
+                    wire += len(pickle.dumps((iteration, subset, items)))
+                    inflight[w.actor.run_members.remote(iteration, subset, items)] = (w.name, group, time.perf_counter())
             joining = {w.ready_ref: w for w in self.workers.values() if w.ready_ref is not None}
             if not inflight and not joining:
                 raise WorkersLostError(self._lost_message(iteration, "every actor died"))
@@ -423,7 +415,6 @@ class RayPopulation:
             w = self.workers.get(name)
             for res in batch_results:
                 results[res.index] = res
-                self.trainer.reward_stats.errors += res.reward_errors
                 if w is not None:
                     w.members += 1
                     w.tokens += res.tokens
@@ -432,13 +423,6 @@ class RayPopulation:
                 for hook in self.hooks:
                     hook(self, iteration, res)
         wall = time.perf_counter() - t_start
-        ordered = [results[i] for i in range(len(population))]
-        stats = {
-            "generation": sum(r.t_generation for r in ordered),
-            "perturb_restore": sum(r.t_perturb for r in ordered),
-            "tokens": sum(r.tokens for r in ordered),
-            "completions": sum(r.completions for r in ordered),
-        }
         metrics: dict[str, Any] = {
             "workers/live": len(self.live_workers()),
             "workers/failures": self.failures,
@@ -454,7 +438,7 @@ class RayPopulation:
                 metrics[f"workers/{w.name}/idle_s"] = max(0.0, wall - w.busy_s)
                 metrics[f"workers/{w.name}/busy_s"] = w.busy_s
                 metrics[f"workers/{w.name}/generation_s"] = w.gen_s
-        return PopulationResult(seeds, subset, [r.reward for r in ordered], stats, metrics)
+        return PopulationResult.from_members(list(results.values()), metrics)
 
     def begin_update(self, record: IterationRecord) -> None:
         """Send the record to every replica now, so they update while the driver does."""
@@ -492,7 +476,7 @@ class RayPopulation:
 
     def _check_sync(self, iteration: int, checksums: dict[str, str | None], expected: str | None = None) -> None:
         if expected is None:
-            expected = self.trainer.state.checksum()
+            expected = self.state.checksum()
         bad = [name for name, c in checksums.items() if c is not None and c != expected]
         if bad:
             labels = ", ".join(self.workers[n].label if n in self.workers else n for n in bad)
@@ -574,14 +558,6 @@ def actor_options(cfg: ESConfig, device: str, resources: dict[str, float]) -> di
             f"Ray cluster has {cpus:g}: lower --workers or --worker_threads"
         )
     return {"num_cpus": threads, "max_concurrency": 2, "max_restarts": 0}
-
-
-def _is_loadable_name(trainer: Any) -> bool:
-    """Actors load the model by name when it has one; otherwise it is shipped once."""
-    from pathlib import Path
-
-    name = trainer.model_name
-    return isinstance(name, str) and name != "custom" and (name == "embedded" or Path(name).exists() or "/" in name)
 
 
 def _short(err: Exception) -> str:

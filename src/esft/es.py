@@ -1,7 +1,11 @@
-"""The ES arithmetic that does not touch a model: seeds, reward shaping, coefficients.
+"""The ES arithmetic that does not touch a model: the plan of an iteration, reward shaping,
+coefficients.
 
-The update itself, θ ← θ + (α/N)·Σⱼ cⱼ·ε(seedⱼ), lives in `params.WeightState.apply_update`
-because it streams tensor by tensor; this module decides the seeds and the cⱼ.
+An iteration is planned once (`plan_iteration`: seeds, members, the prompt subset and the
+groups of members scored in one pass); a population only scores that plan, in-process or
+on Ray actors. The update itself, θ ← θ + (α/N)·Σⱼ cⱼ·ε(seedⱼ), lives in
+`params.WeightState.apply_update` because it streams tensor by tensor; this module decides
+the seeds and the cⱼ.
 """
 
 from __future__ import annotations
@@ -41,6 +45,49 @@ def members(seeds: list[int], mirror: bool) -> list[Member]:
     if mirror:
         return [Member(s, sign) for s in seeds for sign in (1, -1)]
     return [Member(s, 1) for s in seeds]
+
+
+def balanced_groups(n: int, cap: int) -> list[int]:
+    """Split n members into the fewest groups of at most `cap`, sizes differing by at most 1."""
+    if n <= 0:
+        return []
+    count = math.ceil(n / max(1, cap))
+    base, extra = divmod(n, count)
+    return [base + (1 if g < extra else 0) for g in range(count)]
+
+
+@dataclass(frozen=True)
+class IterationPlan:
+    """Everything that decides which members an iteration scores, and how they are grouped.
+
+    `groups` lists member indices scored in one pass (`--members_per_batch`); a group's
+    size changes how fast members are scored, never their rewards on CPU, and the same
+    plan is used in-process and on Ray actors so both get the same bits.
+    """
+
+    iteration: int
+    seeds: list[int]
+    members: list[Member]
+    subset: list[int]  # prompt indices every member sees
+    groups: list[list[int]]
+
+
+def plan_iteration(
+    run_seed: int, iteration: int, num_seeds: int, mirror: bool, num_prompts: int,
+    prompts_per_step: int | None, max_group: int = 1,
+) -> IterationPlan:
+    """The plan of `iteration`: a pure function of the run's seed and settings.
+
+    `max_group` is the most members one pass may hold (1: one member at a time), which the
+    population derives from `--members_per_batch` and its memory budget.
+    """
+    seeds = iteration_seeds(run_seed, iteration, num_seeds)
+    population = members(seeds, mirror)
+    groups, start = [], 0
+    for size in balanced_groups(len(population), max_group):
+        groups.append(list(range(start, start + size)))
+        start += size
+    return IterationPlan(iteration, seeds, population, prompt_subset(run_seed, iteration, num_prompts, prompts_per_step), groups)
 
 
 def normalize_rewards(rewards: list[float]) -> list[float] | None:

@@ -9,7 +9,7 @@ biases) keep ordinary full Gaussian noise: they are tiny, and a rank-r "vector" 
 single direction.
 
 Why: a batch of members then shares the base matmul, x(W + σε)ᵀ = xWᵀ + (σ/√r)(xB)Aᵀ, so M
-members cost one large matmul plus M thin ones (`esft.engine.batched`), and the update
+members cost one large matmul plus M thin ones (`esft.batched`), and the update
 Σⱼ cⱼ·εⱼ = A_cat·diag(c)·B_catᵀ/√r is one matmul per tensor, with no full matrix per member.
 
 Tied embeddings are one tensor with one (A, B): the lookup of token t adds row t of

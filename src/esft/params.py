@@ -159,7 +159,7 @@ class WeightState:
     def write_member(self, i: int, seed: int, sign: int, sigma: float, out: torch.Tensor) -> None:
         """Write tensor i of member (seed, sign), master + sign·σ·ε, into `out` (the model's dtype).
 
-        `perturb` and the batched forward (`esft.engine.batched`) both call this, so a member's
+        `perturb` and the batched forward (`esft.batched`) both call this, so a member's
         weights have the same bits whichever way it is evaluated.
         """
         name, master = self.names[i], self.masters[i]

@@ -1,28 +1,27 @@
-"""Scoring one ES population: the same code in-process and inside every Ray worker.
+"""Scoring an ES iteration's plan: the same code in-process and inside every Ray actor.
 
-A member is scored by pointing the weights at master + sign·σ·ε(seed), generating
-greedily for the iteration's prompts, restoring, then scoring the completions. Both
-`LocalPopulation` and the Ray workers (`esft.distributed`) call `generate_member` and
-`score_member`, so a member gets the same reward wherever it runs.
-
-With `--members_per_batch M` the in-process loop evaluates M members in one batched
-decoding pass (`generate_members`, `esft.engine.batched`); full-rank members get bitwise
-the rewards `generate_member` gives them one at a time.
+The ES side plans an iteration once (`es.plan_iteration`: seeds, members, the prompt
+subset, groups of members); a population only scores that plan and returns one
+`PopulationResult`. A member is scored by pointing the weights at master + sign·σ·ε(seed)
+(or, for a group, by the batched forward of `esft.batched`), generating greedily for the
+plan's prompts, restoring, then scoring the completions. `LocalPopulation` and the Ray
+actors (`esft.distributed`) both call `generate_group` and `score_group`, so a member gets
+the same reward, and reward errors are counted the same way, wherever it runs.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from esft import es
+from esft.batched import PopulationBatcher
 from esft.config import ESConfig
 from esft.engine import Generation, HFEngine
-from esft.engine.batched import PopulationBatcher
 from esft.params import WeightState
 from esft.rewards import RewardStats, score_completions
 from esft.seedlog import IterationRecord
@@ -45,13 +44,50 @@ class MemberResult:
 
 @dataclass
 class PopulationResult:
-    seeds: list[int]
-    subset: list[int]
+    """The scored plan: one reward per member, in member order, and what it cost."""
+
     rewards: list[float]
-    stats: dict[str, Any] = field(default_factory=dict)
+    reward_errors: int  # completions scored 0 because the reward raised or was not finite
+    stats: dict[str, Any] = field(default_factory=dict)  # generation, perturb_restore, tokens, completions
     metrics: dict[str, Any] = field(default_factory=dict)  # extra metrics (per-worker etc.)
 
+    @classmethod
+    def from_members(cls, results: list[MemberResult], metrics: dict[str, Any] | None = None) -> PopulationResult:
+        ordered = sorted(results, key=lambda r: r.index)
+        stats = {
+            "generation": sum(r.t_generation for r in ordered),
+            "perturb_restore": sum(r.t_perturb for r in ordered),
+            "tokens": sum(r.tokens for r in ordered),
+            "completions": sum(r.completions for r in ordered),
+        }
+        return cls([r.reward for r in ordered], sum(r.reward_errors for r in ordered), stats, metrics or {})
 
+
+class Population(Protocol):
+    """Where an iteration's members are scored: in this process or on Ray actors."""
+
+    def start(self, iteration: int) -> None:
+        """Bring replicas up to the driver's weights after `iteration` (0, or a resume)."""
+
+    def max_group(self) -> int:
+        """The most members one pass may hold (1: one at a time); the plan's groups obey it."""
+        ...
+
+    def score(self, plan: es.IterationPlan) -> PopulationResult:
+        """Score every member of `plan`; the weights end bitwise as they began."""
+        ...
+
+    def begin_update(self, record: IterationRecord) -> None:
+        """Hand the record to replicas so they update while the driver does."""
+
+    def after_update(self, record: IterationRecord) -> dict[str, Any]:
+        """Wait for the replicas' updates; returns metrics."""
+        ...
+
+    def close(self) -> None: ...
+
+
+# ----------------------------------------------------------------- member scoring
 def generate_member(
     state: WeightState, engine: HFEngine, member: es.Member, sigma: float, prompts: list[list[int]]
 ) -> tuple[list[Generation], float, float]:
@@ -71,18 +107,8 @@ def generate_member(
     return gens, t2 - t1, (t1 - t0) + (t3 - t2)
 
 
-def population_batcher(state: WeightState) -> PopulationBatcher:
-    """The batched-forward helper of `state`, built once (it probes and plans the model)
-    and kept with the state, so its member buffers are reused across iterations."""
-    batcher = getattr(state, "_population_batcher", None)
-    if batcher is None:
-        batcher = state._population_batcher = PopulationBatcher(state)  # type: ignore[attr-defined]
-    return batcher
-
-
 def generate_members(
-    state: WeightState, engine: HFEngine, members: list[es.Member], sigma: float, prompts: list[list[int]],
-    batcher: PopulationBatcher | None = None,
+    batcher: PopulationBatcher, engine: HFEngine, members: list[es.Member], sigma: float, prompts: list[list[int]],
 ) -> tuple[list[list[Generation]], float, float]:
     """Greedy completions of several members in one batched decoding loop.
 
@@ -91,7 +117,6 @@ def generate_members(
     touched. The caller keeps the group within `batcher.max_group(...)`: a full-rank member
     holds a copy of every trainable tensor while it is evaluated.
     """
-    batcher = batcher or population_batcher(state)
     t0 = time.perf_counter()
     with batcher.members(members, sigma):
         t1 = time.perf_counter()
@@ -102,78 +127,102 @@ def generate_members(
     return [gens[m * n : (m + 1) * n] for m in range(len(members))], t2 - t1, (t1 - t0) + (t3 - t2)
 
 
-def score_member(task: Any, gens: list[Generation], examples: list[Any], stats: RewardStats) -> float:
-    """The member's reward: the mean task reward of its completions (NaN/errors map to 0)."""
-    return float(np.mean(score_completions(task, [g.text for g in gens], examples, stats)))
+def generate_group(
+    state: WeightState, engine: HFEngine, batcher: PopulationBatcher | None, members: list[es.Member],
+    sigma: float, prompts: list[list[int]],
+) -> tuple[list[list[Generation]], float, float]:
+    """Completions of one group of the plan: one member alone, or a batched pass (with a batcher)."""
+    if batcher is None:
+        if len(members) != 1:
+            raise ValueError(f"a group of {len(members)} members needs a batcher (--members_per_batch)")
+        gens, t_gen, t_perturb = generate_member(state, engine, members[0], sigma, prompts)
+        return [gens], t_gen, t_perturb
+    return generate_members(batcher, engine, members, sigma, prompts)
 
 
+def score_member(task: Any, gens: list[Generation], examples: list[Any], warned: set[str] | None = None) -> tuple[float, int]:
+    """(the member's reward, completions scored 0): the mean task reward of its completions.
+
+    `warned` is shared across calls so each kind of reward failure is logged once per run.
+    """
+    stats = RewardStats(_seen=warned if warned is not None else set())
+    rewards = score_completions(task, [g.text for g in gens], examples, stats)
+    return float(np.mean(rewards)), stats.errors + stats.nonfinite
+
+
+def score_group(
+    task: Any, indices: list[int], per_member: list[list[Generation]], examples: list[Any],
+    t_gen: float, t_perturb: float, worker: str = "local", warned: set[str] | None = None,
+) -> list[MemberResult]:
+    """MemberResults of one generated group; a batched pass's time is shared evenly by its members."""
+    share = 1.0 / len(indices)
+    results = []
+    for index, gens in zip(indices, per_member):
+        reward, errors = score_member(task, gens, examples, warned)
+        results.append(MemberResult(
+            index, reward, sum(g.num_tokens for g in gens), len(gens), t_gen * share, t_perturb * share,
+            worker, 0.0, errors,
+        ))
+    return results
+
+
+def max_group(cfg: ESConfig, batcher: PopulationBatcher | None) -> int:
+    """`members_per_batch`, capped by the batcher's memory budget (1 without batching)."""
+    return batcher.max_group(cfg.members_per_batch) if batcher is not None else 1
+
+
+# ------------------------------------------------------------------ in-process
 class LocalPopulation:
-    """Scores members one after another in this process (the default, no Ray)."""
+    """Scores a plan's groups one after another in this process (the default, no Ray)."""
 
     def __init__(
         self, cfg: ESConfig, state: WeightState, engine: HFEngine, task: Any,
-        examples: list[Any], prompts: list[list[int]], reward_stats: RewardStats,
+        examples: list[Any], prompts: list[list[int]], batcher: PopulationBatcher | None = None,
     ) -> None:
         self.cfg, self.state, self.engine, self.task = cfg, state, engine, task
-        self.examples, self.prompts, self.reward_stats = examples, prompts, reward_stats
+        self.examples, self.prompts = examples, prompts
+        self._batcher = batcher
+        self._warned: set[str] = set()
 
-    def evaluate(self, iteration: int) -> PopulationResult:
-        cfg = self.cfg
-        seeds = es.iteration_seeds(cfg.seed, iteration, cfg.num_seeds)
-        subset = es.prompt_subset(cfg.seed, iteration, len(self.prompts), cfg.prompts_per_step)
-        batch = [self.prompts[i] for i in subset]
-        examples = [self.examples[i] for i in subset]
-        population = es.members(seeds, cfg.mirror_sampling)
-        rewards: list[float] = []
-        t_gen = t_perturb = 0.0
-        tokens = 0
-        bar = tqdm(total=len(population), desc=f"iteration {iteration}", leave=False, disable=cfg.disable_tqdm)
-        for group in self._groups(population):
-            if len(group) == 1 and self.cfg.members_per_batch == 1:
-                gens, dt_gen, dt_perturb = generate_member(self.state, self.engine, group[0], cfg.sigma, batch)
-                per_member = [gens]
-            else:
-                per_member, dt_gen, dt_perturb = generate_members(
-                    self.state, self.engine, group, cfg.sigma, batch, self._batcher()
-                )
-            t_gen += dt_gen
-            t_perturb += dt_perturb
-            for gens in per_member:
-                tokens += sum(g.num_tokens for g in gens)
-                rewards.append(score_member(self.task, gens, examples, self.reward_stats))
+    @property
+    def batcher(self) -> PopulationBatcher | None:
+        """This population's batched forward, built on first use (it probes and plans the
+        model) and kept, so its member buffers are reused across iterations."""
+        if self.cfg.members_per_batch == 1:
+            return None
+        if self._batcher is None:
+            self._batcher = PopulationBatcher(self.state)
+        return self._batcher
+
+    def max_group(self) -> int:
+        return max_group(self.cfg, self.batcher)
+
+    def score(self, plan: es.IterationPlan) -> PopulationResult:
+        batch = [self.prompts[i] for i in plan.subset]
+        examples = [self.examples[i] for i in plan.subset]
+        results: list[MemberResult] = []
+        bar = tqdm(total=len(plan.members), desc=f"iteration {plan.iteration}", leave=False, disable=self.cfg.disable_tqdm)
+        for group in plan.groups:
+            members = [plan.members[i] for i in group]
+            per_member, t_gen, t_perturb = generate_group(self.state, self.engine, self.batcher, members, self.cfg.sigma, batch)
+            results += score_group(self.task, group, per_member, examples, t_gen, t_perturb, warned=self._warned)
             bar.update(len(group))
         bar.close()
-        stats = {
-            "generation": t_gen,
-            "perturb_restore": t_perturb,
-            "tokens": tokens,
-            "completions": len(population) * len(batch),
-        }
-        return PopulationResult(seeds, subset, rewards, stats)
-
-    def _batcher(self) -> PopulationBatcher:
-        return population_batcher(self.state)
-
-    def _groups(self, population: list[es.Member]) -> list[list[es.Member]]:
-        """Consecutive groups of at most members_per_batch (fewer if memory says so)."""
-        m = self.cfg.members_per_batch
-        if m == 1:
-            return [[member] for member in population]
-        sizes = self._batcher().group_sizes(len(population), m)
-        groups, start = [], 0
-        for size in sizes:
-            groups.append(population[start : start + size])
-            start += size
-        return groups
+        return PopulationResult.from_members(results)
 
     def start(self, iteration: int) -> None:
-        """Bring replicas up to the driver's weights after `iteration`; nothing to do in-process."""
+        """Nothing to bring up to date in-process."""
 
     def begin_update(self, record: IterationRecord) -> None:
-        """Hand the record to replicas so they update while the driver does; none in-process."""
+        """No replicas in-process."""
 
     def after_update(self, record: IterationRecord) -> dict[str, Any]:
-        """Keep replicas in step with the driver's weights; nothing to do in-process."""
         return {}
 
     def close(self) -> None: ...
+
+
+__all__ = [
+    "LocalPopulation", "MemberResult", "Population", "PopulationResult", "generate_group", "generate_member",
+    "generate_members", "max_group", "score_group", "score_member",
+]

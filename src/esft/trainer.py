@@ -7,6 +7,7 @@ that a run is fully described by its seed log.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -25,8 +26,8 @@ from esft.config import ESConfig
 from esft.engine import HFEngine
 from esft.io import ensure_writable_dir, read_jsonl, write_text_atomic
 from esft.params import WeightState
+from esft.population import LocalPopulation, Population
 from esft.reporting import MetricsWriter
-from esft.rewards import RewardStats
 from esft.seedlog import (
     ANCHOR_FILE,
     CONFIG_FILE,
@@ -64,7 +65,7 @@ class ESTrainer:
         from esft.models import load_model, load_tokenizer
         from esft.tasks import get_task
 
-        self.args = args or ESConfig()
+        self.args = dataclasses.replace(args) if args is not None else ESConfig()
         cfg = self.args
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
@@ -101,21 +102,24 @@ class ESTrainer:
         if model is None or isinstance(model, str):
             name = model or cfg.model
             self.model, self.tokenizer = load_model(name, cfg.torch_dtype, cfg.device)
-            self.model_name = name
+            # What Ray actors load: by name when the model has one, else the object itself.
+            self.model_source: str | torch.nn.Module = name
         else:
             self.model = model.eval().requires_grad_(False)
             self.tokenizer = processing_class or load_tokenizer(getattr(model, "name_or_path", ""))
-            self.model_name = getattr(model.config, "_name_or_path", "custom")
+            name = getattr(model.config, "_name_or_path", "") or ""
+            self.model_source = name if _loadable(name) else self.model
+            name = name or f"<in-memory {type(model).__name__}>"
         if processing_class is not None:
             self.tokenizer = processing_class
-        # config.yaml must name what was really trained, or replay would rebuild another model.
-        cfg.model = self.model_name
+        # config.yaml must name what was really trained, or replay would rebuild another
+        # model (on the caller's own copy of the config: theirs is never changed).
+        cfg.model = name
         cfg.task = self.task.name
 
         self.state = WeightState.from_config(self.model, cfg)
         self.engine = HFEngine(self.model, self.tokenizer, cfg.max_new_tokens, cfg.generation_batch_size)
         self.seedlog = SeedLog(self.run_dir)
-        self.reward_stats = RewardStats()
         self.anchor: AnchorFile | None = None
         self.iteration = 0
         self.history: list[dict[str, Any]] = []
@@ -166,10 +170,10 @@ class ESTrainer:
     # --------------------------------------------------------------------- train
     def train(self) -> list[dict[str, Any]]:
         cfg = self.args
-        prompts = self.engine.encode([self.task.messages(ex) for ex in self.train_examples])
+        self.prompts = self.engine.encode([self.task.messages(ex) for ex in self.train_examples])
         # Connect to Ray (if asked) before the run directory is written: a wrong address
         # or a missing extra must not leave a half-created run behind.
-        self.population = self._make_population(prompts)
+        self.population = self._make_population(self.prompts)
         try:
             records = self._prepare_run_dir()
             if records:
@@ -211,18 +215,24 @@ class ESTrainer:
             cb.on_train_end(self)
         return self.history
 
-    def _make_population(self, prompts: list[list[int]]):
-        """In-process scoring, or Ray workers when `--workers` is set."""
+    def _make_population(self, prompts: list[list[int]]) -> Population:
+        """In-process scoring, or Ray actors when `--workers` is set."""
         if self.args.workers:
             from esft.distributed import RayPopulation
 
-            return RayPopulation(self, prompts)
-        return self._local_population(prompts)
+            return RayPopulation(
+                self.args, self.state, self.model_source, self.tokenizer, self.task, self.train_examples, prompts,
+                anchor_path=self.run_dir / ANCHOR_FILE,
+            )
+        return LocalPopulation(self.args, self.state, self.engine, self.task, self.train_examples, prompts)
 
-    def _local_population(self, prompts: list[list[int]]):
-        from esft.population import LocalPopulation
-
-        return LocalPopulation(self.args, self.state, self.engine, self.task, self.train_examples, prompts, self.reward_stats)
+    def plan(self, iteration: int, num_prompts: int, population: Population) -> es.IterationPlan:
+        """The iteration's seeds, members, prompt subset and member groups, decided once."""
+        cfg = self.args
+        return es.plan_iteration(
+            cfg.seed, iteration, cfg.num_seeds, cfg.mirror_sampling, num_prompts, cfg.prompts_per_step,
+            population.max_group(),
+        )
 
     def evaluate_population(
         self, iteration: int, prompts: list[list[int]]
@@ -231,14 +241,16 @@ class ESTrainer:
 
         Returns (seeds, one mean reward per member, timing/throughput stats).
         """
-        res = self._local_population(prompts).evaluate(iteration)
-        return res.seeds, res.rewards, {"subset": res.subset, **res.stats}
+        population = LocalPopulation(self.args, self.state, self.engine, self.task, self.train_examples, prompts)
+        plan = self.plan(iteration, len(prompts), population)
+        res = population.score(plan)
+        return plan.seeds, res.rewards, {"subset": plan.subset, **res.stats}
 
     def _iteration(self, iteration: int) -> dict[str, Any]:
         cfg = self.args
         t_start = time.perf_counter()
-        errors_before = self.reward_stats.errors + self.reward_stats.nonfinite
-        res = self.population.evaluate(iteration)
+        plan = self.plan(iteration, len(self.prompts), self.population)
+        res = self.population.score(plan)
         rewards = res.rewards
         t_gen, t_perturb, tokens = res.stats["generation"], res.stats["perturb_restore"], res.stats["tokens"]
         t_score_end = time.perf_counter()
@@ -246,7 +258,7 @@ class ESTrainer:
         # The seed log holds only what decides the weights (no timings), so two runs of
         # one config, in-process or on Ray workers, write the same file.
         record = IterationRecord(
-            iteration, res.seeds, rewards, coeffs, extra={"prompts": res.subset if cfg.prompts_per_step else None}
+            iteration, plan.seeds, rewards, coeffs, extra={"prompts": plan.subset if cfg.prompts_per_step else None}
         )
         self.population.begin_update(record)  # Ray replicas update while the driver does
         update_norm, drift = apply_record(self.state, record, cfg, self.anchor)
@@ -263,7 +275,7 @@ class ESTrainer:
             "reward/std": float(r.std()),
             "reward/min": float(r.min()),
             "reward/max": float(r.max()),
-            "reward/errors": self.reward_stats.errors + self.reward_stats.nonfinite - errors_before,
+            "reward/errors": res.reward_errors,
             "es/skipped": coeffs is None,
             "es/update_norm": update_norm,
             "drift/norm": drift,
@@ -307,6 +319,11 @@ def _format_metrics(m: dict[str, Any]) -> str:
         f"gen={m['time/generation']:.1f}s es={m['time/perturb_restore'] + m['time/update']:.1f}s "
         f"{m['tokens/per_second']:.0f} tok/s{errs}{skipped}"
     )
+
+
+def _loadable(name: str) -> bool:
+    """Whether a model can be loaded again by `name` (Ray actors, replay)."""
+    return bool(name) and (name == "embedded" or Path(name).exists() or "/" in name)
 
 
 __all__ = ["ESTrainer"]

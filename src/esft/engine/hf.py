@@ -31,7 +31,7 @@ class HFEngine:
     Prompts are tokenized once (`encode`) and reused for every population member of an
     iteration: only the weights differ between members, never the inputs. `copies=M` in
     `generate_ids` repeats each prompt batch for M members, member-major, for the batched
-    population forward (`esft.engine.batched`).
+    population forward (`esft.batched`).
     """
 
     def __init__(

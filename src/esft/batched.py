@@ -20,13 +20,13 @@ while a group is active they are patched so that:
 Norm-like modules whose output is `weight * f(x)` (checked bitwise on a probe input, so
 e.g. Gemma's `(1 + weight)` falls back) compute f(x) once and multiply by each member's
 weight; any other module with trainable weights runs once per member on its rows.
-Engines only generate: this module never changes the at-rest weights, and nothing it
-patches survives the `members(...)` context.
+It lives beside the population code, not in the engine (engines only generate): it writes
+member weights, though never the at-rest ones, and nothing it patches survives the
+`members(...)` context.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from esft import lowrank
-from esft.es import Member
+from esft.es import Member, balanced_groups
 from esft.params import WeightState
 
 _GIB = 1 << 30
@@ -58,15 +58,6 @@ def default_memory_budget(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory * DEFAULT_CUDA_BUDGET_FRACTION)
     return int(DEFAULT_CPU_BUDGET_GB * _GIB)
-
-
-def balanced_groups(n: int, cap: int) -> list[int]:
-    """Split n members into the fewest groups of at most `cap`, sizes differing by at most 1."""
-    if n <= 0:
-        return []
-    count = math.ceil(n / max(1, cap))
-    base, extra = divmod(n, count)
-    return [base + (1 if g < extra else 0) for g in range(count)]
 
 
 @dataclass
@@ -409,4 +400,4 @@ class PopulationBatcher:
         return forward
 
 
-__all__ = ["PopulationBatcher", "balanced_groups", "default_memory_budget"]
+__all__ = ["PopulationBatcher", "default_memory_budget"]
