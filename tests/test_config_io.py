@@ -106,7 +106,7 @@ def test_raising_or_nonfinite_rewards_score_zero_and_are_counted() -> None:
 def test_missing_report_backend_names_the_extra(tmp_path) -> None:
     import importlib.util
 
-    from esft.reporting import MetricsWriter
+    from esft.metric_sinks import MetricsWriter
 
     if importlib.util.find_spec("tensorboard") is None:
         with pytest.raises(ValueError, match=r"esft\[tensorboard\]"):

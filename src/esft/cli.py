@@ -76,36 +76,29 @@ def cmd_quickstart(argv: list[str]) -> int:
     return 0
 
 
-def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _ints(text: str | None) -> list[int] | None:
-    return [int(x) for x in _csv(text)] if text else None
-
-
 def cmd_eval(argv: list[str]) -> int:
     from esft.evaluation import accuracy
+    from esft.flags import int_list, name_list
 
     p = argparse.ArgumentParser(prog="esft eval", description="Accuracy under the paper's extraction rules.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="'embedded', a hub id or an HF directory")
     src.add_argument("--run", help="a run directory: evaluate its iterations (forgetting over training)")
-    p.add_argument("--tasks", required=True, help="comma-separated task names")
+    p.add_argument("--tasks", type=name_list, required=True, help="comma-separated task names")
     p.add_argument("--limit", type=int, default=None, help="first N examples of each eval set")
     p.add_argument("--max_new_tokens", type=int, default=1024)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--every", type=int, default=None, help="--run: iterations 0, K, 2K, ..., last")
-    p.add_argument("--iterations", default=None, help="--run: explicit comma-separated iterations")
+    p.add_argument("--iterations", type=int_list, default=None, help="--run: explicit comma-separated iterations")
     p.add_argument("--output", default=None, help="output folder (--run default: RUN_DIR/eval)")
     p.add_argument("--data_dir", default=None)
     p.add_argument("--num_fewshot", type=int, default=None, help="mmlu_pro worked examples (validation split)")
     p.add_argument("--device", default="auto")
     p.add_argument("--torch_dtype", default="auto")
     a = p.parse_args(argv)
-    tasks = _csv(a.tasks)
+    tasks = a.tasks
     if a.run:
-        rows = accuracy.evaluate_run(a.run, tasks, a.every, _ints(a.iterations), a.limit, a.max_new_tokens,
+        rows = accuracy.evaluate_run(a.run, tasks, a.every, a.iterations, a.limit, a.max_new_tokens,
                                      a.batch_size, a.output, a.data_dir, a.device)
         print(accuracy.format_forgetting_table(rows))
         return 0

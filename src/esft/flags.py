@@ -20,6 +20,22 @@ def option(help: str, **kw: Any) -> Any:
     return dataclasses.field(metadata={"help": help}, **kw)
 
 
+def name_list(text: str) -> list[str]:
+    """argparse type: comma-separated names (e.g. tasks), at least one."""
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
+def int_list(text: str) -> list[int]:
+    """argparse type: comma-separated integers (e.g. iterations)."""
+    try:
+        return [int(x) for x in name_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def field_names(types: Iterable[type]) -> set[str]:
     """Every field name of the given dataclasses."""
     return {f.name for t in types for f in dataclasses.fields(t)}
@@ -88,5 +104,6 @@ def parse_dataclass_flags(parser: Any, argv: Sequence[str], defaults: dict[str, 
 
 
 __all__ = [
-    "config_file_values", "dataclass_parser", "field_names", "option", "parse_dataclass_flags", "read_config_file",
+    "config_file_values", "dataclass_parser", "field_names", "int_list", "name_list", "option", "parse_dataclass_flags",
+    "read_config_file",
 ]

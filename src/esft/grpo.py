@@ -175,16 +175,14 @@ def grpo_args_from_mapping(values: dict[str, Any]) -> tuple[GRPOTaskArgs, Any]:
 def prompt_text(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     """The prompt ES generates from, as a string TRL tokenizes to the same ids.
 
-    Same rendering as `HFEngine.prompt_text` (chat template with the generation prompt,
-    then a final assistant message as a prefill to continue). TRL tokenizes string
+    Same rendering as ES (`esft.engine.hf.render_chat`: chat template with the generation
+    prompt, then a final assistant message as a prefill to continue). TRL tokenizes string
     prompts with special tokens; where that prepends a BOS the template already holds,
     the template's copy is dropped so the ids are ES's.
     """
-    prefill = ""
-    if messages and messages[-1]["role"] == "assistant":
-        prefill = messages[-1]["content"]
-        messages = messages[:-1]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + prefill
+    from esft.engine.hf import render_chat
+
+    text = render_chat(tokenizer, messages)
     bos = tokenizer.bos_token
     if bos and text.startswith(bos):
         with_special = tokenizer(text)["input_ids"]

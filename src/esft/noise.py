@@ -40,9 +40,9 @@ def fill_noise(
     """
     if out.dtype != torch.float32:
         raise TypeError("noise is always generated in float32")
-    stream = seed if mode == "shared" else tensor_seed(seed, name)
     if mode not in ("iid", "shared"):
         raise ValueError(f"unknown noise_mode {mode!r}; use 'iid' or 'shared'")
+    stream = seed if mode == "shared" else tensor_seed(seed, name)
     return torch.randn(out.shape, generator=_generator(stream, out.device), dtype=torch.float32, out=out)
 
 

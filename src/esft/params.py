@@ -99,7 +99,7 @@ class WeightState:
     @classmethod
     def from_config(cls, model: torch.nn.Module, cfg) -> WeightState:
         """The weight state an ESConfig describes (trainer, replay and Ray workers alike)."""
-        return cls(model, cfg.trainable, cfg.frozen, cfg.noise_mode, getattr(cfg, "noise_rank", None))
+        return cls(model, cfg.trainable, cfg.frozen, cfg.noise_mode, cfg.noise_rank)
 
     # ------------------------------------------------------------------ helpers
     @property

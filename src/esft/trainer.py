@@ -25,9 +25,9 @@ from esft.callbacks import EvalCallback, TrainerCallback
 from esft.config import ESConfig
 from esft.engine import HFEngine
 from esft.io import ensure_writable_dir, read_jsonl, write_text_atomic
+from esft.metric_sinks import MetricsWriter
 from esft.params import WeightState
 from esft.population import LocalPopulation, Population
-from esft.reporting import MetricsWriter
 from esft.seedlog import (
     ANCHOR_FILE,
     CONFIG_FILE,

@@ -19,6 +19,20 @@ log = logging.getLogger(__name__)
 Message = dict[str, str]
 
 
+def render_chat(tokenizer, messages: list[Message]) -> str:
+    """The chat-templated prompt text; a final assistant message is a prefill to continue.
+
+    ES generation, evaluation and the GRPO baseline all render prompts here, so the three
+    see the same text.
+    """
+    prefill = ""
+    if messages and messages[-1]["role"] == "assistant":
+        prefill = messages[-1]["content"]
+        messages = messages[:-1]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text + prefill
+
+
 @dataclass(frozen=True)
 class Generation:
     text: str
@@ -58,12 +72,7 @@ class HFEngine:
 
     def prompt_text(self, messages: list[Message]) -> str:
         """The chat-templated prompt; a final assistant message is a prefill to continue."""
-        prefill = ""
-        if messages and messages[-1]["role"] == "assistant":
-            prefill = messages[-1]["content"]
-            messages = messages[:-1]
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return text + prefill
+        return render_chat(self.tokenizer, messages)
 
     def encode(self, conversations: list[list[Message]]) -> list[list[int]]:
         texts = [self.prompt_text(m) for m in conversations]

@@ -274,13 +274,6 @@ def format_drift_table(report: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def _float_list(text: str) -> list[float]:
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
@@ -293,6 +286,7 @@ def _float_list(text: str) -> list[float]:
 
 def main(argv: list[str]) -> int:
     """`esft drift`: print the drift table and write the full report as JSON."""
+    from esft.flags import int_list
     from esft.io import write_text_atomic
 
     parser = argparse.ArgumentParser(
@@ -300,7 +294,7 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--run", required=True, help="the run's output_dir")
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--iterations", type=_int_list, default=None, help="e.g. 0,5,10 (default: all)")
+    which.add_argument("--iterations", type=int_list, default=None, help="e.g. 0,5,10 (default: all)")
     which.add_argument("--every", type=int, default=None, help="every K-th iteration, plus the last")
     parser.add_argument("--taus", type=_float_list, default=list(DEFAULT_TAUS), help="sparsity thresholds, e.g. 1e-6,1e-4")
     parser.add_argument("--output", default=None, help="JSON file (default: RUN/drift.json)")

@@ -376,31 +376,19 @@ def format_kl_table(rows: Sequence[dict[str, Any]], average: str = "prompt") -> 
     return "\n".join(lines) + f"\n\nKL(base ‖ iteration) in nats: {unit}."
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _name_list(text: str) -> list[str]:
-    names = [x.strip() for x in text.split(",") if x.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError("expected comma-separated task names")
-    return names
-
-
 def main(argv: list[str]) -> int:
     """`esft kl`: print the KL table and write every row as JSON."""
+    from esft.flags import int_list, name_list
+
     parser = argparse.ArgumentParser(
         prog="esft kl",
         description="KL(p_base ‖ p_iteration) on base-model samples of each task's test prompts.",
     )
     parser.add_argument("--run", required=True, help="the run's output_dir")
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--iterations", type=_int_list, default=None, help="e.g. 0,5,10 (default: all)")
+    which.add_argument("--iterations", type=int_list, default=None, help="e.g. 0,5,10 (default: all)")
     which.add_argument("--every", type=int, default=None, help="every K-th iteration, plus the last")
-    parser.add_argument("--tasks", type=_name_list, required=True, help="e.g. hellaswag,piqa")
+    parser.add_argument("--tasks", type=name_list, required=True, help="e.g. hellaswag,piqa")
     parser.add_argument("--num_prompts", type=int, default=50, help="first N test examples per task")
     parser.add_argument("--max_tokens", type=int, default=256, help="new tokens sampled per prompt")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (part of the cache key)")

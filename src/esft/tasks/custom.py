@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from esft.tasks.base import BaseTask, Example, Message
+from esft.tasks.sources import to_native
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
@@ -51,17 +52,6 @@ def load_reward_func(spec: str) -> Callable[..., Any]:
     return obj
 
 
-def _native(value: Any) -> Any:
-    """numpy scalars/arrays from pandas -> plain Python, so prompts and columns are JSON-like."""
-    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
-        return _native(value.tolist())
-    if isinstance(value, list):
-        return [_native(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _native(v) for k, v in value.items()}
-    return value
-
-
 def _read_json(path: Path) -> list[dict[str, Any]]:
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
@@ -89,7 +79,7 @@ def _read_local(path: Path) -> list[dict[str, Any]]:
         raise ValueError(f"unsupported dataset file {path}; use one of {LOCAL_SUFFIXES}")
     if not all(isinstance(r, dict) for r in rows):
         raise ValueError(f"{path}: every row must be a JSON object")
-    return [{str(k): _native(v) for k, v in r.items()} for r in rows]
+    return [{str(k): to_native(v) for k, v in r.items()} for r in rows]
 
 
 def _read_hub(dataset_id: str) -> list[dict[str, Any]]:
@@ -107,7 +97,7 @@ def _read_hub(dataset_id: str) -> list[dict[str, Any]]:
             f"dataset {dataset_id!r} is not a local file and could not be loaded from the "
             f"Hugging Face hub: {e}"
         ) from e
-    return [_native(dict(row)) for row in ds]
+    return [to_native(dict(row)) for row in ds]
 
 
 def load_rows(dataset: str) -> list[dict[str, Any]]:
@@ -130,7 +120,7 @@ def rows_of(dataset: Any) -> list[dict[str, Any]]:
         return load_rows(str(dataset))
     if hasattr(dataset, "to_dict") and hasattr(dataset, "columns"):  # pandas DataFrame
         dataset = dataset.to_dict(orient="records")
-    return [{str(k): _native(v) for k, v in dict(row).items()} for row in dataset]
+    return [{str(k): to_native(v) for k, v in dict(row).items()} for row in dataset]
 
 
 class CustomTask(BaseTask):
@@ -218,7 +208,7 @@ class CustomTask(BaseTask):
                 f"custom reward {label!r} must return a list of {n} numbers, got {out!r:.200}"
             )
         values = []
-        for v in _native(list(out)):
+        for v in to_native(list(out)):
             if v is None:  # TRL's "not applicable to this sample"
                 values.append(0.0)
             elif isinstance(v, (int, float)):  # bools count as 0/1, as in Python
