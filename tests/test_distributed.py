@@ -99,7 +99,7 @@ def test_sync_check_names_a_corrupted_actor(tmp_path) -> None:
         if iteration == 2 and not done:
             done.append(True)
             victim = pop.workers["worker-1"]
-            bad = {n: m.clone() for n, m in pop.trainer.state.items()}
+            bad = {n: m.clone() for n, m in pop.state.items()}
             next(iter(bad.values())).view(-1)[0] += 1e-3
             ray.get(victim.actor.load_state.remote(bad, iteration - 1))
 
