@@ -8,7 +8,6 @@ training without an import cycle.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -56,19 +55,22 @@ class EvalCallback(TrainerCallback):
             self._evaluate(trainer, k)
 
     def _evaluate(self, trainer: Any, iteration: int) -> None:
-        from esft.evaluation.accuracy import evaluate_model
+        from esft.evaluation.accuracy import (
+            evaluate_model,
+            forgetting_row,
+            pending_tasks,
+            setting_of,
+        )
         from esft.io import append_jsonl, read_jsonl
 
-        done = {(r["iteration"], r["task"]) for r in read_jsonl(self.path, repair=True)}
-        pending = [t for t in self.tasks if (iteration, t.name) not in done]
+        pending = pending_tasks(read_jsonl(self.path, repair=True), iteration, self.tasks, self.limit, self.max_new_tokens)
         if not pending:
             return
         results = evaluate_model(trainer.model, trainer.tokenizer, pending, self.limit, self.max_new_tokens,
                                  self.batch_size, samples_dir=self.path.parent / "samples" / f"iteration-{iteration}",
                                  progress=False)
-        for r in results:
-            append_jsonl(self.path, {"iteration": iteration, **asdict(r), "limit": self.limit,
-                                     "max_new_tokens": self.max_new_tokens})
+        for task, r in zip(pending, results):
+            append_jsonl(self.path, forgetting_row(iteration, r, setting_of(task, self.limit, self.max_new_tokens)))
         log.info("eval @ iteration %d: %s", iteration, " ".join(f"{r.task}={r.accuracy:.3f}" for r in results))
 
 

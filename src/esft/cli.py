@@ -99,7 +99,7 @@ def cmd_eval(argv: list[str]) -> int:
     tasks = a.tasks
     if a.run:
         rows = accuracy.evaluate_run(a.run, tasks, a.every, a.iterations, a.limit, a.max_new_tokens,
-                                     a.batch_size, a.output, a.data_dir, a.device)
+                                     a.batch_size, a.output, a.data_dir, a.device, num_fewshot=a.num_fewshot)
         print(accuracy.format_forgetting_table(rows))
         return 0
     if not a.output:

@@ -1,8 +1,11 @@
 """Task accuracy under the paper's extraction rules: greedy, chat template, batched.
 
 `evaluate_model` scores one model; `evaluate_run` walks a run's iterations (replayed from
-the seed log, or read from checkpoints) and appends one line per (iteration, task) so an
-interrupted evaluation resumes where it stopped.
+the seed log, or read from checkpoints) and appends one line per (iteration, task,
+setting) to `forgetting.jsonl`, so an interrupted evaluation resumes where it stopped.
+A row's setting is everything that changes its number (`limit`, `max_new_tokens`,
+`num_fewshot`, `task_version`): rows are only ever compared with rows of the same setting,
+and each row keeps the per-example correctness (`correct`) for paired intervals.
 """
 
 from __future__ import annotations
@@ -33,6 +36,36 @@ class TaskResult:
     seconds: float
     prompts_per_second: float
     tokens_per_second: float
+    correct: list[int]  # 1/0 per evaluated example, in example order (paired intervals)
+
+
+def setting_of(task: Task, limit: int | None, max_new_tokens: int) -> dict[str, Any]:
+    """Everything besides the weights that changes a task's accuracy number."""
+    return {
+        "limit": limit,
+        "max_new_tokens": max_new_tokens,
+        "num_fewshot": getattr(task, "num_fewshot", None),
+        "task_version": getattr(task, "version", None),
+    }
+
+
+def row_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    """One forgetting.jsonl row's identity: (iteration, task, setting); a missing key is None."""
+    return (row["iteration"], row["task"], row.get("limit"), row.get("max_new_tokens"),
+            row.get("num_fewshot"), row.get("task_version"))
+
+
+def forgetting_row(iteration: int, result: TaskResult, setting: dict[str, Any]) -> dict[str, Any]:
+    """The line `esft eval --run` and evaluation during training both append."""
+    return {"iteration": iteration, **asdict(result), **setting}
+
+
+def pending_tasks(rows: list[dict[str, Any]], iteration: int, tasks: Sequence[Task], limit: int | None,
+                  max_new_tokens: int) -> list[Task]:
+    """The tasks without a row for `iteration` at this setting."""
+    done = {row_key(r) for r in rows}
+    return [t for t in tasks
+            if row_key({"iteration": iteration, "task": t.name, **setting_of(t, limit, max_new_tokens)}) not in done]
 
 
 def _safe(fn: Callable[..., Any], *args: Any) -> Any:
@@ -78,6 +111,7 @@ def evaluate_task(engine: HFEngine, task: Task, examples: list[dict]) -> tuple[T
         seconds=seconds,
         prompts_per_second=n / seconds if seconds else 0.0,
         tokens_per_second=tokens / seconds if seconds else 0.0,
+        correct=[int(s["correct"]) for s in samples],
     )
     return result, samples
 
@@ -138,31 +172,30 @@ def write_results(results: Sequence[TaskResult], output: str | Path, extra: dict
 def evaluate_run(
     run_dir: str | Path, task_names: Sequence[str], every: int | None = None, iterations: list[int] | None = None,
     limit: int | None = None, max_new_tokens: int = 1024, batch_size: int = 32, output: str | Path | None = None,
-    data_dir: str | None = None, device: str = "auto", progress: bool = True,
+    data_dir: str | None = None, device: str = "auto", progress: bool = True, num_fewshot: int | None = None,
 ) -> list[dict[str, Any]]:
     """Accuracy at iterations 0, K, 2K, ..., last; resumes from `forgetting.jsonl`."""
     from esft.evaluation.runs import RunView
 
     run = RunView.open(run_dir)
     chosen = run.select(iterations, every)
-    tasks = load_tasks(task_names, data_dir)
+    tasks = load_tasks(task_names, data_dir, num_fewshot)
     out = Path(output) if output else Path(run_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     path = out / FORGETTING_FILE
     rows = read_jsonl(path, repair=True)
-    done = {(r["iteration"], r["task"], r.get("limit"), r.get("max_new_tokens")) for r in rows}
-    todo = [k for k in chosen if any((k, t.name, limit, max_new_tokens) not in done for t in tasks)]
-    if not todo:
-        return [r for r in rows if r["iteration"] in chosen]
-    for k, model, tokenizer in tqdm(run.models(todo, device), total=len(todo), desc="iterations", disable=not progress):
-        pending = [t for t in tasks if (k, t.name, limit, max_new_tokens) not in done]
+    todo = [k for k in chosen if pending_tasks(rows, k, tasks, limit, max_new_tokens)]
+    for k, model, tokenizer in tqdm(run.models(todo, device), total=len(todo), desc="iterations",
+                                    disable=not progress or not todo):
+        pending = pending_tasks(rows, k, tasks, limit, max_new_tokens)
         results = evaluate_model(model, tokenizer, pending, limit, max_new_tokens, batch_size,
                                  samples_dir=out / "samples" / f"iteration-{k}", progress=progress)
-        for r in results:
-            row = {"iteration": k, **asdict(r), "limit": limit, "max_new_tokens": max_new_tokens}
+        for task, r in zip(pending, results):
+            row = forgetting_row(k, r, setting_of(task, limit, max_new_tokens))
             append_jsonl(path, row)
             rows.append(row)
-    return [r for r in rows if r["iteration"] in chosen]
+    wanted = {row_key({"iteration": k, "task": t.name, **setting_of(t, limit, max_new_tokens)}) for k in chosen for t in tasks}
+    return [r for r in rows if row_key(r) in wanted]
 
 
 def format_forgetting_table(rows: Sequence[dict[str, Any]]) -> str:

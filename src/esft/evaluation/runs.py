@@ -84,6 +84,8 @@ class RunView:
         from esft.models import load_model
 
         iterations = sorted(iterations)
+        if not iterations:
+            return
         if self.kind == "es":
             cfg, state, tokenizer, records, anchor = open_replay(self.run_dir, iterations[-1], device=device)
             done = 0

@@ -23,6 +23,7 @@ class Task(Protocol):
     """
 
     name: str
+    version: str | None  # changes when prompts or grading change (None: unversioned, e.g. custom)
 
     def load(self, split: str, limit: int | None = None) -> list[Example]:
         """Examples of `split` ("train" or "test"), in a fixed order."""
@@ -63,6 +64,8 @@ class BaseTask:
     name: str = "base"
     #: Text the assistant turn starts with; generation continues after it.
     prefill: str | None = None
+    #: Bumped when prompts or grading change, so results of two versions are never compared.
+    version: str | None = "1"
 
     @classmethod
     def from_options(cls, *, data_dir: str | None = None, seed: int = 0, prefill: bool = True) -> BaseTask:

@@ -152,6 +152,7 @@ class CustomTask(BaseTask):
     ) -> None:
         self.name = name
         self.prefill = None
+        self.version = None  # user code: no version to compare
         self.funcs = funcs
         self._rows = rows
         if not rows:
