@@ -1,0 +1,460 @@
+"""The paper's figures as PNGs a person can read without opening a JSON file.
+
+Every panel has units and a title, every accuracy its 95% interval, iteration axes have
+integer ticks, and each figure has one legend outside the panels so it never covers
+data. A run keeps its colour across figures.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: works on machines without a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from esft.config import RESUMABLE_FIELDS  # noqa: E402
+from esft.report.evals import EvalPoint, Setting, mean_change_curve  # noqa: E402
+from esft.report.intervals import Estimate  # noqa: E402
+from esft.report.predictions import random_walk_sq  # noqa: E402
+
+if TYPE_CHECKING:
+    from esft.report.summary import RunSummary
+    from esft.report.tables import ComparisonRow
+
+DPI = 120
+AWD_ORDER = ("l2", "l1", "huber")
+#: Config fields that do not make two λ-sweep runs different experiments.
+SWEEP_FREE = (RESUMABLE_FIELDS - {"max_steps"}) | {"awd_lambda"}
+#: ...and those that a no-AWD reference may differ in on top.
+REFERENCE_FREE = SWEEP_FREE | {"awd", "awd_decoupled", "awd_huber_delta"}
+SHORT_NAMES = {"population_size": "N", "learning_rate": "α", "sigma": "σ", "awd_decoupled": "decoupled"}
+
+
+# --------------------------------------------------------------------- helpers
+def color(i: int) -> str:
+    """The colour of the i-th run, the same in every figure."""
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return cycle[i % len(cycle)]
+
+
+def _subplots(nrows: int, ncols: int, size: tuple[float, float]) -> tuple[Figure, np.ndarray]:
+    # Constrained layout sizes every panel so titles, labels, colorbars and the outside
+    # legend all fit the canvas.
+    return plt.subplots(nrows, ncols, figsize=size, layout="constrained", squeeze=False, dpi=DPI)
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _legend(fig: Figure, handles: Sequence[Any], where: str = "lower center") -> None:
+    """One legend per figure, outside the panels, where it cannot cover data."""
+    if handles:
+        ncols = 1 if "right" in where else min(3, len(handles))
+        fig.legend(handles=list(handles), loc=f"outside {where}", ncols=ncols, fontsize=8, frameon=False)
+
+
+def _run_handles(runs: Sequence[RunSummary], which: Sequence[int]) -> list[Line2D]:
+    return [Line2D([], [], color=color(i), marker="o", markersize=4, label=runs[i].label) for i in which]
+
+
+def _iteration_axis(ax: Axes) -> None:
+    ax.set_xlabel("iteration")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
+    ax.grid(alpha=0.3)
+
+
+def _dodge(i: int, n: int, span: float) -> float:
+    """A small horizontal shift per run so that error bars at one iteration stay apart."""
+    return 0.0 if n < 2 else (i - (n - 1) / 2) * 0.012 * max(span, 1.0)
+
+
+def _plot_estimates(ax: Axes, xs: Sequence[float], ests: Sequence[Estimate], c: str, label: str,
+                    dodge: float = 0.0, scale: float = 100.0, **kw: Any) -> Line2D:
+    """A line through the values, with 95% error bars where an interval exists."""
+    xs = [x + dodge for x in xs]
+    line = ax.plot(xs, [scale * e.value for e in ests], color=c, marker=kw.pop("marker", "o"), markersize=3.5,
+                   linewidth=1.3, label=label, **kw)[0]
+    bars = [(x, e) for x, e in zip(xs, ests) if e.has_interval]
+    if bars:
+        ax.errorbar([x for x, _ in bars], [scale * e.value for _, e in bars],
+                    yerr=[[max(0.0, scale * (e.value - e.lo)) for _, e in bars],
+                          [max(0.0, scale * (e.hi - e.value)) for _, e in bars]],
+                    fmt="none", ecolor=c, elinewidth=0.9, capsize=2.5, alpha=0.85)
+    return line
+
+
+def _empty(ax: Axes, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4", fontsize=9)
+
+
+def _span(runs: Sequence[RunSummary]) -> float:
+    its = [k for r in runs for by in r.evals.values() for c in by.values() for k in c]
+    its += [int(m["iteration"]) for r in runs for m in r.metrics if "iteration" in m]
+    return float(max(its, default=1))
+
+
+def _target_curve(r: RunSummary, settings: dict[str, Setting]) -> dict[int, EvalPoint]:
+    t = r.target_task
+    return r.evals.get(t, {}).get(settings[t], {}) if t in settings else {}
+
+
+def prior_curve(r: RunSummary, settings: dict[str, Setting]) -> dict[int, Estimate]:
+    """Average prior-task change per iteration, in each task's reported setting."""
+    return mean_change_curve(r.evals, settings, [t for t in settings if t != r.target_task])
+
+
+# --------------------------------------------------------------------- forgetting (Fig. 1/2)
+def plot_forgetting_curves(runs: Sequence[RunSummary], settings: dict[str, Setting], path: Path) -> Path | None:
+    """Left: the target task over iterations; right: the average prior-task change."""
+    fig, axes = _subplots(1, 2, (12, 4.8))
+    ax_t, ax_p = axes[0]
+    span = _span(runs)
+    reward_ax: Axes | None = None
+    shown, targets = [], sorted({r.target_task for r in runs if r.target_task})
+    for i, r in enumerate(runs):
+        dodge, curve, drawn = _dodge(i, len(runs), span), _target_curve(r, settings), False
+        reward = r.series("reward/mean")
+        if curve:
+            its = sorted(curve)
+            _plot_estimates(ax_t, its, [curve[k].estimate() for k in its], color(i), r.label, dodge)
+            drawn = True
+        elif reward:
+            reward_ax = reward_ax or ax_t.twinx()
+            its = sorted(reward)
+            reward_ax.plot(its, [reward[k] for k in its], color=color(i), linestyle="--", linewidth=1.2)
+            drawn = True
+        prior = prior_curve(r, settings)
+        if prior:
+            its = sorted(prior)
+            _plot_estimates(ax_p, its, [prior[k] for k in its], color(i), r.label, dodge)
+            drawn = True
+        if drawn:
+            shown.append(i)
+    if not shown:
+        plt.close(fig)
+        return None
+    title = f"Target task: {targets[0]}" if len(targets) == 1 else "Target task (each run's training task)"
+    ax_t.set(title=title, ylabel="accuracy (%), 95% Wilson interval")
+    _iteration_axis(ax_t)
+    handles: list[Any] = _run_handles(runs, shown)
+    if reward_ax is not None:
+        reward_ax.set_ylabel("training reward (reward/mean), dashed")
+        handles.append(Line2D([], [], color="0.4", linestyle="--",
+                              label="dashed: training reward (no target evaluation), right axis"))
+    if not any(_target_curve(r, settings) for r in runs) and reward_ax is None:
+        _empty(ax_t, "no target-task evaluations or rewards")
+    ax_p.axhline(0, color="0.2", linewidth=0.8)
+    ax_p.set(title="Prior tasks: average accuracy change", ylabel="change from iteration 0 (points), 95% interval")
+    _iteration_axis(ax_p)
+    if not any(prior_curve(r, settings) for r in runs):
+        _empty(ax_p, "no prior-task evaluations\n(esft eval --run RUN --tasks ...)")
+    fig.suptitle("Learning the target task vs. keeping prior tasks")
+    _legend(fig, handles)
+    return _save(fig, path)
+
+
+def plot_task_curves(runs: Sequence[RunSummary], settings: dict[str, Setting], path: Path) -> Path | None:
+    """One panel per task: accuracy over iterations with Wilson intervals."""
+    tasks = list(settings)
+    if not tasks:
+        return None
+    cols = 2 if len(tasks) in (2, 4) else min(3, len(tasks))
+    rows = -(-len(tasks) // cols)
+    fig, axes = _subplots(rows, cols, (4.3 * cols, 3.3 * rows + 0.8))
+    span, shown = _span(runs), set()
+    for ax, task in zip(axes.flat, tasks):
+        for i, r in enumerate(runs):
+            curve = r.evals.get(task, {}).get(settings[task], {})
+            if curve:
+                its = sorted(curve)
+                _plot_estimates(ax, its, [curve[k].estimate() for k in its], color(i), r.label,
+                                _dodge(i, len(runs), span))
+                shown.add(i)
+        role = " (target)" if any(r.target_task == task for r in runs) else ""
+        ax.set_title(f"{task}{role}\n{settings[task].describe()}", fontsize=9)
+        ax.set_ylabel("accuracy (%)")
+        _iteration_axis(ax)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    fig.suptitle("Accuracy per task over iterations (95% Wilson intervals)")
+    _legend(fig, _run_handles(runs, sorted(shown)))
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------- λ (Fig. 5)
+@dataclass
+class Sweep:
+    """Runs of one AWD kind whose configs agree apart from λ (and output paths)."""
+
+    awd: str
+    config: dict[str, Any]
+    members: list[tuple[RunSummary, ComparisonRow]]
+
+
+def _comparable(config: dict[str, Any], free: frozenset[str] | set[str]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in free}
+
+
+def lambda_sweeps(runs: Sequence[RunSummary], rows: Sequence[ComparisonRow]) -> list[Sweep]:
+    """AWD runs grouped into sweeps over λ, sorted by λ; a set of runs may hold several."""
+    groups: dict[tuple[str, str], Sweep] = {}
+    for r, row in zip(runs, rows):
+        lam = r.awd_lambda
+        if r.is_es and r.awd != "none" and lam is not None and lam > 0:
+            cfg = _comparable(r.config, SWEEP_FREE)
+            key = (r.awd, repr(sorted(cfg.items(), key=lambda kv: kv[0])))
+            groups.setdefault(key, Sweep(r.awd, cfg, [])).members.append((r, row))
+    for s in groups.values():
+        s.members.sort(key=lambda m: m[0].awd_lambda or 0.0)
+    order = {a: i for i, a in enumerate(AWD_ORDER)}
+    return sorted(groups.values(), key=lambda s: (order.get(s.awd, len(order)), repr(sorted(s.config.items()))))
+
+
+def _sweep_labels(sweeps: Sequence[Sweep]) -> list[str]:
+    """'ES (30)', plus whatever else tells sweeps of one figure apart (e.g. 'α=0.001')."""
+    keys = sorted({k for s in sweeps for k in s.config} - {"awd", "population_size"})
+    varying = [k for k in keys if len({repr(s.config.get(k)) for s in sweeps}) > 1]
+    labels = []
+    for s in sweeps:
+        extra = [f"{SHORT_NAMES.get(k, k)}={s.config.get(k)}" for k in varying]
+        labels.append(f"ES ({s.config.get('population_size', '?')})" + (", " + ", ".join(extra) if extra else ""))
+    return labels
+
+
+def no_awd_reference(sweep: Sweep, runs: Sequence[RunSummary], rows: Sequence[ComparisonRow]
+                     ) -> tuple[RunSummary, ComparisonRow, list[str]] | None:
+    """The run without AWD to compare a sweep with, and the config fields it differs in.
+
+    Same task and model required; then the closest config, preferring the same N.
+    """
+    want = _comparable(sweep.config, REFERENCE_FREE)
+    best, best_score = None, None
+    for r, row in zip(runs, rows):
+        if not r.is_es or r.awd != "none" or r.target_task != sweep.config.get("task"):
+            continue
+        if r.config.get("model") != sweep.config.get("model"):
+            continue
+        have = _comparable(r.config, REFERENCE_FREE)
+        diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+        score = (not diff, have.get("population_size") == want.get("population_size"), -len(diff))
+        if best_score is None or score > best_score:
+            best, best_score = (r, row, diff), score
+    return best
+
+
+def _reference_band(ax: Axes, e: Estimate | None, c: str) -> None:
+    if e is None:
+        return
+    ax.axhline(100 * e.value, color=c, linestyle="--", linewidth=1.1)
+    if e.has_interval:
+        ax.axhspan(100 * e.lo, 100 * e.hi, color=c, alpha=0.12, linewidth=0)
+
+
+def plot_lambda(runs: Sequence[RunSummary], rows: Sequence[ComparisonRow], path: Path) -> Path | None:
+    """Target change (top) and average prior change (bottom) against λ, one column per AWD kind."""
+    sweeps = lambda_sweeps(runs, rows)
+    kinds = [k for k in AWD_ORDER if any(s.awd == k for s in sweeps)]
+    if not any(len({m[0].awd_lambda for s in sweeps if s.awd == k for m in s.members}) > 1 for k in kinds):
+        return None
+    fig, axes = _subplots(2, len(kinds), (5.4 * len(kinds), 7.4))
+    handles: list[Any] = []
+    refs = [no_awd_reference(s, runs, rows) for s in sweeps]
+    # One reference for the whole figure is grey; several take the colour of their first sweep.
+    ref_color: dict[str, str] = {}
+    for j, ref in enumerate(refs):
+        if ref:
+            ref_color.setdefault(str(ref[0].path), color(j))
+    if len(ref_color) == 1:
+        ref_color = dict.fromkeys(ref_color, "0.3")
+    drawn: set[tuple[int, str]] = set()
+    notes: dict[int, set[str]] = {}  # column -> config fields its no-AWD reference differs in
+    for j, (sweep, label, ref) in enumerate(zip(sweeps, _sweep_labels(sweeps), refs)):
+        col, c = kinds.index(sweep.awd), color(j)
+        lams = [m[0].awd_lambda or 0.0 for m in sweep.members]
+        for row_i, pick in enumerate((lambda cr: cr.target, lambda cr: cr.prior)):
+            pts = [(lam, e) for lam, (_, cr) in zip(lams, sweep.members) if (e := pick(cr)) is not None]
+            if pts:
+                _plot_estimates(axes[row_i, col], [p[0] for p in pts], [p[1] for p in pts], c, label, marker="s")
+        handles.append(Line2D([], [], color=c, marker="s", markersize=4, label=f"{label} + AWD {sweep.awd.upper()}"))
+        if not ref or (col, str(ref[0].path)) in drawn:
+            continue
+        r, cr, diff = ref
+        rc = ref_color[str(r.path)]
+        _reference_band(axes[0, col], cr.target, rc)
+        _reference_band(axes[1, col], cr.prior, rc)
+        if not any(p == str(r.path) for _, p in drawn):
+            handles.append(Line2D([], [], color=rc, linestyle="--", label=f"{r.label}, no AWD: dashed, band = 95%"))
+        drawn.add((col, str(r.path)))
+        notes.setdefault(col, set()).update(diff)
+    for col, kind in enumerate(kinds):
+        for row_i, what in enumerate(("target task", "average prior-task")):
+            ax = axes[row_i, col]
+            ax.set_xscale("log")
+            ax.axhline(0, color="0.2", linewidth=0.7)
+            title = f"AWD {kind.upper()}: {what} change"
+            if notes.get(col):
+                title += f"\n(the no-AWD reference differs in {', '.join(sorted(notes[col]))})"
+            ax.set(title=title, xlabel="λ (log scale)", ylabel="change from iteration 0 (points)")
+            ax.grid(alpha=0.3)
+    fig.suptitle("Effect of the AWD strength λ (95% intervals)")
+    _legend(fig, handles)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------- drift (Fig. 6)
+@dataclass(frozen=True)
+class Overlay:
+    """A predicted ‖θ_t − θ₀‖ curve drawn over the measured drift."""
+
+    label: str
+    linestyle: str
+    color: str
+    iterations: list[int]
+    norms: list[float]
+
+
+def drift_overlays(runs: Sequence[RunSummary]) -> list[Overlay]:
+    """Eq. 2 per distinct (α, N, d) among runs without AWD; transient and fixed point per L2 run."""
+    walks: dict[tuple[float, int, int], list[int]] = {}
+    out = []
+    for i, r in enumerate(runs):
+        pred = r.drift_prediction()
+        if isinstance(pred, str):
+            continue
+        T = max(r.drift)
+        if pred.kind == "random walk":
+            walks.setdefault((pred.alpha, pred.N, pred.d), []).append(i)
+            continue
+        its = list(range(T + 1))
+        out.append(Overlay(f"{r.label}: L2 recursion from θ₀", "-.", color(i), its, [pred.norm(t) for t in its]))
+        if pred.stationary_sq is not None:
+            out.append(Overlay(f"{r.label}: L2 stationary √X*", ":", color(i), [0, T], [math.sqrt(pred.stationary_sq)] * 2))
+    for (alpha, N, d), idx in walks.items():
+        T = max(max(runs[i].drift) for i in idx)
+        its = list(range(T + 1))
+        c = color(idx[0]) if len(idx) == 1 else "0.3"
+        out.insert(0, Overlay(f"Eq. 2 random walk √(T·α²·d/N), α={alpha:g}, N={N}, d={d:,}", "--", c, its,
+                              [math.sqrt(random_walk_sq(t, alpha, d, N)) for t in its]))
+    return out
+
+
+def plot_drift(runs: Sequence[RunSummary], path: Path) -> Path | None:
+    """Measured ‖θ − θ₀‖ per run against the noise-only predictions."""
+    drawn = [i for i, r in enumerate(runs) if r.drift]
+    if not drawn:
+        return None
+    fig, axes = _subplots(1, 1, (10, 4.8))
+    ax = axes[0, 0]
+    handles: list[Any] = []
+    for i in drawn:
+        its = sorted(runs[i].drift)
+        handles.append(ax.plot(its, [runs[i].drift[k] for k in its], color=color(i), linewidth=1.8,
+                               marker="o" if len(its) <= 30 else None, markersize=3, label=runs[i].label)[0])
+    for o in drift_overlays(runs):
+        handles.append(ax.plot(o.iterations, o.norms, color=o.color, linestyle=o.linestyle, linewidth=1.2,
+                               label=o.label)[0])
+    ax.set(title="Weight drift vs. the noise-only prediction (Eq. 2)", ylabel="‖θ − θ₀‖₂ (distance from the base)")
+    ax.set_ylim(bottom=0)
+    _iteration_axis(ax)
+    _legend(fig, handles, where="right upper")
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------- KL (Fig. 7)
+def plot_kl_heatmap(runs: Sequence[RunSummary], path: Path) -> Path | None:
+    """Tasks × runs, KL(base ‖ run) at each run's last KL iteration."""
+    tasks = sorted({t for r in runs for t in r.kl})
+    if not tasks:
+        return None
+    data = np.array([[r.kl.get(t, np.nan) for r in runs] for t in tasks])
+    longest = max(len(r.label) for r in runs)
+    fig, axes = _subplots(1, 1, (3.0 + 1.2 * len(runs), 1.8 + 0.5 * len(tasks) + 0.06 * longest))
+    ax = axes[0, 0]
+    im = ax.imshow(data, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(runs)), [r.label for r in runs], rotation=30, ha="right", rotation_mode="anchor",
+                  fontsize=8)
+    ax.set_yticks(range(len(tasks)), tasks)
+    for i in range(len(tasks)):
+        for j in range(len(runs)):
+            if not np.isnan(data[i, j]):
+                shade = "black" if im.norm(data[i, j]) > 0.6 else "white"
+                ax.text(j, i, f"{data[i, j]:.2g}", ha="center", va="center", color=shade, fontsize=8)
+    fig.colorbar(im, ax=ax, label="KL(base ‖ run), nats/token")
+    ax.set_title("KL to the base model at the last iteration")
+    return _save(fig, path)
+
+
+def plot_kl_budget(runs: Sequence[RunSummary], path: Path) -> Path | None:
+    """Per run with a KL budget: measured KL and the budget over iterations, reward on the right axis."""
+    tracked = [r for r in runs if r.series("kl/measured")]
+    if not tracked:
+        return None
+    cols = min(2, len(tracked))
+    rows = -(-len(tracked) // cols)
+    fig, axes = _subplots(rows, cols, (6.2 * cols, 3.6 * rows + 0.6))
+    for ax, r in zip(axes.flat, tracked):
+        kl, budget, reward = r.series("kl/measured"), r.series("kl/budget"), r.series("reward/mean")
+        its = sorted(kl)
+        ax.plot(its, [kl[k] for k in its], color="C0", marker="o", markersize=3.5)
+        if budget:
+            b = sorted(budget)
+            ax.plot(b, [budget[k] for k in b], color="C3", linestyle="--", drawstyle="steps-post")
+        ax.set(title=r.label, ylabel="KL to the base (nats/token)")
+        ax.set_ylim(bottom=0)
+        _iteration_axis(ax)
+        if reward:
+            tw = ax.twinx()
+            rs = sorted(reward)
+            tw.plot(rs, [reward[k] for k in rs], color="0.45", linewidth=1.0)
+            tw.set_ylabel("target reward (reward/mean)")
+    for ax in list(axes.flat)[len(tracked):]:
+        ax.axis("off")
+    fig.suptitle("KL budget: measured KL to the base and the target reward")
+    _legend(fig, [Line2D([], [], color="C0", marker="o", markersize=4, label="measured KL (left axis)"),
+                  Line2D([], [], color="C3", linestyle="--", label="KL budget (left axis)"),
+                  Line2D([], [], color="0.45", label="target reward (right axis)")])
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------- all
+Plot = Callable[[Sequence["RunSummary"], dict[str, Setting], Sequence["ComparisonRow"], Path], "Path | None"]
+
+#: file name -> (caption in report.md, how to draw it); a figure without data is skipped.
+PLOTS: dict[str, tuple[str, Plot]] = {
+    "forgetting_curves.png": ("Target-task accuracy (left) and average prior-task change (right) over iterations",
+                              lambda runs, settings, rows, path: plot_forgetting_curves(runs, settings, path)),
+    "task_curves.png": ("Accuracy per task over iterations",
+                        lambda runs, settings, rows, path: plot_task_curves(runs, settings, path)),
+    "lambda.png": ("Target and average prior-task change against λ",
+                   lambda runs, settings, rows, path: plot_lambda(runs, rows, path)),
+    "drift.png": ("‖θ − θ₀‖ over iterations against the noise-only prediction",
+                  lambda runs, settings, rows, path: plot_drift(runs, path)),
+    "kl_heatmap.png": ("KL to the base model per task and run",
+                       lambda runs, settings, rows, path: plot_kl_heatmap(runs, path)),
+    "kl_budget.png": ("Measured KL against the KL budget",
+                      lambda runs, settings, rows, path: plot_kl_budget(runs, path)),
+}
+
+
+def make_all(runs: Sequence[RunSummary], settings: dict[str, Setting], rows: Sequence[ComparisonRow],
+             out: Path) -> dict[str, str]:
+    """Every figure the runs have data for: file name -> caption."""
+    made = {}
+    for name, (caption, plot) in PLOTS.items():
+        if plot(runs, settings, rows, out / name) is not None:
+            made[name] = caption
+    return made

@@ -1,0 +1,157 @@
+"""95% intervals for accuracies and accuracy changes, so that noise never reads as an effect.
+
+A few hundred evaluation examples give intervals of several points: a table of bare
+changes invites reading −1.5 as forgetting. Every number the report shows comes with
+one of these intervals, and the method used is named in the report's footnotes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Two-sided 95% normal quantile.
+Z95 = 1.959963984540054
+#: Bootstrap replicates and seed: fixed, so a report regenerated from the same rows is identical.
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+
+WILSON = "wilson"
+BOOTSTRAP = "paired bootstrap"
+NEWCOMBE = "newcombe"
+QUADRATURE = "quadrature"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A value with its 95% interval; lo/hi are NaN and method "" when no interval exists."""
+
+    value: float
+    lo: float = math.nan
+    hi: float = math.nan
+    method: str = ""
+
+    @property
+    def has_interval(self) -> bool:
+        return not (math.isnan(self.lo) or math.isnan(self.hi))
+
+    def contains_zero(self) -> bool:
+        """True when the interval does not exclude "no change" (1e-12 absorbs float residue)."""
+        return self.has_interval and self.lo <= 1e-12 and self.hi >= -1e-12
+
+    def scaled(self, factor: float) -> Estimate:
+        return Estimate(self.value * factor, self.lo * factor, self.hi * factor, self.method)
+
+
+def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for k successes in n: stays inside [0, 1] and is sane at 0/n and n/n."""
+    if n <= 0:
+        raise ValueError("wilson needs n >= 1")
+    p = k / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    # At 0/n and n/n the bound is exactly 0 or 1; say so rather than 0.9999999999999999.
+    lo = 0.0 if k == 0 else max(0.0, center - half)
+    hi = 1.0 if k == n else min(1.0, center + half)
+    return lo, hi
+
+
+def accuracy_estimate(k: int, n: int) -> Estimate:
+    """An accuracy k/n with its Wilson interval."""
+    lo, hi = wilson(k, n)
+    return Estimate(k / n, lo, hi, WILSON)
+
+
+def newcombe_change(k0: int, n0: int, k1: int, n1: int, z: float = Z95) -> Estimate:
+    """p1 − p0 for independent samples: Newcombe's hybrid score interval (his method 10).
+
+    Used when the per-example results are not stored, so the pairing of the two
+    evaluations (the same examples) cannot be used; it is then usually conservative.
+    """
+    p0, p1 = k0 / n0, k1 / n1
+    l0, u0 = wilson(k0, n0, z)
+    l1, u1 = wilson(k1, n1, z)
+    d = p1 - p0
+    lo = d - math.sqrt((p1 - l1) ** 2 + (u0 - p0) ** 2)
+    hi = d + math.sqrt((u1 - p1) ** 2 + (p0 - l0) ** 2)
+    return Estimate(d, lo, hi, NEWCOMBE)
+
+
+def _paired_counts(before: Sequence[int], after: Sequence[int]) -> tuple[int, int, int]:
+    """(examples gained 0→1, lost 1→0, total) of two evaluations of the same examples."""
+    if len(before) != len(after) or not before:
+        raise ValueError("a paired change needs two equally long, non-empty lists of 0/1")
+    b = np.asarray(before, dtype=bool)
+    a = np.asarray(after, dtype=bool)
+    return int(np.sum(a & ~b)), int(np.sum(~a & b)), len(b)
+
+
+def _bootstrap_draws(gained: int, lost: int, n: int, rng: np.random.Generator, resamples: int) -> np.ndarray:
+    """Replicates of the change when n examples are redrawn with replacement.
+
+    Only how many redrawn examples were gained and lost matters, and those counts are
+    multinomial: drawing them is the same bootstrap as redrawing indices, at O(1) per
+    replicate instead of O(n).
+    """
+    probs = [gained / n, lost / n, max(0.0, 1.0 - (gained + lost) / n)]
+    counts = rng.multinomial(n, probs, size=resamples)
+    return (counts[:, 0] - counts[:, 1]) / n
+
+
+def _percentiles(draws: np.ndarray) -> tuple[float, float]:
+    lo, hi = np.quantile(draws, [0.025, 0.975])
+    return float(lo), float(hi)
+
+
+def paired_bootstrap_change(
+    before: Sequence[int], after: Sequence[int], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
+) -> Estimate:
+    """mean(after) − mean(before) on the same examples, with a percentile bootstrap interval.
+
+    Pairing matters: an example answered correctly at both iterations contributes no
+    uncertainty, so this interval is much tighter than one for independent samples.
+    """
+    gained, lost, n = _paired_counts(before, after)
+    draws = _bootstrap_draws(gained, lost, n, np.random.default_rng(seed), resamples)
+    lo, hi = _percentiles(draws)
+    return Estimate((gained - lost) / n, lo, hi, BOOTSTRAP)
+
+
+def paired_bootstrap_mean_change(
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]], resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> Estimate:
+    """Average over tasks of paired changes: each task's examples are redrawn independently
+    and the per-task changes averaged within each replicate."""
+    if not pairs:
+        raise ValueError("no tasks to average")
+    rng = np.random.default_rng(seed)
+    total = np.zeros(resamples)
+    value = 0.0
+    for before, after in pairs:
+        gained, lost, n = _paired_counts(before, after)
+        total += _bootstrap_draws(gained, lost, n, rng, resamples)
+        value += (gained - lost) / n
+    lo, hi = _percentiles(total / len(pairs))
+    return Estimate(value / len(pairs), lo, hi, BOOTSTRAP)
+
+
+def quadrature_mean(estimates: Sequence[Estimate]) -> Estimate:
+    """Average of independent estimates; each side's half-widths combined in quadrature / m.
+
+    The fallback when per-example results are missing: exact for normal errors of
+    independent tasks, an approximation for the (asymmetric) score intervals.
+    """
+    if not estimates:
+        raise ValueError("no estimates to average")
+    m = len(estimates)
+    value = sum(e.value for e in estimates) / m
+    if not all(e.has_interval for e in estimates):
+        return Estimate(value)
+    down = math.sqrt(sum((e.value - e.lo) ** 2 for e in estimates)) / m
+    up = math.sqrt(sum((e.hi - e.value) ** 2 for e in estimates)) / m
+    return Estimate(value, value - down, value + up, QUADRATURE)

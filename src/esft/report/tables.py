@@ -1,0 +1,229 @@
+"""The report's tables: accuracy changes with intervals (md, csv), settings used, drift.
+
+Markdown shows percentage points, report.csv fractions (the unit of forgetting.jsonl),
+each value beside its 95% interval bounds.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from esft.report.evals import EvalPoint, Setting, change_between, mean_change, task_change
+from esft.report.intervals import (
+    BOOTSTRAP,
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    NEWCOMBE,
+    QUADRATURE,
+    Estimate,
+)
+
+if TYPE_CHECKING:
+    from esft.report.summary import RunSummary
+
+ZERO_MARK = "°"
+PARTIAL_MARK = "*"
+
+
+@dataclass
+class ComparisonRow:
+    """One run's row: the change of each task and the average over its prior tasks."""
+
+    run: RunSummary
+    changes: dict[str, Estimate | None]
+    prior: Estimate | None
+    prior_used: int  # prior tasks the average is over
+    prior_columns: int  # prior tasks the table has
+
+    @property
+    def target(self) -> Estimate | None:
+        return self.changes.get(self.run.target_task or "")
+
+
+def comparison(runs: Sequence[RunSummary], settings: dict[str, Setting]) -> list[ComparisonRow]:
+    """Change from iteration 0 to each task's last evaluated iteration, in the task's setting."""
+    out = []
+    for r in runs:
+        pairs = {t: task_change(r.evals, t, s) for t, s in settings.items()}
+        changes = {t: _change(p) for t, p in pairs.items()}
+        prior = [p for t, p in pairs.items() if p is not None and t != r.target_task]
+        columns = sum(t != r.target_task for t in settings)
+        out.append(ComparisonRow(r, changes, mean_change(prior) if prior else None, len(prior), columns))
+    return out
+
+
+def _change(pair: tuple[EvalPoint, EvalPoint] | None) -> Estimate | None:
+    return change_between(*pair) if pair else None
+
+
+# --------------------------------------------------------------------- markdown
+def points(x: float) -> str:
+    """A fraction as signed percentage points, one decimal, never '-0.0'."""
+    s = f"{100 * x:+.1f}"
+    return "+0.0" if s == "-0.0" else s
+
+
+def cell(e: Estimate | None, partial: bool = False) -> str:
+    """'+20.0 [+12.1, +27.5]', '°' when the interval holds 0, '–' when there is no value."""
+    if e is None:
+        return "–"
+    s = points(e.value)
+    if e.has_interval:
+        s += f" [{points(e.lo)}, {points(e.hi)}]"
+    if e.contains_zero():
+        s += ZERO_MARK
+    return s + (PARTIAL_MARK if partial else "")
+
+
+def markdown_table(rows: Sequence[ComparisonRow], tasks: Sequence[str]) -> str:
+    header = ["run", *[f"Δ {t}" for t in tasks], "avg Δ prior"]
+    out = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for row in rows:
+        cells = [cell(row.changes[t]) for t in tasks]
+        cells.append(cell(row.prior, partial=row.prior is not None and row.prior_used < row.prior_columns))
+        out.append(f"| {row.run.label} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def footnotes(rows: Sequence[ComparisonRow]) -> list[str]:
+    """What the marks mean and which interval methods the table used."""
+    estimates = [e for row in rows for e in [*row.changes.values(), row.prior] if e is not None]
+    methods = {e.method for e in estimates}
+    notes = [f"{ZERO_MARK} interval contains 0: not distinguishable from no change.",
+             "– no change: the run lacks the task's setting at iteration 0 or at its last evaluated iteration."]
+    if any(r.prior is not None and r.prior_used < r.prior_columns for r in rows):
+        notes.append(f"{PARTIAL_MARK} average over fewer prior tasks than the table has (the others show –).")
+    if BOOTSTRAP in methods:
+        notes.append(f"Intervals: paired bootstrap over examples ({BOOTSTRAP_RESAMPLES} resamples, seed "
+                     f"{BOOTSTRAP_SEED}, percentile 95%) where both rows list per-example results; the average "
+                     "resamples each prior task's examples and averages the per-task changes per replicate.")
+    if NEWCOMBE in methods or QUADRATURE in methods:
+        notes.append("Intervals: Newcombe's hybrid score interval for a difference of independent proportions "
+                     "where rows lack per-example results (`correct`), which ignores the pairing of the two "
+                     "evaluations and is usually conservative; averages combine the per-task half-widths in "
+                     "quadrature / number of tasks.")
+    if any(e.method == BOOTSTRAP and e.lo == e.hi for e in estimates):
+        notes.append("An interval of width 0 (e.g. [+0.0, +0.0]): every example moved alike, typically none "
+                     "changed, so the bootstrap sees no variation; changes rarer than about 1 in n are not excluded.")
+    if any(not e.has_interval for e in estimates):
+        notes.append("A value without an interval comes from rows without `n` (evaluated before it was logged).")
+    return notes
+
+
+def settings_lines(runs: Sequence[RunSummary], settings: dict[str, Setting]) -> list[str]:
+    """'- piqa: limit 200, 256 new tokens (rows in 3 of 3 runs)', and the settings left out."""
+    lines = []
+    for task, setting in settings.items():
+        having = [r for r in runs if setting in r.evals.get(task, {})]
+        line = f"- {task}: {setting.describe()} (rows in {len(having)} of {len(runs)} runs)"
+        others = []
+        for r in runs:
+            for s, curve in r.evals.get(task, {}).items():
+                if s != setting:
+                    its = ", ".join(str(k) for k in sorted(curve))
+                    others.append(f"{s.describe()} in {r.label} at iteration{'s' * (len(curve) > 1)} {its}")
+        if others:
+            line += "; not used: " + "; ".join(others)
+        lines.append(line)
+    return lines
+
+
+# --------------------------------------------------------------------- csv
+def csv_table(rows: Sequence[ComparisonRow], tasks: Sequence[str]) -> str:
+    """Fractions: each change and the average prior change as value, lo95, hi95 columns."""
+    names = [*[f"Δ {t}" for t in tasks], "avg Δ prior"]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["run", *[f"{n}{suffix}" for n in names for suffix in ("", " lo95", " hi95")]])
+    for row in rows:
+        values = [*[row.changes[t] for t in tasks], row.prior]
+        w.writerow([row.run.label, *[v for e in values for v in _csv_triple(e)]])
+    return buf.getvalue()
+
+
+def _csv_triple(e: Estimate | None) -> list[float | str]:
+    if e is None:
+        return ["", "", ""]
+    if not e.has_interval:
+        return [e.value, "", ""]
+    return [e.value, e.lo, e.hi]
+
+
+# --------------------------------------------------------------------- drift
+def _g(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def drift_table(runs: Sequence[RunSummary]) -> str:
+    """Final ‖θ_T − θ₀‖ against the random-walk (or AWD L2) prediction, one row per run."""
+    out = ["| run | T | ‖θ_T − θ₀‖ | predicted | measured / predicted | prediction |",
+           "|---|---:|---:|---:|---:|---|"]
+    for r in runs:
+        pred = r.drift_prediction()
+        if not r.drift:
+            out.append(f"| {r.label} | – | – | – | – | {pred} |")
+            continue
+        T = max(r.drift)
+        measured = r.drift[T]
+        if isinstance(pred, str):
+            out.append(f"| {r.label} | {T} | {_g(measured)} | – | – | {pred} |")
+            continue
+        predicted = pred.norm(T)
+        ratio = _g(measured / predicted) if predicted > 0 else "–"
+        how = f"{pred.kind}, α={pred.alpha:g}, N={pred.N}, d={pred.d:,}"
+        if pred.stationary_sq is not None:
+            how += f"; stationary √X* = {_g(math.sqrt(pred.stationary_sq))}"
+        out.append(f"| {r.label} | {T} | {_g(measured)} | {_g(predicted)} | {ratio} | {how} |")
+    return "\n".join(out)
+
+
+def drift_notes(runs: Sequence[RunSummary]) -> list[str]:
+    notes = ["Prediction: without AWD, Eq. 2 of arXiv 2605.30148, √(T·α²·d/N) (updates of pure noise add up "
+             "like a random walk); with AWD L2, √E‖D_T‖² of D ← (1−s)(D + u) from D₀ = 0 with E‖u‖² = α²·d/N and "
+             "s = α·λ (λ when decoupled, or the logged `awd/step`), whose fixed point is X* = (1−s)²U/(1−(1−s)²). "
+             "A ratio near 1 means the drift is what noise alone would give."]
+    lacking = [r.label for r in runs if r.drift and r.drift_prediction() == "metrics.jsonl has no params/trainable (d)"]
+    if lacking:
+        notes.append(f"No prediction for {', '.join(lacking)}: metrics.jsonl has no `params/trainable` "
+                     "(d, the number of trained weights), which the prediction needs.")
+    if any(r.config.get("mirror_sampling") for r in runs if r.drift):
+        notes.append("Mirrored runs: Eq. 2 assumes independent members; (+ε, −ε) pairs make it approximate.")
+    return notes
+
+
+# --------------------------------------------------------------------- report.md
+def report_markdown(
+    runs: Sequence[RunSummary], settings: dict[str, Setting], rows: Sequence[ComparisonRow], figures: dict[str, str]
+) -> str:
+    """The whole report.md: comparison table, settings, runs, drift table, figures."""
+    tasks = list(settings)
+    lines = ["# esft report", "", "## Accuracy change from the base model", "",
+             "Change from iteration 0 to each run's last evaluated iteration of that task, in percentage "
+             "points, with its 95% interval [lo, hi]; prior = every task but the run's training task.", "",
+             markdown_table(rows, tasks), ""]
+    lines += [f"{n}  " for n in footnotes(rows)]
+    lines += ["", "report.csv holds the same numbers as fractions (0.2 = 20 points), with `lo95` and `hi95` "
+              "columns for the interval bounds.", ""]
+    if settings:
+        lines += ["### Evaluation setting per task", "",
+                  "Changes are only taken between rows of one setting (limit, new tokens, shots, data version); "
+                  "each task uses the setting most runs can compare in.", "", *settings_lines(runs, settings), ""]
+    lines += ["## Runs", ""]
+    for r in runs:
+        lines.append(f"- **{r.label}**: `{r.path}` (task `{r.target_task}`, model `{r.config.get('model')}`)")
+    missing = [r.label for r in runs if not r.evals]
+    if missing:
+        lines += ["", f"No accuracy rows for {', '.join(missing)}: run `esft eval --run RUN_DIR --tasks ...` first."]
+    lines.append("")
+    if any(r.drift for r in runs):
+        lines += ["## Weight drift", "", drift_table(runs), "", *[f"{n}  " for n in drift_notes(runs)], ""]
+    if figures:
+        lines += ["## Figures", ""]
+        for name, caption in figures.items():
+            lines += [f"![{caption}]({name})", "", f"*{caption}*", ""]
+    return "\n".join(lines)

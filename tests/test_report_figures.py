@@ -1,0 +1,179 @@
+"""`esft report` figures on run directories written by hand (no model needed): every
+figure is written, readable (one legend outside the panels, integer iteration ticks,
+labels inside the canvas), and the drift overlay is Eq. 2 for each run's own α, N, d."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from esft.report import figures
+from esft.report.runs import build_report, load_run
+
+FIGURES = ("forgetting_curves.png", "task_curves.png", "lambda.png", "drift.png", "kl_heatmap.png", "kl_budget.png")
+D = 10_000  # trainable weights of the synthetic runs
+
+
+def write_run(root: Path, name: str, config: dict[str, Any], evals: list[dict[str, Any]],
+              metrics: list[dict[str, Any]], kl: list[dict[str, Any]] | None = None) -> Path:
+    run = root / name
+    (run / "eval").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    (run / "eval" / "forgetting.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    if kl is not None:
+        (run / "kl.json").write_text(json.dumps(kl))
+    return run
+
+
+def evals(tasks: dict[str, float], drift: float, its: tuple[int, ...] = (0, 5, 10), n: int = 20) -> list[dict[str, Any]]:
+    """Rows whose accuracy moves by `drift` per task over the run, with per-example results."""
+    rows = []
+    for k in its:
+        for t, p in tasks.items():
+            hits = round(n * min(1.0, max(0.0, p + drift * k / its[-1] * (1 if t == "countdown" else -1))))
+            rows.append({"iteration": k, "task": t, "accuracy": hits / n, "n": n, "limit": n, "max_new_tokens": 64,
+                         "correct": [1] * hits + [0] * (n - hits)})
+    return rows
+
+
+def metrics(cfg: dict[str, Any], T: int = 10, kl: bool = False) -> list[dict[str, Any]]:
+    s = 0.0 if cfg.get("awd", "none") == "none" else cfg["learning_rate"] * cfg["awd_lambda"]
+    out, x = [], 0.0
+    for t in range(1, T + 1):
+        x = (1 - s) ** 2 * (x + cfg["learning_rate"] ** 2 * D / cfg["population_size"])
+        m = {"iteration": t, "reward/mean": 0.1 + 0.05 * t, "drift/norm": 1.1 * math.sqrt(x), "params/trainable": D}
+        if s:
+            m["awd/step"] = s
+        if kl and t % 2 == 0:
+            m |= {"kl/measured": 0.001 * t, "kl/budget": 0.006}
+        out.append(m)
+    return out
+
+
+def es(**kw: Any) -> dict[str, Any]:
+    return {"model": "embedded", "task": "countdown", "population_size": 30, "learning_rate": 5e-3, "awd": "none",
+            "output_dir": "runs/x", **kw}
+
+
+TASKS = {"countdown": 0.1, "piqa": 0.6, "hellaswag": 0.4}
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> tuple[list[Any], dict[str, Any], list[Any], Path]:
+    """A small sweep loaded as the report sees it: no AWD, L2 at two λ, L1 (another N),
+    and GRPO without target evaluations (its target panel falls back to the reward)."""
+    from esft.report.evals import choose_settings
+    from esft.report.tables import comparison
+
+    root = tmp_path_factory.mktemp("report")
+    kl = [{"iteration": 10, "task": t, "kl_exact_token": 0.01 * (i + 1)} for i, t in enumerate(TASKS)]
+    cfgs = {"es": es(), "l2_1": es(awd="l2", awd_lambda=1.0, output_dir="runs/l2_1"),
+            "l2_10": es(awd="l2", awd_lambda=10.0, output_dir="runs/l2_10"),
+            "l1": es(awd="l1", awd_lambda=0.01, population_size=20)}
+    dirs = [write_run(root, name, cfg, evals(TASKS, 0.3 / (1 + i)), metrics(cfg, kl=name == "l2_10"), kl)
+            for i, (name, cfg) in enumerate(cfgs.items())]
+    grpo = {"trainer": "grpo", "task": "countdown", "model": "embedded", "beta": 0.005}
+    dirs.append(write_run(root, "grpo", grpo, evals({"piqa": 0.6, "hellaswag": 0.4}, 0.2),
+                          [{"iteration": t, "reward/mean": 0.05 * t} for t in range(1, 11)], kl))
+    runs = [load_run(d) for d in dirs]
+    settings = choose_settings([r.evals for r in runs])
+    return runs, settings, comparison(runs, settings), root
+
+
+def inspect(fig) -> dict[str, Any]:
+    renderer = fig.canvas.get_renderer()
+    canvas = fig.bbox
+    legends = [leg.get_window_extent(renderer) for leg in fig.legends]
+    panels = [ax for ax in fig.axes if ax.get_visible() and ax.axison]
+    texts = [t for ax in panels for t in (ax.title, ax.xaxis.label, ax.yaxis.label, *_drawn_ticks(ax))
+             if t.get_text() and t.get_visible()]
+    outside = [t.get_text() for t in texts if not _inside(t.get_window_extent(renderer), canvas)]
+    return {
+        "figure_legends": len(fig.legends),
+        "panel_legends": sum(ax.get_legend() is not None for ax in fig.axes),
+        "legend_over_panel": any(leg.overlaps(ax.get_window_extent(renderer)) for leg in legends for ax in panels),
+        "iteration_ticks": [float(x) for ax in panels if ax.get_xlabel() == "iteration" for x in ax.get_xticks()],
+        "text_outside_canvas": outside,
+    }
+
+
+def _drawn_ticks(ax) -> list[Any]:
+    """Tick labels inside the view limits: matplotlib lays out but does not draw the others."""
+    (x0, x1), (y0, y1) = sorted(ax.get_xlim()), sorted(ax.get_ylim())
+    xs = [t.label1 for t in ax.xaxis.get_major_ticks() if x0 <= t.get_loc() <= x1]
+    ys = [t.label1 for t in ax.yaxis.get_major_ticks() if y0 <= t.get_loc() <= y1]
+    ys += [t.label2 for t in ax.yaxis.get_major_ticks() if y0 <= t.get_loc() <= y1 and t.label2.get_visible()]
+    return xs + ys
+
+
+def _inside(box, canvas, slack: float = 1.0) -> bool:
+    return (box.x0 >= canvas.x0 - slack and box.y0 >= canvas.y0 - slack
+            and box.x1 <= canvas.x1 + slack and box.y1 <= canvas.y1 + slack)
+
+
+@pytest.mark.parametrize("name", FIGURES)
+def test_each_figure_is_written_and_readable(sweep, name, tmp_path, monkeypatch) -> None:
+    runs, settings, rows, _ = sweep
+    seen: dict[str, Any] = {}
+
+    def inspecting_save(fig, path):
+        fig.savefig(path)
+        seen.update(inspect(fig))
+        figures.plt.close(fig)
+        return path
+
+    monkeypatch.setattr(figures, "_save", inspecting_save)
+    caption, plot = figures.PLOTS[name]
+    assert plot(runs, settings, rows, tmp_path / name) == tmp_path / name
+    assert (tmp_path / name).stat().st_size > 10_000, f"{name} is nearly empty"
+    assert seen["text_outside_canvas"] == [], f"{name}: labels cut off at the canvas edge"
+    if name != "kl_heatmap.png":
+        assert (seen["figure_legends"], seen["panel_legends"]) == (1, 0), f"{name}: one legend for the figure"
+        assert not seen["legend_over_panel"], f"{name}: the legend covers a panel"
+    assert all(x == int(x) for x in seen["iteration_ticks"]), f"{name}: fractional iteration ticks"
+
+
+def test_report_md_shows_every_figure_with_its_caption(sweep, monkeypatch) -> None:
+    _, _, _, root = sweep
+
+    def stub(name: str) -> Any:
+        return lambda runs, settings, rows, path: path  # drawing is tested above
+
+    monkeypatch.setattr(figures, "PLOTS", {n: (c, stub(n)) for n, (c, _) in figures.PLOTS.items()})
+    dirs = sorted(p for p in root.iterdir() if (p / "config.yaml").exists())
+    md = build_report(dirs, root / "out").read_text()
+    for name, (caption, _) in figures.PLOTS.items():
+        assert f"![{caption}]({name})" in md, f"report.md does not show {name}"
+    assert set(figures.PLOTS) == set(FIGURES)
+
+
+def test_figures_without_data_are_skipped(tmp_path) -> None:
+    run = write_run(tmp_path, "bare", es(), [], [])
+    md = build_report([run], tmp_path / "out").read_text()
+    assert "![" not in md and not list((tmp_path / "out").glob("*.png"))
+
+
+def test_drift_overlay_is_eq2_for_each_runs_own_alpha_N_and_d(tmp_path) -> None:
+    a = es(learning_rate=2e-3, population_size=8)
+    b = es(learning_rate=1e-3, population_size=16)
+    l2 = es(learning_rate=1e-3, population_size=16, awd="l2", awd_lambda=20.0)
+    runs = [load_run(write_run(tmp_path, n, c, [], metrics(c, T=6))) for n, c in (("a", a), ("b", b), ("b2", b), ("l2", l2))]
+    overlays = figures.drift_overlays(runs)
+    walks = [o for o in overlays if o.linestyle == "--"]
+    assert len(walks) == 2, "one random-walk line per distinct (α, N, d)"
+    for o, cfg in zip(walks, (b, a)):  # inserted in front, last group first
+        alpha, N = cfg["learning_rate"], cfg["population_size"]
+        assert f"α={alpha:g}, N={N}, d={D:,}" in o.label
+        assert o.iterations == list(range(7))
+        assert [x**2 for x in o.norms] == pytest.approx([t * alpha**2 * D / N for t in range(7)], rel=1e-12)
+    s, U = 1e-3 * 20.0, 1e-3**2 * D / 16
+    stationary = next(o for o in overlays if o.linestyle == ":")
+    assert stationary.norms == pytest.approx([math.sqrt((1 - s) ** 2 * U / (1 - (1 - s) ** 2))] * 2)
+    transient = next(o for o in overlays if o.linestyle == "-.")
+    assert transient.norms[1] ** 2 == pytest.approx((1 - s) ** 2 * U)
