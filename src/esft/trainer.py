@@ -280,6 +280,8 @@ class ESTrainer:
             "es/update_norm": update_norm,
             "drift/norm": drift,
             "drift/relative": drift / self._theta0_norm if self._theta0_norm else 0.0,
+            # d, the number of trained weights: the report's random-walk prediction needs it.
+            "params/trainable": self.state.num_parameters,
             "time/generation": t_gen,
             "time/perturb_restore": t_perturb,
             "time/update": t_update,
