@@ -30,6 +30,8 @@ RESUMABLE_FIELDS = frozenset(
         "save_steps",
         "max_steps",
         "generation_batch_size",
+        # A limit on user reward calls; a fixed function under a new limit may resume.
+        "reward_timeout",
         # Full-rank members score bitwise the same batched or one at a time (on CPU);
         # low-rank ones agree up to the rounding of the shared matmul (README).
         "members_per_batch",
@@ -77,6 +79,13 @@ class ESConfig:
         awd: "none", "l2", "l1" or "huber".
         awd_lambda: λ; step s = α·λ (coupled) or λ (`awd_decoupled`).
         awd_huber_delta: Huber threshold between the quadratic and the L1 regime.
+
+    Parameters of the reward:
+        reward_timeout: seconds a user reward function (`module:function`, `reward_funcs`)
+            may take for one batch of completions; a call past it is abandoned, its
+            completions score 0 and count in `reward/errors`; 3 timed-out calls in a row
+            stop the run (the seed log stays intact: fix the function, then `--resume`).
+            0 disables the limit. Built-in task rewards are bounded and never timed.
 
     Parameters that control generation:
         max_new_tokens, max_train_samples, prompts_per_step, generation_batch_size,
@@ -126,6 +135,9 @@ class ESConfig:
     awd_lambda: float | None = option("λ (default: 10 for l2, 0.01 for l1/huber)", default=None)
     awd_decoupled: bool = option("step s = λ instead of α·λ", default=False)
     awd_huber_delta: float = option("huber: |θ−θ₀| threshold of the quadratic zone", default=1e-3)
+
+    # Reward
+    reward_timeout: float = option("seconds per call of a user reward function (0: no limit)", default=60.0)
 
     # Generation
     max_new_tokens: int = option("tokens generated per prompt (greedy)", default=1024)

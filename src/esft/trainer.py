@@ -315,9 +315,13 @@ def _json_line(d: dict[str, Any]) -> str:
 def _format_metrics(m: dict[str, Any]) -> str:
     skipped = " (update skipped: equal rewards)" if m["es/skipped"] else ""
     errs = f" reward_errors={m['reward/errors']}" if m["reward/errors"] else ""
+    # One term per reward function when there are several (rewards/<name>/mean).
+    parts = "".join(
+        f" {k.split('/')[1]}={v:.4g}" for k, v in m.items() if k.startswith("rewards/") and k.endswith("/mean")
+    )
     return (
         f"iter {m['iteration']:>4}  reward mean={m['reward/mean']:.4g} max={m['reward/max']:.4g} "
-        f"std={m['reward/std']:.3g}  |Δθ|={m['es/update_norm']:.3g}  |θ−θ₀|={m['drift/norm']:.4g} "
+        f"std={m['reward/std']:.3g}{parts}  |Δθ|={m['es/update_norm']:.3g}  |θ−θ₀|={m['drift/norm']:.4g} "
         f"gen={m['time/generation']:.1f}s es={m['time/perturb_restore'] + m['time/update']:.1f}s "
         f"{m['tokens/per_second']:.0f} tok/s{errs}{skipped}"
     )
