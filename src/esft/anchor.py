@@ -22,6 +22,16 @@ from safetensors.torch import save_file
 Penalty = Literal["none", "l2", "l1", "huber"]
 
 
+class DamagedAnchorError(ValueError):
+    """θ₀ on disk is unreadable, truncated or does not hold the bits it was written with."""
+
+
+def _umask() -> int:
+    from esft.io import _umask as umask
+
+    return umask()
+
+
 # ----------------------------------------------------------------------- penalties
 def shrink(d: torch.Tensor, penalty: Penalty, step: float, huber_delta: float = 1e-3) -> torch.Tensor:
     """One AWD step on d = θ − θ₀ (in place where possible); returns the new d.
@@ -57,21 +67,57 @@ class AnchorFile:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        with open(self.path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
-        header.pop("__metadata__", None)
+        try:
+            with open(self.path, "rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(header_len))
+            size = self.path.stat().st_size
+        except (struct.error, json.JSONDecodeError, UnicodeDecodeError, MemoryError, OverflowError) as e:
+            raise DamagedAnchorError(f"{self.path} is not a readable safetensors file ({e})") from None
+        metadata = header.pop("__metadata__", None) or {}
         self._data_start = 8 + header_len
         self._entries = header
+        self.recorded_checksum: str | None = metadata.get("esft_checksum")
+        end = max((e["data_offsets"][1] for e in header.values()), default=0)
+        if self._data_start + end > size:
+            raise DamagedAnchorError(f"{self.path} is truncated ({size} bytes, its header needs {self._data_start + end})")
 
     @staticmethod
     def write(path: str | Path, tensors: Iterable[tuple[str, torch.Tensor]]) -> AnchorFile:
-        """Save fp32 copies atomically (temp file + rename); returns the reader."""
+        """Save fp32 copies atomically (temp file + rename), with their checksum; returns the reader."""
+        from esft.io import TMP_INFIX, disk_errors
+        from esft.params import tensors_checksum
+
         path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        save_file({n: t.detach().to("cpu", torch.float32).contiguous() for n, t in tensors}, str(tmp))
-        os.replace(tmp, path)
+        tmp = path.with_name(f".{path.name}{TMP_INFIX}{os.getpid()}")
+        copies = {n: t.detach().to("cpu", torch.float32).contiguous() for n, t in tensors}
+        try:
+            with disk_errors(path):
+                # Over the tensors in name order: the file's own order is the library's choice.
+                checksum = tensors_checksum(sorted(copies.items()))
+                save_file(copies, str(tmp), metadata={"esft_checksum": checksum})
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return AnchorFile(path)
+
+    def verify(self, names: Iterable[str]) -> None:
+        """Raise DamagedAnchorError unless the tensors `names` hold the bits recorded at write time.
+
+        Files written before checksums were recorded are trusted as they are.
+        """
+        from esft.params import tensors_checksum
+
+        names = list(names)
+        missing = [n for n in names if n not in self._entries]
+        if missing:
+            raise DamagedAnchorError(f"{self.path} lacks tensors {missing[:3]}")
+        if self.recorded_checksum is None:
+            return
+        # The checksum was taken over every tensor in the file, in name order.
+        if tensors_checksum((n, self.get(n)) for n in sorted(self._entries)) != self.recorded_checksum:
+            raise DamagedAnchorError(f"{self.path} does not hold the bits it was written with (checksum mismatch)")
 
     def names(self) -> list[str]:
         return list(self._entries)

@@ -53,6 +53,7 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_replay(argv: list[str]) -> int:
+    from esft.io import check_replaceable
     from esft.seedlog import replay, save_hf_dir
 
     p = argparse.ArgumentParser(prog="esft replay", description="Rebuild the weights after iteration K from the seed log.")
@@ -60,8 +61,11 @@ def cmd_replay(argv: list[str]) -> int:
     p.add_argument("--iteration", type=int, required=True, help="K (0 = the base model)")
     p.add_argument("--output", required=True, help="HF directory to write")
     p.add_argument("--device", default="auto")
+    p.add_argument("--use_checkpoints", action="store_true",
+                   help="start from the latest good checkpoint instead of replaying every record from the base")
     a = p.parse_args(argv)
-    state, tokenizer = replay(a.run_dir, a.iteration, device=a.device)
+    check_replaceable(a.output)  # before the replay: never overwrite a run or a folder of the user's
+    state, tokenizer = replay(a.run_dir, a.iteration, device=a.device, use_checkpoints=a.use_checkpoints)
     Path(a.output).parent.mkdir(parents=True, exist_ok=True)
     save_hf_dir(a.output, state, tokenizer, {"iteration": a.iteration, "replayed_from": str(a.run_dir)})
     print(f"weights after iteration {a.iteration} written to {a.output}")
@@ -97,10 +101,15 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--torch_dtype", default="auto")
     a = p.parse_args(argv)
     tasks = a.tasks
+    for flag in ("every", "limit", "max_new_tokens", "batch_size"):
+        value = getattr(a, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag} must be >= 1 (got {value})")
     if a.run:
         rows = accuracy.evaluate_run(a.run, tasks, a.every, a.iterations, a.limit, a.max_new_tokens,
                                      a.batch_size, a.output, a.data_dir, a.device, num_fewshot=a.num_fewshot)
         print(accuracy.format_forgetting_table(rows))
+        print(f"rows: {Path(a.output or Path(a.run) / 'eval') / accuracy.FORGETTING_FILE}")
         return 0
     if not a.output:
         p.error("--output is required with --model")
@@ -156,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError, ImportError, ConnectionError) as e:
         # Bad input, a missing optional extra or an unreachable cluster: one clear line, no traceback.
         print(f"esft {cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk (DiskFullError names the file and the fix), a permission, ...
+        where = f" ({e.filename})" if e.filename and str(e.filename) not in str(e) else ""
+        print(f"esft {cmd}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
 
 

@@ -13,9 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from esft.flags import option
+from esft.flags import option, read_config_file, type_errors
 
 #: Per-penalty default λ (Schweighofer et al. 2026 use λ≈10 for L2 and λ≈0.01 for L1).
 DEFAULT_AWD_LAMBDA = {"l2": 10.0, "l1": 0.01, "huber": 0.01}
@@ -125,14 +123,14 @@ class ESConfig:
         "iid: a stream per tensor; shared: every tensor seeded with the same seed", default="iid"
     )
     noise_rank: int | None = option(
-        "low-rank noise: each matrix gets ε = A·Bᵀ/√r of rank r (default: full-rank)", default=None
+        "low-rank noise: each matrix gets ε = A·Bᵀ/√r of rank r; unset: full-rank noise", default=None
     )
     trainable: str | None = option("regex: only matching parameters train", default=None)
     frozen: str | None = option("regex: matching parameters stay fixed", default=None)
 
     # Anchored weight decay
     awd: Literal["none", "l2", "l1", "huber"] = option("anchored weight decay", default="none")
-    awd_lambda: float | None = option("λ (default: 10 for l2, 0.01 for l1/huber)", default=None)
+    awd_lambda: float | None = option("λ; unset: 10 for l2, 0.01 for l1/huber", default=None)
     awd_decoupled: bool = option("step s = λ instead of α·λ", default=False)
     awd_huber_delta: float = option("huber: |θ−θ₀| threshold of the quadratic zone", default=1e-3)
 
@@ -152,16 +150,16 @@ class ESConfig:
     # Evaluation during training (same rows as `esft eval --run`)
     eval_tasks: str | None = option("comma-separated tasks to evaluate during training", default=None)
     eval_steps: int = option("evaluate every k iterations (0: never)", default=0)
-    eval_limit: int | None = option("examples per eval task (default: the whole eval set)", default=None)
+    eval_limit: int | None = option("examples per eval task; unset: the whole eval set", default=None)
     eval_max_new_tokens: int = option("tokens per eval completion", default=1024)
 
     # Ray scale-out
     workers: int | None = option("score members on K Ray actors, each a full model replica", default=None)
-    ray_address: str | None = option("join a running Ray cluster: 'auto' or HOST:PORT (default: start one)", default=None)
+    ray_address: str | None = option("join a running Ray cluster: 'auto' or HOST:PORT; unset: start a local one", default=None)
     worker_device: Literal["auto", "cpu", "cuda"] = option(
         "device of each Ray actor (auto: the driver's device)", default="auto"
     )
-    worker_threads: int | None = option("torch threads per CPU actor (default: cluster CPUs / workers)", default=None)
+    worker_threads: int | None = option("torch threads per CPU actor; unset: cluster CPUs / workers", default=None)
     gpus_per_worker: float = option("GPUs reserved per CUDA actor", default=1.0)
     sync_check_steps: int = option("compare actor weight checksums with the driver every k iterations (0: never)", default=10)
 
@@ -172,7 +170,7 @@ class ESConfig:
     save_steps: int = option("checkpoint every k iterations (0: final only)", default=0)
     report_to: Literal["none", "tensorboard", "wandb"] = option("metrics sink", default="none")
     resume: bool = option("continue the run in output_dir", default=False)
-    num_threads: int | None = option("torch CPU threads (default: torch's)", default=None)
+    num_threads: int | None = option("torch CPU threads; unset: torch's choice", default=None)
     disable_tqdm: bool = option("no progress bar", default=False)
 
     def __post_init__(self) -> None:
@@ -180,8 +178,11 @@ class ESConfig:
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
-        """Refuse settings that would silently do nonsense."""
-        errors = []
+        """Refuse settings that would silently do nonsense: wrong types, non-finite numbers,
+        values out of range, contradictions. Runs before anything is written or loaded."""
+        errors = type_errors(self)
+        if errors:  # the range checks below assume the types are right
+            raise ValueError("invalid ES config:\n  - " + "\n  - ".join(errors))
         if not self.sigma > 0:
             errors.append(f"sigma must be > 0 (got {self.sigma})")
         if not self.learning_rate >= 0:
@@ -203,6 +204,16 @@ class ESConfig:
             errors.append(f"prompts_per_step must be >= 1 (got {self.prompts_per_step})")
         if self.eval_tasks and self.eval_steps < 1:
             errors.append("eval_tasks needs eval_steps >= 1")
+        for name in ("seed", "logging_steps", "save_steps", "eval_steps"):
+            if getattr(self, name) < 0:
+                errors.append(f"{name} must be >= 0 (got {getattr(self, name)})")
+        for name in ("eval_limit", "num_threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                errors.append(f"{name} must be >= 1, or unset (got {getattr(self, name)})")
+        if self.eval_max_new_tokens < 1:
+            errors.append(f"eval_max_new_tokens must be >= 1 (got {self.eval_max_new_tokens})")
+        if not self.awd_huber_delta > 0:
+            errors.append(f"awd_huber_delta must be > 0 (got {self.awd_huber_delta})")
         if self.generation_batch_size < 1:
             errors.append("generation_batch_size must be >= 1")
         if self.members_per_batch < 1:
@@ -219,10 +230,10 @@ class ESConfig:
             errors.append(f"gpus_per_worker must be > 0 (got {self.gpus_per_worker})")
         if self.sync_check_steps < 0:
             errors.append(f"sync_check_steps must be >= 0 (got {self.sync_check_steps})")
+        if self.reward_timeout < 0:
+            errors.append(f"reward_timeout must be >= 0 seconds (0: no limit; got {self.reward_timeout})")
         if self.awd_lambda is not None and self.awd_lambda < 0:
             errors.append(f"awd_lambda must be >= 0 (got {self.awd_lambda})")
-        if self.awd == "huber" and not self.awd_huber_delta > 0:
-            errors.append("awd_huber_delta must be > 0")
         if self.awd == "l2" and self.awd_step >= 1:
             how = "λ" if self.awd_decoupled else "α·λ"
             errors.append(
@@ -263,9 +274,12 @@ class ESConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ESConfig:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        return cls.from_dict(data)
+        """A run's config.yaml (or any YAML of fields), with errors that name the file."""
+        data = read_config_file(path, None, what="config file")
+        try:
+            return cls.from_dict(data)
+        except ValueError as e:
+            raise ValueError(f"config file {path}: {e}") from None
 
     def differences(self, other: ESConfig, ignore: frozenset[str] = RESUMABLE_FIELDS) -> list[str]:
         """Fields (outside `ignore`) whose values differ, as 'name: a != b' lines."""

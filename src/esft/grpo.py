@@ -93,7 +93,7 @@ class GRPOTaskArgs:
     data_dir: str | None = option("data folder laid out like the shared data pack", default=None)
     max_train_samples: int | None = option("use only the first k training examples", default=None)
     assistant_prefill: bool = option("start the answer with the task's prefill", default=True)
-    num_threads: int | None = option("torch CPU threads (default: torch's)", default=None)
+    num_threads: int | None = option("torch CPU threads; unset: torch's choice", default=None)
 
 
 # ------------------------------------------------------------------------ arguments

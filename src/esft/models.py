@@ -9,13 +9,14 @@ cache it as an ordinary fp32 safetensors directory that later loads in well unde
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 from pathlib import Path
 
 import torch
 
-from esft.io import write_dir_atomic
+from esft.io import MODEL_MARKER, write_dir_atomic
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +88,11 @@ def embedded_model_dir() -> Path:
     def fill(tmp: Path) -> None:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / MODEL_MARKER).write_text(json.dumps({"converted_from": str(gguf)}) + "\n")
 
-    # Built under a temp name and renamed: an interrupted conversion is never trusted.
-    write_dir_atomic(target, fill)
+    # Built under a temp name and renamed: an interrupted conversion is never trusted. The
+    # cache folder is esft's own, so an incomplete one is replaced without asking.
+    write_dir_atomic(target, fill, replace=True)
     return target
 
 
@@ -111,6 +114,11 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
+def _looks_like_path(name: str) -> bool:
+    """A filesystem path rather than a hub id ('org/name': one slash, no leading ./ or /)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+
+
 def load_model(name: str, torch_dtype: str = "auto", device: str = "auto"):
     """Load (model, tokenizer) in eval mode, with a clear error for an unknown model."""
     from transformers import AutoModelForCausalLM
@@ -122,11 +130,17 @@ def load_model(name: str, torch_dtype: str = "auto", device: str = "auto"):
     dev = resolve_device(device)
     dtype = resolve_dtype(torch_dtype, dev)
     path = resolve_model_path(name)
-    if name != EMBEDDED_NAME and not Path(path).exists() and "/" not in path:
-        raise ValueError(
-            f"unknown model {name!r}: use 'embedded', a local HF directory or a hub id "
-            "such as Qwen/Qwen2.5-3B-Instruct"
-        )
+    if name != EMBEDDED_NAME and not Path(path).exists():
+        if _looks_like_path(path):
+            raise ValueError(
+                f"model directory {name!r} does not exist: give a folder holding config.json and the "
+                "weights (e.g. a run's final/), 'embedded', or a hub id such as Qwen/Qwen2.5-3B-Instruct"
+            )
+        if "/" not in path:
+            raise ValueError(
+                f"unknown model {name!r}: use 'embedded', a local HF directory or a hub id "
+                "such as Qwen/Qwen2.5-3B-Instruct"
+            )
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except OSError as e:

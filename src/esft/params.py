@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -46,6 +46,31 @@ def select_parameters(
             f"names look like {next(iter(dict(model.named_parameters())), '?')!r}"
         )
     return chosen
+
+
+def tensors_checksum(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """A digest of the exact bits of fp32 tensors, computed where the tensors live.
+
+    Integer sums of the raw bits are exact and order-independent on any device, so only a
+    few scalars per tensor leave the GPU; a weighted second sum also catches values that
+    moved between positions. Ray sync checks, checkpoints and θ₀ all record this digest.
+    """
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    chunk = 1 << 22  # bounded int64 temporaries whatever the tensor size
+    for name, tensor in named:
+        if tensor.dtype != torch.float32:
+            raise TypeError(f"checksums are over fp32 bits; {name} is {tensor.dtype}")
+        flat = tensor.reshape(-1).view(torch.int32)
+        plain = weighted = 0
+        for start in range(0, flat.numel(), chunk):
+            bits = flat[start : start + chunk].to(torch.int64)
+            pos = torch.arange(start, start + bits.numel(), device=bits.device, dtype=torch.int64)
+            plain += int(bits.sum())
+            weighted += int(((bits >> 8) * (pos % 251 + 1)).sum())
+        digest.update(f"{name}:{plain}:{weighted};".encode())
+    return digest.hexdigest()
 
 
 class WeightState:
@@ -234,26 +259,8 @@ class WeightState:
                 rest.copy_(master)
 
     def checksum(self) -> str:
-        """A digest of the exact bits of every fp32 master, computed where the tensors live.
-
-        Integer sums of the raw bits are exact and order-independent on any device, so
-        only a few scalars per tensor leave the GPU; a weighted second sum also catches
-        values that moved between positions.
-        """
-        import hashlib
-
-        digest = hashlib.blake2b(digest_size=16)
-        chunk = 1 << 22  # bounded int64 temporaries whatever the tensor size
-        for name, master in self.items():
-            flat = master.reshape(-1).view(torch.int32)
-            plain = weighted = 0
-            for start in range(0, flat.numel(), chunk):
-                bits = flat[start : start + chunk].to(torch.int64)
-                pos = torch.arange(start, start + bits.numel(), device=bits.device, dtype=torch.int64)
-                plain += int(bits.sum())
-                weighted += int(((bits >> 8) * (pos % 251 + 1)).sum())
-            digest.update(f"{name}:{plain}:{weighted};".encode())
-        return digest.hexdigest()
+        """A digest of the exact bits of every fp32 master (`tensors_checksum`)."""
+        return tensors_checksum(self.items())
 
     # --------------------------------------------------------------- state access
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:

@@ -73,7 +73,7 @@ def run_quickstart(cfg: ESConfig, a: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         trainer = ESTrainer(args=_run_config(cfg, awd, run_dir))
         histories[label] = trainer.train()
-        seconds[label] = sum(m["time/iteration"] for m in histories[label])
+        seconds[label] = sum(m.get("time/iteration", 0.0) for m in histories[label])
         print(f"=== {label}: {time.perf_counter() - t0:.0f} s")
     plot_training_curves(histories, out / "curves.png")
     report = _report(histories, seconds, cfg)
@@ -127,11 +127,11 @@ def _prior_tasks_section(cfg: ESConfig, a: argparse.Namespace, runs: dict[str, P
     for label, run_dir in runs.items():
         print(f"\n=== prior tasks for {label}: accuracy on {a.prior_limit} examples, KL on {a.kl_prompts} prompts")
         rows = evaluate_run(run_dir, tasks, iterations=[0, cfg.max_steps], limit=a.prior_limit, max_new_tokens=16,
-                            data_dir=data_dir, device="cpu", progress=False)
+                            data_dir=data_dir, device="cpu", progress=not cfg.disable_tqdm)
         for r in rows:
             acc.setdefault(label, {}).setdefault(r["task"], {})[r["iteration"]] = r["accuracy"]
         kl_rows = kl_report(run_dir, tasks, iterations=[cfg.max_steps], num_prompts=a.kl_prompts, max_tokens=32,
-                            data_dir=data_dir, device="cpu")
+                            data_dir=data_dir, device="cpu", progress=not cfg.disable_tqdm)
         write_text_atomic(run_dir / "kl.json", json.dumps(kl_rows, indent=1))
         kl[label] = {r["task"]: r["kl_exact_token"] for r in kl_rows}
     lines = [

@@ -10,6 +10,8 @@ through `apply_record` and `restore` here, and checkpoints are only a cache of t
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,18 +21,20 @@ import yaml
 from tqdm.auto import tqdm
 
 from esft import es
-from esft.anchor import AnchorFile, anchor_and_drift
+from esft.anchor import AnchorFile, DamagedAnchorError, anchor_and_drift
 from esft.config import ESConfig
-from esft.io import append_jsonl, read_jsonl, write_dir_atomic, write_text_atomic
+from esft.io import MODEL_MARKER, append_jsonl, read_jsonl, write_dir_atomic, write_text_atomic
 
 if TYPE_CHECKING:
     from esft.params import WeightState
+
+log = logging.getLogger(__name__)
 
 SEEDLOG = "seedlog.jsonl"
 CONFIG_FILE = "config.yaml"
 ANCHOR_FILE = "theta0.safetensors"
 METRICS_FILE = "metrics.jsonl"
-STATE_FILE = "esft_state.json"
+STATE_FILE = MODEL_MARKER  # in every saved model directory: its iteration (and the marker saves check)
 
 
 @dataclass
@@ -134,7 +138,13 @@ def load_checkpoint_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def save_hf_dir(path: str | Path, state: WeightState, tokenizer: Any, extra: dict[str, Any]) -> None:
-    """An HF directory (loadable by from_pretrained) holding the fp32 masters, atomically."""
+    """An HF directory (loadable by from_pretrained) holding the fp32 masters, atomically.
+
+    Its STATE_FILE records the masters' checksum, so a restore can tell a damaged
+    checkpoint from a good one; it also marks the folder as esft's own model, which a
+    later save may replace (and nothing else: `io.check_replaceable`).
+    """
+    extra = {**extra, "checksum": state.checksum()}
 
     def fill(tmp: Path) -> None:
         state.model.save_pretrained(tmp, state_dict=state.state_dict())
@@ -145,28 +155,86 @@ def save_hf_dir(path: str | Path, state: WeightState, tokenizer: Any, extra: dic
     write_dir_atomic(path, fill)
 
 
+def verified_checkpoint(path: Path, names: list[str]) -> dict[str, torch.Tensor] | None:
+    """The trainable tensors of a checkpoint if they hold the bits recorded at save time.
+
+    None (with a warning) for a checkpoint that cannot be read, lacks a tensor or fails its
+    checksum: the seed log rebuilds what it held. Checkpoints saved before checksums were
+    recorded are trusted as they are.
+    """
+    from esft.params import tensors_checksum
+
+    try:
+        tensors = load_checkpoint_tensors(path)
+        missing = [n for n in names if n not in tensors]
+        if missing:
+            raise ValueError(f"it lacks trainable tensors {missing[:3]}")
+        tensors = {n: tensors[n].to(torch.float32) for n in names}
+        state_file = path / STATE_FILE
+        recorded = (yaml.safe_load(state_file.read_text()) or {}).get("checksum") if state_file.exists() else None
+        if recorded is not None and tensors_checksum(tensors.items()) != recorded:
+            raise ValueError("its tensors do not hold the bits recorded when it was saved (checksum mismatch)")
+        return tensors
+    except Exception as e:  # noqa: BLE001 - any damage (truncation, bad header, flips) means: do not trust it
+        log.warning("checkpoint %s is damaged (%s); using an earlier checkpoint and the seed log instead", path, e)
+        return None
+
+
 # ------------------------------------------------------------------------- replay
 def restore(
     state: WeightState, run_dir: str | Path, upto: int, records: list[IterationRecord], config: ESConfig,
     anchor: AnchorFile | None, current: int = 0, use_checkpoints: bool = True, progress: bool = False,
+    start_at_most: int | None = None, on_replayed: Callable[[IterationRecord, float, float | None], None] | None = None,
 ) -> int:
     """Bring `state` from the weights after iteration `current` to those after `upto`.
 
-    Jumps to the latest checkpoint in (current, upto] (a cache of the log, bitwise equal
-    to its replay) unless `use_checkpoints` is off, then replays the remaining records.
-    Resume, `esft replay`, evaluation and drift all rebuild weights through here.
-    Returns the number of records replayed.
+    Jumps to the latest good checkpoint in (current, min(upto, start_at_most)] (a cache of
+    the log, bitwise equal to its replay; a damaged one is skipped with a warning) unless
+    `use_checkpoints` is off, then replays the remaining records, calling
+    `on_replayed(record, ‖Δθ‖, ‖θ − θ₀‖)` after each. Resume, `esft replay`, evaluation and
+    drift all rebuild weights through here. Returns the number of records replayed.
     """
     if not current <= upto <= len(records):
         raise ValueError(f"cannot restore iteration {upto} from iteration {current} with {len(records)} records")
-    usable = [k for k in checkpoint_steps(run_dir) if current < k <= upto] if use_checkpoints else []
-    if usable:
-        current = usable[-1]
-        state.load_masters(load_checkpoint_tensors(Path(run_dir) / f"checkpoint-{current}"))
+    last = upto if start_at_most is None else min(upto, start_at_most)
+    usable = [k for k in checkpoint_steps(run_dir) if current < k <= last] if use_checkpoints else []
+    for k in reversed(usable):
+        tensors = verified_checkpoint(Path(run_dir) / f"checkpoint-{k}", state.names)
+        if tensors is not None:
+            state.load_masters(tensors)
+            current = k
+            break
     todo = records[current:upto]
     for rec in tqdm(todo, desc="replaying seed log", disable=not progress or not todo, leave=False):
-        apply_record(state, rec, config, anchor, compute_drift=False)
+        update_norm, drift = apply_record(state, rec, config, anchor, compute_drift=on_replayed is not None)
+        if on_replayed is not None:
+            on_replayed(rec, update_norm, drift)
     return len(todo)
+
+
+def checked_anchor(path: Path, state: WeightState) -> AnchorFile | None:
+    """θ₀ from `path` if it is intact, else None (with a warning that says why)."""
+    if not path.exists():
+        return None
+    try:
+        anchor = AnchorFile(path)
+        anchor.verify(state.names)
+        return anchor
+    except DamagedAnchorError as e:
+        log.warning("%s; rebuilding θ₀ from the base model", e)
+        return None
+
+
+def temporary_anchor(state: WeightState) -> AnchorFile:
+    """θ₀ written from the weights `state` holds now (the base model) into a private temp
+    folder removed at exit: for readers that must not write into a run directory."""
+    import atexit
+    import shutil
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="esft-theta0-")
+    atexit.register(shutil.rmtree, tmp, True)
+    return AnchorFile.write(Path(tmp) / ANCHOR_FILE, state.items())
 
 
 def open_replay(
@@ -188,12 +256,12 @@ def open_replay(
     records = SeedLog(run_dir).records()
     if not 0 <= upto <= len(records):
         raise ValueError(f"iteration {upto} is out of range: {run_dir} has iterations 0..{len(records)}")
-    anchor_path = run_dir / ANCHOR_FILE
-    anchor = AnchorFile(anchor_path) if anchor_path.exists() else None
-    if anchor is None and cfg.awd != "none" and upto > 0:
-        raise ValueError(f"{anchor_path} is missing; AWD runs need θ₀ to replay")
     net, tokenizer = load_model(model or cfg.model, cfg.torch_dtype, device if device != "auto" else cfg.device)
     state = WeightState.from_config(net, cfg)
+    anchor = checked_anchor(run_dir / ANCHOR_FILE, state)
+    if anchor is None and cfg.awd != "none" and upto > 0:
+        # θ₀ is the base model's weights, which `state` holds right now: rebuild it aside.
+        anchor = temporary_anchor(state)
     return cfg, state, tokenizer, records, anchor
 
 

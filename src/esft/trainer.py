@@ -24,7 +24,7 @@ from esft.anchor import AnchorFile
 from esft.callbacks import EvalCallback, TrainerCallback
 from esft.config import ESConfig
 from esft.engine import HFEngine
-from esft.io import ensure_writable_dir, read_jsonl, write_text_atomic
+from esft.io import ensure_writable_dir, read_jsonl, remove_temp_files, write_text_atomic
 from esft.metric_sinks import MetricsWriter
 from esft.params import WeightState
 from esft.population import LocalPopulation, Population
@@ -35,6 +35,8 @@ from esft.seedlog import (
     IterationRecord,
     SeedLog,
     apply_record,
+    checked_anchor,
+    checkpoint_steps,
     restore,
     save_hf_dir,
 )
@@ -129,43 +131,83 @@ class ESTrainer:
         """Write or check config.yaml and θ₀; return the records to resume from."""
         cfg = self.args
         config_path = self.run_dir / CONFIG_FILE
+        removed = remove_temp_files(self.run_dir)
+        if removed:
+            log.info("removed %d temporary file(s) an interrupted save left in %s", len(removed), self.run_dir)
         records = self.seedlog.records(repair=True)
-        if cfg.resume:
+        if records and not cfg.resume:
+            raise ValueError(
+                f"{self.run_dir} already holds a run ({len(records)} iterations logged); "
+                "pass --resume to continue it or choose another --output_dir"
+            )
+        if records:
             if not config_path.exists():
                 raise ValueError(f"--resume: {config_path} is missing, so there is no run to resume")
-            saved = ESConfig.from_yaml(config_path)
-            diffs = cfg.differences(saved)
+            diffs = cfg.differences(ESConfig.from_yaml(config_path))
             if diffs:
                 raise ValueError(
                     "--resume refused: the config differs from the run's config.yaml in:\n  "
                     + "\n  ".join(diffs)
                 )
-        elif records or config_path.exists():
-            raise ValueError(
-                f"{self.run_dir} already holds a run ({len(records)} iterations logged); "
-                "pass --resume to continue it or choose another --output_dir"
-            )
+        elif config_path.exists():
+            # A start that failed before its first iteration was logged: nothing to lose.
+            log.info("%s holds no logged iteration: starting it afresh", self.run_dir)
         if len(records) > cfg.max_steps:
             raise ValueError(f"the run already has {len(records)} iterations > max_steps={cfg.max_steps}")
         saved_dict = cfg.to_dict()
         saved_dict["resume"] = False
         write_text_atomic(config_path, yaml.safe_dump(saved_dict, sort_keys=False))
         anchor_path = self.run_dir / ANCHOR_FILE
-        if records and anchor_path.exists():
-            self.anchor = AnchorFile(anchor_path)
-        else:
+        self.anchor = checked_anchor(anchor_path, self.state) if records else None
+        if self.anchor is None:
             # θ₀ = the base weights, which is what the model holds before any replay.
             self.anchor = AnchorFile.write(anchor_path, self.state.items())
         self._theta0_norm = self.anchor.norm(self.state.names)
         return records
 
-    def _restore_from(self, records: list[IterationRecord]) -> None:
-        """Rebuild the weights after the last logged iteration: checkpoint + replay."""
-        replayed = restore(self.state, self.run_dir, len(records), records, self.args, self.anchor,
-                           progress=not self.args.disable_tqdm)
-        self.iteration = len(records)
-        log.info("resumed after iteration %d (checkpoint %d + %d replayed)", self.iteration,
-                 self.iteration - replayed, replayed)
+    def _restore_from(self, records: list[IterationRecord]) -> list[dict[str, Any]]:
+        """Rebuild the weights after the last logged iteration: checkpoint + replay.
+
+        A kill can lose a checkpoint being written or the metrics line after a logged
+        iteration: those iterations are replayed (from the latest good checkpoint before
+        the first gap), their checkpoints rewritten and their metrics rebuilt from the
+        seed log (without timings, marked `metrics/rebuilt`). Returns the metrics rows.
+        """
+        cfg, n = self.args, len(records)
+        history = [m for m in read_jsonl(self.run_dir / METRICS_FILE, repair=True) if m.get("iteration", 0) <= n]
+        logged = {m.get("iteration") for m in history}
+        saved = set(checkpoint_steps(self.run_dir))
+        missing_ckpt = {k for k in range(cfg.save_steps, n + 1, cfg.save_steps) if k not in saved} if cfg.save_steps else set()
+        missing_metrics = {k for k in range(1, n + 1) if k not in logged}
+        first_gap = min(missing_ckpt | missing_metrics, default=n + 1)
+
+        def replayed(rec: IterationRecord, update_norm: float, drift: float | None) -> None:
+            if rec.iteration in missing_ckpt:
+                save_hf_dir(self.run_dir / f"checkpoint-{rec.iteration}", self.state, self.tokenizer,
+                            {"iteration": rec.iteration})
+            if rec.iteration in missing_metrics:
+                history.append(self._rebuilt_metrics(rec, update_norm, drift))
+
+        count = restore(self.state, self.run_dir, n, records, cfg, self.anchor, progress=not cfg.disable_tqdm,
+                        start_at_most=first_gap - 1, on_replayed=replayed if first_gap <= n else None)
+        self.iteration = n
+        log.info("resumed after iteration %d (checkpoint %d + %d replayed; %d checkpoint(s) rewritten, "
+                 "%d metrics line(s) rebuilt)", n, n - count, count, len(missing_ckpt), len(missing_metrics))
+        return sorted(history, key=lambda m: m.get("iteration", 0))
+
+    def _rebuilt_metrics(self, rec: IterationRecord, update_norm: float, drift: float | None) -> dict[str, Any]:
+        """What the seed log and a replay tell of an iteration whose metrics line was lost."""
+        r = np.asarray(rec.rewards)
+        drift = float(drift or 0.0)
+        return {
+            "iteration": rec.iteration,
+            "reward/mean": float(r.mean()), "reward/std": float(r.std()),
+            "reward/min": float(r.min()), "reward/max": float(r.max()),
+            "es/skipped": rec.skipped, "es/update_norm": update_norm,
+            "drift/norm": drift, "drift/relative": drift / self._theta0_norm if self._theta0_norm else 0.0,
+            "params/trainable": self.state.num_parameters,
+            "metrics/rebuilt": True,
+        }
 
     # --------------------------------------------------------------------- train
     def train(self) -> list[dict[str, Any]]:
@@ -176,15 +218,15 @@ class ESTrainer:
         self.population = self._make_population(self.prompts)
         try:
             records = self._prepare_run_dir()
-            if records:
-                self._restore_from(records)
+            self.history = self._restore_from(records) if records else []
             self.population.start(self.iteration)
         except BaseException:
             self.population.close()
             raise
-        self.history = [m for m in read_jsonl(self.run_dir / METRICS_FILE, repair=True) if m.get("iteration", 0) <= self.iteration]
-        if records:
-            write_text_atomic(self.run_dir / METRICS_FILE, "".join(_json_line(m) for m in self.history))
+        log.info("run directory %s: seedlog.jsonl, metrics.jsonl, checkpoints, final/ (%d of %d iterations done)",
+                 self.run_dir, self.iteration, cfg.max_steps)
+        # A fresh run starts an empty metrics file; a resumed one keeps (and completes) its lines.
+        write_text_atomic(self.run_dir / METRICS_FILE, "".join(_json_line(m) for m in self.history))
         writer = MetricsWriter(self.run_dir, cfg.report_to, cfg.to_dict())
         for cb in self.callbacks:
             cb.on_train_begin(self)

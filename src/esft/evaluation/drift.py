@@ -263,7 +263,8 @@ def format_drift_table(report: list[dict[str, Any]]) -> str:
         return "(no iterations)"
     taus = list(report[0]["global"]["sparsity"])
     groups = [g for g in GROUPS if any(g in r["per_group"] for r in report)]
-    head = ["iter", "‖Δ‖", "rel", "mean|Δ|", "max|Δ|", *(f"sparse≤{t}" for t in taus), *(f"‖Δ‖ {g}" for g in groups)]
+    # No "|" inside a header: markdown would read it as a column border.
+    head = ["iter", "‖Δ‖", "rel", "mean abs Δ", "max abs Δ", *(f"sparse≤{t}" for t in taus), *(f"‖Δ‖ {g}" for g in groups)]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" for _ in head) + "|"]
     for r in report:
         g = r["global"]

@@ -302,6 +302,7 @@ def kl_report(
     batch_size: int = 8,
     data_dir: str | None = None,
     device: str = "cpu",
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """One row per (iteration, task): KL of the iteration's model from the base model.
 
@@ -337,12 +338,17 @@ def kl_report(
         samples[name] = (prompts, conts)
     rows: list[dict[str, Any]] = []
     # ES runs hand back one model mutated in place: finish every task before advancing.
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(chosen) * len(tasks), desc="KL", unit="task", disable=not progress, leave=False)
     for k, model, _tok in view.models(chosen, device):
         for name in tasks:
             prompts, conts = samples[name]
             stats = kl_on_continuations(base, model, prompts, conts, batch_size, pad_id=pad)
             log.info("iteration %d %s: KL exact %.4g, MC %.4g", k, name, stats["kl_exact_token"], stats["kl_mc_token"])
             rows.append({"iteration": k, "task": name, **stats})
+            bar.update(1)
+    bar.close()
     return rows
 
 
@@ -404,7 +410,7 @@ def main(argv: list[str]) -> int:
 
     rows = kl_report(
         args.run, args.tasks, args.iterations, args.every, args.num_prompts, args.max_tokens,
-        args.seed, args.batch_size, args.data_dir, args.device,
+        args.seed, args.batch_size, args.data_dir, args.device, progress=True,
     )
     print(format_kl_table(rows))
     out = Path(args.output) if args.output else Path(args.run) / KL_FILE

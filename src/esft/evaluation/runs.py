@@ -58,6 +58,8 @@ class RunView:
 
     def select(self, iterations: list[int] | None = None, every: int | None = None) -> list[int]:
         """Validated iterations: explicit ones, or 0, K, 2K, ..., last."""
+        if every is not None and every < 1:
+            raise ValueError(f"every must be >= 1 (got {every}): it picks iterations 0, K, 2K, ..., last")
         available = self.iterations()
         last = available[-1]
         if iterations:
