@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from esft.tasks import BaseTask, Task, available_tasks, get_task
-from esft.tasks.custom import CustomTask
+from esft.tasks.custom import CustomTask, RewardOutputError
 
 _names = count()
 
@@ -212,6 +212,26 @@ def test_wrong_length_return_is_a_value_error(rewards_module, tmp_path) -> None:
     task = get_task(f"{rewards_module}:too_short", dataset=jsonl(tmp_path))
     with pytest.raises(ValueError, match="list of 2 numbers"):
         task.rewards(["a", "b"], task.load("train"))
+
+
+def test_wrong_length_message_names_the_function_and_both_counts(rewards_module, tmp_path) -> None:
+    task = get_task(f"{rewards_module}:too_short", dataset=jsonl(tmp_path))
+    with pytest.raises(RewardOutputError, match=r"reward 'too_short' returned 1 value for 2 completions") as err:
+        task.rewards(["a", "b"], task.load("train"))
+    assert err.value.kind == "length"
+
+
+def test_call_function_runs_user_code_through_the_callers_hook(rewards_module, tmp_path) -> None:
+    task = get_task(f"{rewards_module}:odd_values", dataset=jsonl(tmp_path))
+    seen = []
+
+    def hook(name, thunk):
+        seen.append(name)
+        return thunk()
+
+    values = task.call_function(0, ["a", "b"], task.load("train"), hook)
+    assert seen == ["odd_values"]
+    assert values[0] is None and math.isnan(values[1])  # None (not applicable) is kept for the caller
 
 
 def test_non_number_return_is_a_value_error(rewards_module, tmp_path) -> None:

@@ -35,6 +35,7 @@ from esft import es
 from esft.config import ESConfig
 from esft.params import WeightState
 from esft.population import MemberResult, PopulationResult, generate_group, max_group, score_group
+from esft.rewards import RewardGuard, RewardTimeoutError
 from esft.seedlog import IterationRecord, apply_record
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,8 @@ class ESWorker:
         self._lock = threading.Lock()
         self._batcher = None
         self._warned: set[str] = set()
+        # The same time limit on user rewards as in-process; timeouts in a row count per actor.
+        self.guard = RewardGuard(self.cfg.reward_timeout)
 
     def _open_anchor(self, driver_path: str | None):
         """θ₀ for AWD: the driver's file when this node can see it, else written from the
@@ -154,7 +157,7 @@ class ESWorker:
             per_member, t_gen, t_perturb = generate_group(self.state, self.engine, self.batcher, members, self.cfg.sigma, batch)
         # Scoring runs outside the lock, so it overlaps the next group's generation.
         results = score_group(self.task, [i for i, _, _ in items], per_member, [self.examples[i] for i in subset],
-                              t_gen, t_perturb, self.name, self._warned)
+                              t_gen, t_perturb, self.name, self._warned, self.guard)
         busy = time.perf_counter() - t0
         for r in results:
             r.t_busy = busy / len(results)
@@ -307,11 +310,12 @@ class RayPopulation:
         if handle.expected is not None:
             self._check_sync(handle.iteration, {handle.name: checksum}, handle.expected)
 
-    def _await_joining(self, iteration: int) -> float:
+    def _await_joining(self, iteration: int, during: int | None = None) -> float:
         """Block until every starting actor is ready; returns the seconds waited.
 
         `iteration` is what the driver's weights hold now (a replacement of a replacement
-        starts from them).
+        starts from them); `during` is the iteration under way, for messages (default: the
+        next one).
         """
         t0 = time.perf_counter()
         while True:
@@ -325,15 +329,16 @@ class RayPopulation:
                     raise TimeoutError(f"{w.name} did not start within {WORKER_START_TIMEOUT_S:.0f} s")
                 self._joined(w)
             except (self.ray.exceptions.RayActorError, TimeoutError) as e:
-                self._lose(w, iteration, e)
+                self._lose(w, e, during=during if during is not None else iteration + 1, weights_of=iteration)
         if not self.live_workers():
             raise WorkersLostError(self._lost_message(iteration + 1, "no Ray worker could be started"))
         return time.perf_counter() - t0
 
-    def _lose(self, w: WorkerHandle, iteration: int, err: Exception) -> None:
-        """Forget a dead actor and start a replacement (a bounded number of times)."""
+    def _lose(self, w: WorkerHandle, err: Exception, during: int, weights_of: int) -> None:
+        """Forget an actor that died during iteration `during` and start a replacement (a
+        bounded number of times) from the driver's weights after iteration `weights_of`."""
         self.failures += 1
-        log.warning("Ray worker %s lost at iteration %d: %s", w.label, iteration, _short(err))
+        log.warning("Ray worker %s lost during iteration %d: %s", w.label, during, _short(err))
         self.workers.pop(w.name, None)
         try:
             self.ray.kill(w.actor)
@@ -341,7 +346,7 @@ class RayPopulation:
             pass
         if self.restarts < MAX_RESTARTS_PER_WORKER * (self.cfg.workers or 1):
             self.restarts += 1
-            self._spawn(iteration)
+            self._spawn(weights_of)
 
     def _lost_message(self, iteration: int, why: str) -> str:
         return (
@@ -394,11 +399,17 @@ class RayPopulation:
                 try:
                     self._joined(w)
                 except self.ray.exceptions.RayActorError as e:
-                    self._lose(w, iteration - 1, e)
+                    self._lose(w, e, during=iteration, weights_of=iteration - 1)
                 continue
             name, group, submitted = inflight.pop(ref)
             try:
                 batch_results: list[MemberResult] = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                # The actor is fine but its call raised: a reward that keeps timing out
+                # stops the run with its own message, not a Ray traceback.
+                if isinstance(getattr(e, "cause", None), RewardTimeoutError):
+                    raise e.cause from None
+                raise
             except ray.exceptions.RayActorError as e:
                 # Re-queue every group the lost actor held, in their original order.
                 lost = [(group, submitted)] + [(g, t) for r, (n, g, t) in inflight.items() if n == name]
@@ -409,7 +420,7 @@ class RayPopulation:
                 pending.extendleft(reversed([g for g, _ in lost]))
                 w = self.workers.get(name)
                 if w is not None:
-                    self._lose(w, iteration - 1, e)
+                    self._lose(w, e, during=iteration, weights_of=iteration - 1)
                 continue
             wire += len(pickle.dumps(batch_results))
             w = self.workers.get(name)
@@ -458,7 +469,7 @@ class RayPopulation:
         self._collect_updates(self._update_refs, it, checksums)
         waited_update = time.perf_counter() - t0
         # Actors that were still starting held iteration it-1 weights: bring them up too.
-        joined = self._await_joining(it)
+        joined = self._await_joining(it, during=it)
         late = {w.actor.apply.remote(record.to_json(), self._update_check): w for w in self.live_workers() if w.iteration == it - 1}
         self._collect_updates(late, it, checksums)
         if self._update_check:
@@ -472,7 +483,8 @@ class RayPopulation:
                 checksums[w.name] = self.ray.get(ref)
                 w.iteration = it
             except self.ray.exceptions.RayActorError as e:
-                self._lose(w, it, e)  # the replacement starts from the driver's updated weights
+                # Lost while applying iteration `it`: the replacement starts from the driver's updated weights.
+                self._lose(w, e, during=it, weights_of=it)
 
     def _check_sync(self, iteration: int, checksums: dict[str, str | None], expected: str | None = None) -> None:
         if expected is None:

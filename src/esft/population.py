@@ -6,7 +6,9 @@ subset, groups of members); a population only scores that plan and returns one
 (or, for a group, by the batched forward of `esft.batched`), generating greedily for the
 plan's prompts, restoring, then scoring the completions. `LocalPopulation` and the Ray
 actors (`esft.distributed`) both call `generate_group` and `score_group`, so a member gets
-the same reward, and reward errors are counted the same way, wherever it runs.
+the same reward, and reward errors are counted the same way, wherever it runs. Each
+population (and each actor) owns one `RewardGuard`, built from `cfg.reward_timeout`, that
+puts user reward functions under the time limit.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from esft.batched import PopulationBatcher
 from esft.config import ESConfig
 from esft.engine import Generation, HFEngine
 from esft.params import WeightState
-from esft.rewards import RewardStats, score_completions
+from esft.rewards import RewardGuard, RewardStats, function_metrics, score_completions
 from esft.seedlog import IterationRecord
 
 
@@ -40,6 +42,8 @@ class MemberResult:
     worker: str = "local"
     t_busy: float = 0.0  # seconds the worker spent on this member, scoring included
     reward_errors: int = 0  # completions whose reward raised or was not finite (scored 0)
+    # User reward functions: name -> (count, sum, sum of squares) of the values it returned.
+    reward_functions: dict[str, tuple[int, float, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -49,7 +53,7 @@ class PopulationResult:
     rewards: list[float]
     reward_errors: int  # completions scored 0 because the reward raised or was not finite
     stats: dict[str, Any] = field(default_factory=dict)  # generation, perturb_restore, tokens, completions
-    metrics: dict[str, Any] = field(default_factory=dict)  # extra metrics (per-worker etc.)
+    metrics: dict[str, Any] = field(default_factory=dict)  # extra metrics (rewards/<func>/*, per-worker)
 
     @classmethod
     def from_members(cls, results: list[MemberResult], metrics: dict[str, Any] | None = None) -> PopulationResult:
@@ -60,7 +64,9 @@ class PopulationResult:
             "tokens": sum(r.tokens for r in ordered),
             "completions": sum(r.completions for r in ordered),
         }
-        return cls([r.reward for r in ordered], sum(r.reward_errors for r in ordered), stats, metrics or {})
+        # User reward functions: rewards/<name>/mean|std over every completion, as TRL logs them.
+        extra = {**function_metrics(r.reward_functions for r in ordered), **(metrics or {})}
+        return cls([r.reward for r in ordered], sum(r.reward_errors for r in ordered), stats, extra)
 
 
 class Population(Protocol):
@@ -140,28 +146,33 @@ def generate_group(
     return generate_members(batcher, engine, members, sigma, prompts)
 
 
-def score_member(task: Any, gens: list[Generation], examples: list[Any], warned: set[str] | None = None) -> tuple[float, int]:
-    """(the member's reward, completions scored 0): the mean task reward of its completions.
+def score_member(
+    task: Any, gens: list[Generation], examples: list[Any], warned: set[str] | None = None,
+    guard: RewardGuard | None = None,
+) -> tuple[float, RewardStats]:
+    """(the member's reward, its reward stats): the mean task reward of its completions.
 
-    `warned` is shared across calls so each kind of reward failure is logged once per run.
+    `warned` is shared across calls so each kind of reward failure is logged once per run;
+    `guard` times user reward functions (None: no limit).
     """
     stats = RewardStats(_seen=warned if warned is not None else set())
-    rewards = score_completions(task, [g.text for g in gens], examples, stats)
-    return float(np.mean(rewards)), stats.errors + stats.nonfinite
+    rewards = score_completions(task, [g.text for g in gens], examples, stats, guard)
+    return float(np.mean(rewards)), stats
 
 
 def score_group(
     task: Any, indices: list[int], per_member: list[list[Generation]], examples: list[Any],
     t_gen: float, t_perturb: float, worker: str = "local", warned: set[str] | None = None,
+    guard: RewardGuard | None = None,
 ) -> list[MemberResult]:
     """MemberResults of one generated group; a batched pass's time is shared evenly by its members."""
     share = 1.0 / len(indices)
     results = []
     for index, gens in zip(indices, per_member):
-        reward, errors = score_member(task, gens, examples, warned)
+        reward, stats = score_member(task, gens, examples, warned, guard)
         results.append(MemberResult(
             index, reward, sum(g.num_tokens for g in gens), len(gens), t_gen * share, t_perturb * share,
-            worker, 0.0, errors,
+            worker, 0.0, stats.errors + stats.nonfinite, stats.functions,
         ))
     return results
 
@@ -183,6 +194,7 @@ class LocalPopulation:
         self.examples, self.prompts = examples, prompts
         self._batcher = batcher
         self._warned: set[str] = set()
+        self.guard = RewardGuard(cfg.reward_timeout)
 
     @property
     def batcher(self) -> PopulationBatcher | None:
@@ -205,7 +217,8 @@ class LocalPopulation:
         for group in plan.groups:
             members = [plan.members[i] for i in group]
             per_member, t_gen, t_perturb = generate_group(self.state, self.engine, self.batcher, members, self.cfg.sigma, batch)
-            results += score_group(self.task, group, per_member, examples, t_gen, t_perturb, warned=self._warned)
+            results += score_group(self.task, group, per_member, examples, t_gen, t_perturb,
+                                   warned=self._warned, guard=self.guard)
             bar.update(len(group))
         bar.close()
         return PopulationResult.from_members(results)

@@ -21,6 +21,9 @@ from esft.tasks.sources import to_native
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
+#: How a caller runs one user function call: `call(function name, thunk) -> thunk()`.
+RewardCall = Callable[[str, Callable[[], Any]], Any]
+
 
 def load_reward_func(spec: str) -> Callable[..., Any]:
     """Import `module:function` (the function part may be dotted, e.g. `Class.method`).
@@ -128,7 +131,10 @@ class CustomTask(BaseTask):
 
     Examples are the dataset rows. Each function is called once per batch as
     `func(prompts=[...], completions=[...], **columns)` with every column but `prompt`;
-    with several functions the rewards are summed, as TRL does with unit weights.
+    with several functions the rewards are summed, as TRL does with unit weights. Each
+    function has a name (`func_names`: its `__name__`, made unique) for its own metrics,
+    `rewards/<name>/mean|std`. The task holds no limits: callers that must bound user
+    code pass a call hook to `call_function` (training: `esft.rewards.RewardGuard`).
     """
 
     def __init__(self, spec: str, dataset: str) -> None:
@@ -154,6 +160,8 @@ class CustomTask(BaseTask):
         self.prefill = None
         self.version = None  # user code: no version to compare
         self.funcs = funcs
+        # Names for metrics (rewards/<name>/mean) and messages, unique within the task.
+        self.func_names = unique_names(funcs)
         self._rows = rows
         if not rows:
             raise ValueError(f"dataset {source} has no rows")
@@ -183,9 +191,29 @@ class CustomTask(BaseTask):
         return [{"role": "user", "content": str(prompt)}]
 
     def rewards(self, completions: list[str], examples: list[Example]) -> list[float]:
-        """One call per function for the whole batch; None counts as 0.0.
+        """One call per function for the whole batch, summed; None counts as 0.0.
 
-        NaN/inf pass through so the trainer can count them before zeroing them.
+        NaN/inf pass through so the trainer can count them before zeroing them. A function
+        that raises, or returns anything but one number per completion, raises here;
+        training scores through `call_function` instead (`esft.rewards`), which isolates
+        each function and puts every call under the reward time limit.
+        """
+        total = [0.0] * len(completions)
+        for index in range(len(self.funcs)):
+            values = self.call_function(index, completions, examples)
+            total = [t + (0.0 if v is None else v) for t, v in zip(total, values, strict=True)]
+        return total
+
+    def call_function(
+        self, index: int, completions: list[str], examples: list[Example], call: RewardCall | None = None
+    ) -> list[float | None]:
+        """One batched call of function `index` (named `self.func_names[index]`), checked.
+
+        `call(name, thunk)` runs the user code (`thunk()`) on the caller's behalf, e.g.
+        under a time limit; without it the function is called directly. Returns one value
+        per completion: None where the function said "not applicable" (TRL), NaN/inf as
+        returned. Raises `RewardOutputError` for anything but one number per completion,
+        and whatever the function itself raises.
         """
         if len(completions) != len(examples):
             raise ValueError("completions and examples must have the same length")
@@ -195,28 +223,65 @@ class CustomTask(BaseTask):
             for c, p in zip(completions, prompts, strict=True)
         ]
         columns = {col: [e.get(col) for e in examples] for col in self.columns if col != "prompt"}
-        total = [0.0] * len(completions)
-        for func in self.funcs:
-            out = func(prompts=prompts, completions=shaped, **columns)
-            values = self._check_output(func, out, len(completions))
-            total = [t + v for t, v in zip(total, values, strict=True)]
-        return total
+        func, name = self.funcs[index], self.func_names[index]
 
-    def _check_output(self, func: Callable[..., Any], out: Any, n: int) -> list[float]:
-        label = getattr(func, "__name__", self.name)
-        if isinstance(out, (str, bytes)) or not hasattr(out, "__len__") or len(out) != n:
-            raise ValueError(
-                f"custom reward {label!r} must return a list of {n} numbers, got {out!r:.200}"
-            )
-        values = []
-        for v in to_native(list(out)):
-            if v is None:  # TRL's "not applicable to this sample"
-                values.append(0.0)
-            elif isinstance(v, (int, float)):  # bools count as 0/1, as in Python
-                values.append(float(v))
-            else:
-                raise ValueError(f"custom reward {label!r} returned a non-number: {v!r:.100}")
-        return values
+        def thunk() -> Any:
+            return func(prompts=prompts, completions=shaped, **columns)
+
+        out = thunk() if call is None else call(name, thunk)
+        return _check_output(name, out, len(completions))
 
     def reward(self, completion: str, example: Example) -> float:
         return self.rewards([completion], [example])[0]
+
+
+class RewardOutputError(ValueError):
+    """A reward function returned something other than one number per completion.
+
+    A systematic bug of the function, not of one completion: scoring zeroes the whole
+    call instead of retrying completion by completion.
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind  # "length" or "type"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _check_output(name: str, out: Any, n: int) -> list[float | None]:
+    want = f"it must return a list of {n} numbers, one per completion"
+    if isinstance(out, (str, bytes)) or not hasattr(out, "__len__"):
+        raise RewardOutputError(
+            "type", f"reward {name!r} returned a {type(out).__name__}, not a list ({want}): {out!r:.200}"
+        )
+    if len(out) != n:
+        raise RewardOutputError(
+            "length",
+            f"reward {name!r} returned {_plural(len(out), 'value')} for {_plural(n, 'completion')} "
+            f"({want}): {out!r:.200}",
+        )
+    values: list[float | None] = []
+    for v in to_native(list(out)):
+        if v is None:  # TRL's "not applicable to this sample"
+            values.append(None)
+        elif isinstance(v, (int, float)):  # bools count as 0/1, as in Python
+            values.append(float(v))
+        else:
+            raise RewardOutputError("type", f"reward {name!r} returned a non-number: {v!r:.100} ({want})")
+    return values
+
+
+def unique_names(funcs: Sequence[Callable[..., Any]]) -> list[str]:
+    """Each function's `__name__`, with `_2`, `_3`, ... added where two share one."""
+    names: list[str] = []
+    for f in funcs:
+        base = getattr(f, "__name__", None) or type(f).__name__
+        name, k = base, 1
+        while name in names:
+            k += 1
+            name = f"{base}_{k}"
+        names.append(name)
+    return names

@@ -1,0 +1,133 @@
+"""What the reward time limit costs: a thread per user reward call vs a direct call.
+
+(a) The guard alone: a cheap reward (completion lengths, 8 completions) called K times
+    through `RewardGuard(60)` (a daemon thread started and joined per call) and through
+    `RewardGuard(0)` (a direct call), in interleaved blocks; prints µs per call.
+(b) Tiny ES iterations of the embedded model with the same cheap custom reward: each
+    iteration's plan is scored by a population with `reward_timeout=60` and by one with
+    `reward_timeout=0` (same seeds, same weights, alternating which goes first), and the
+    rewards must agree bitwise. Prints the median population time per iteration of each
+    and the overhead as a percentage, measured and as predicted from (a) (calls per
+    iteration × µs per call). The goal is under 2%.
+
+    python benchmarks/reward_timeout.py
+    python benchmarks/reward_timeout.py --workload 8x4x16 --iterations 4 --repeats 2 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+
+PROMPTS = [
+    "Say hi.", "Name a fruit.", "Describe the sea.", "Name a bird.", "Count to three.",
+    "Name a colour.", "Describe a cat.", "Say goodbye.",
+]
+
+
+def length_reward(prompts, completions, **columns):
+    return [float(len(c)) for c in completions]
+
+
+def guard_loop(calls: int, blocks: int) -> dict[str, float]:
+    from esft.rewards import RewardGuard
+
+    completions = ["a completion of some length"] * 8
+    prompts = ["p"] * 8
+    guards = {"direct": RewardGuard(0), "thread": RewardGuard(60)}
+    times: dict[str, list[float]] = {k: [] for k in guards}
+    for b in range(blocks):
+        for name in (("direct", "thread") if b % 2 == 0 else ("thread", "direct")):
+            guard = guards[name]
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                guard("length_reward", lambda: length_reward(prompts, completions))
+            times[name].append((time.perf_counter() - t0) / calls)
+    direct, thread = statistics.median(times["direct"]), statistics.median(times["thread"])
+    return {"direct_us": 1e6 * direct, "thread_us": 1e6 * thread, "overhead_us": 1e6 * (thread - direct)}
+
+
+def es_iterations(workload: str, iterations: int, repeats: int, threads: int) -> dict[str, float]:
+    from esft.config import ESConfig
+    from esft.population import LocalPopulation
+    from esft.trainer import ESTrainer
+
+    n, p, t = (int(x) for x in workload.split("x"))
+    with tempfile.TemporaryDirectory() as out:
+        cfg = ESConfig(
+            model="embedded", population_size=n, prompts_per_step=p, max_new_tokens=t, generation_batch_size=p,
+            trainable=r"model\.layers\.0\.", seed=7, num_threads=threads, disable_tqdm=True, output_dir=out,
+            max_steps=iterations, reward_timeout=60,
+        )
+        trainer = ESTrainer(reward_funcs=length_reward, train_dataset=[{"prompt": q} for q in PROMPTS], args=cfg)
+        prompts = trainer.engine.encode([trainer.task.messages(e) for e in trainer.train_examples])
+        pops = {
+            limit: LocalPopulation(dataclasses.replace(cfg, reward_timeout=limit), trainer.state, trainer.engine,
+                                   trainer.task, trainer.train_examples, prompts)
+            for limit in (60.0, 0.0)
+        }
+        # Warm-up, untimed: first-touch of the work buffers and the first generate().
+        pops[0.0].score(trainer.plan(1, len(prompts), pops[0.0]))
+        times: dict[float, list[float]] = {k: [] for k in pops}
+        scoring: dict[float, list[float]] = {k: [] for k in pops}
+        for rep in range(repeats):
+            for it in range(1, iterations + 1):
+                plan = trainer.plan(it, len(prompts), pops[0.0])
+                order = (60.0, 0.0) if (rep + it) % 2 else (0.0, 60.0)
+                rewards = {}
+                for limit in order:
+                    t0 = time.perf_counter()
+                    res = pops[limit].score(plan)
+                    wall = time.perf_counter() - t0
+                    times[limit].append(wall)
+                    scoring[limit].append(wall - res.stats["generation"] - res.stats["perturb_restore"])
+                    rewards[limit] = res.rewards
+                assert rewards[60.0] == rewards[0.0], "the guard changed a reward"
+    guarded, direct = statistics.median(times[60.0]), statistics.median(times[0.0])
+    return {
+        "members": n, "calls_per_iteration": n,
+        "guarded_s": guarded, "direct_s": direct, "overhead_pct": 100 * (guarded - direct) / direct,
+        "scoring_guarded_ms": 1e3 * statistics.median(scoring[60.0]),
+        "scoring_direct_ms": 1e3 * statistics.median(scoring[0.0]),
+        "spread_pct": 100 * (max(times[0.0]) - min(times[0.0])) / direct,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--calls", type=int, default=2000, help="guard calls per timed block in (a)")
+    ap.add_argument("--blocks", type=int, default=6)
+    ap.add_argument("--workload", default="8x4x16", help="NxPxT: members x prompts x new tokens in (b)")
+    ap.add_argument("--iterations", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    print(f"machine: {platform.processor() or platform.machine()}, {a.threads} threads, torch {torch.__version__}")
+    g = guard_loop(a.calls, a.blocks)
+    print(f"(a) guard per call: direct {g['direct_us']:.1f} µs, daemon thread {g['thread_us']:.1f} µs "
+          f"-> {g['overhead_us']:.1f} µs overhead per call")
+    r = es_iterations(a.workload, a.iterations, a.repeats, a.threads)
+    predicted = 100 * r["calls_per_iteration"] * g["overhead_us"] * 1e-6 / r["direct_s"]
+    print(f"(b) {a.workload} (NxPxT), {a.iterations} iterations x {a.repeats} repeats, interleaved:")
+    print("| reward_timeout | population s / iteration (median) | scoring ms / iteration |")
+    print("|---|---:|---:|")
+    print(f"| 0 (direct) | {r['direct_s']:.3f} | {r['scoring_direct_ms']:.2f} |")
+    print(f"| 60 (thread per call) | {r['guarded_s']:.3f} | {r['scoring_guarded_ms']:.2f} |")
+    in_iteration = 100 * (r["scoring_guarded_ms"] - r["scoring_direct_ms"]) * 1e-3 / r["direct_s"]
+    print(f"overhead per iteration: measured {r['overhead_pct']:+.2f}% (run-to-run spread of the direct runs "
+          f"{r['spread_pct']:.1f}%), predicted from (a) {predicted:.3f}% "
+          f"({r['calls_per_iteration']} calls x {g['overhead_us']:.0f} µs)")
+    # The scoring phase alone is timed to the microsecond, free of generation's noise.
+    print(f"scoring phase with the guard: +{r['scoring_guarded_ms'] - r['scoring_direct_ms']:.1f} ms per iteration "
+          f"= {in_iteration:.3f}% of the iteration")
+
+
+if __name__ == "__main__":
+    main()
