@@ -306,3 +306,19 @@ def test_drift_markdown_table_has_one_column_per_header() -> None:
     table = format_drift_table([{"iteration": 1, "global": g, "per_group": {"mlp": {"norm": 0.5}}}])
     header, rule, row = table.splitlines()
     assert header.count("|") == rule.count("|") == row.count("|")
+
+
+def test_a_damaged_jsonl_dataset_names_the_file_and_line(tmp_path) -> None:
+    from esft.tasks.custom import load_rows
+
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"prompt": "a"}\n{"prompt": "b"\n{"prompt": "c"}\n')
+    with pytest.raises(ValueError, match=r"data\.jsonl: line 2 is not valid JSON"):
+        load_rows(str(path))
+
+
+def test_a_train_dataset_of_strings_is_one_clear_error() -> None:
+    from esft.tasks.custom import CustomTask
+
+    with pytest.raises(ValueError, match=r"row 0 is a str .* not a mapping .*'prompt'"):
+        CustomTask.from_functions([lambda prompts, completions, **kw: [0.0] * len(completions)], ["a", "b"])

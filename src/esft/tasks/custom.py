@@ -12,7 +12,7 @@ import importlib
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,14 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
             return data
         if isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON list of objects, got an object")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {number} is not valid JSON ({e.msg} at column {e.colno})") from None
+    return rows
 
 
 def _read_local(path: Path) -> list[dict[str, Any]]:
@@ -123,7 +130,15 @@ def rows_of(dataset: Any) -> list[dict[str, Any]]:
         return load_rows(str(dataset))
     if hasattr(dataset, "to_dict") and hasattr(dataset, "columns"):  # pandas DataFrame
         dataset = dataset.to_dict(orient="records")
-    return [{str(k): to_native(v) for k, v in dict(row).items()} for row in dataset]
+    rows = []
+    for i, row in enumerate(dataset):
+        if not isinstance(row, Mapping):
+            raise ValueError(
+                f"dataset row {i} is a {type(row).__name__} ({row!r:.60}), not a mapping of columns: "
+                "pass rows like {'prompt': 'Describe the sea.'}"
+            )
+        rows.append({str(k): to_native(v) for k, v in row.items()})
+    return rows
 
 
 class CustomTask(BaseTask):
