@@ -103,21 +103,14 @@ class ESWorker:
         self.guard = RewardGuard(self.cfg.reward_timeout)
 
     def _open_anchor(self, driver_path: str | None):
-        """θ₀ for AWD: the driver's file when this node can see it, else written from the
-        base weights this replica holds right now (the same bits, as the model loads the same)."""
-        import atexit
-        import shutil
-        import tempfile
+        """θ₀ for AWD: the driver's file when this node can see it intact, else written from
+        the base weights this replica holds right now (the same bits, as the model loads the same)."""
+        from pathlib import Path
 
-        from esft.anchor import AnchorFile
+        from esft.seedlog import checked_anchor, temporary_anchor
 
-        if driver_path and os.path.exists(driver_path):
-            anchor = AnchorFile(driver_path)
-            if set(self.state.names) <= set(anchor.names()):
-                return anchor
-        tmp = tempfile.mkdtemp(prefix="esft-worker-")
-        atexit.register(shutil.rmtree, tmp, True)
-        return AnchorFile.write(os.path.join(tmp, "theta0.safetensors"), self.state.items())
+        anchor = checked_anchor(Path(driver_path), self.state) if driver_path else None
+        return anchor if anchor is not None else temporary_anchor(self.state)
 
     def info(self) -> dict[str, Any]:
         return {
