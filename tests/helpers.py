@@ -57,3 +57,25 @@ class Tiny(torch.nn.Module):
         with torch.no_grad():
             for p in self.parameters():
                 p.copy_(torch.randn(p.shape, generator=g))
+
+
+def copy_run(src: Path, dst: Path, writable: tuple[str, ...] = ()) -> Path:
+    """A copy of a run directory that tests may damage and resume.
+
+    Checkpoints hold the whole model (~0.5 GB each): large files are hard links (no
+    copy, no disk), except those in `writable` (paths relative to the run), which a test
+    changes in place and so must not share with `src`. esft itself never writes a large
+    file in place (atomic replaces make new files), so the links stay intact.
+    """
+    import os
+    import shutil
+
+    def copy(s: str, d: str) -> None:
+        rel = str(Path(s).relative_to(src))
+        if os.path.getsize(s) > (1 << 20) and rel not in writable:
+            os.link(s, d)
+        else:
+            shutil.copy2(s, d)
+
+    shutil.copytree(src, dst, copy_function=copy)
+    return dst

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -185,3 +186,14 @@ def test_cuda_actors_need_the_driver_on_cuda(tmp_path) -> None:
 def test_ray_address_without_workers_is_refused() -> None:
     with pytest.raises(ValueError, match="ray_address needs --workers"):
         ESConfig(ray_address="auto")
+
+
+def test_a_kl_budget_run_on_two_actors_equals_the_in_process_run(tmp_path) -> None:
+    """The driver decides each AWD step and logs it; the actors apply the logged step."""
+    budget = dict(kl_budget=2e-4, kl_tasks="conciseness", kl_num_prompts=2, kl_max_tokens=4)
+    ESTrainer(args=ESConfig(**TINY, **budget, output_dir=str(tmp_path / "local"))).train()
+    ESTrainer(args=ray_config(tmp_path / "ray", **budget)).train()
+    local = (tmp_path / "local" / SEEDLOG).read_bytes()
+    assert (tmp_path / "ray" / SEEDLOG).read_bytes() == local
+    assert any(json.loads(line)["awd_step"] > 0 for line in local.splitlines()), "the budget never bound: empty check"
+    assert_bitwise_equal(final_weights(tmp_path / "ray"), final_weights(tmp_path / "local"), "KL budget on 2 actors")

@@ -14,18 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import TINY, assert_bitwise_equal, tiny_cli_args
+from helpers import TINY, assert_bitwise_equal, copy_run, tiny_cli_args
 
 from esft.anchor import AnchorFile
 from esft.cli import main
 from esft.config import ESConfig
 from esft.io import check_replaceable, read_jsonl, write_dir_atomic, write_text_atomic
 from esft.seedlog import SEEDLOG, load_checkpoint_tensors
-
-
-def copy_run(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
 
 
 def cli(argv: list[str]) -> int:
@@ -176,7 +171,7 @@ def test_config_file_errors_name_the_file_and_line(tmp_path, capsys) -> None:
 def test_a_damaged_checkpoint_is_rebuilt_from_the_seed_log(tmp_path, reference_run, damage, caplog) -> None:
     from esft.trainer import ESTrainer
 
-    run = copy_run(reference_run, tmp_path / "run")
+    run = copy_run(reference_run, tmp_path / "run", writable=("checkpoint-3/model.safetensors",))
     shutil.rmtree(run / "final")
     weights = run / "checkpoint-3" / "model.safetensors"
     if damage == "flip":
@@ -194,7 +189,7 @@ def test_a_damaged_checkpoint_is_rebuilt_from_the_seed_log(tmp_path, reference_r
 def test_a_damaged_theta0_is_rebuilt_from_the_base_model(tmp_path, awd_run, caplog) -> None:
     from esft.trainer import ESTrainer
 
-    run = copy_run(awd_run, tmp_path / "run")
+    run = copy_run(awd_run, tmp_path / "run", writable=("theta0.safetensors",))
     for d in ("final", "checkpoint-2", "checkpoint-3"):
         shutil.rmtree(run / d)
     flip_bytes(run / "theta0.safetensors")  # AWD replays 2 and 3 against θ₀: it must be right

@@ -167,3 +167,40 @@ def anchor_and_drift(
         sq += float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2
         del theta0
     return math.sqrt(sq)
+
+
+# ------------------------------------------------------------- adaptive L2 step
+def expected_update_sq(coefficients: list[float] | None, learning_rate: float, population_size: int,
+                       num_params: int) -> float:
+    """E‖Δθ‖² of one ES update, (α/N)²·Σⱼcⱼ²·d: noise entries have unit variance and the
+    seeds' directions are independent, so the squared norms add (Eq. 2's random walk)."""
+    if not coefficients:
+        return 0.0
+    return (learning_rate / population_size) ** 2 * sum(c * c for c in coefficients) * num_params
+
+
+def l2_step_for_target(drift: float, update_sq: float, target: float, max_step: float = 0.5) -> float:
+    """The L2 step s that brings the drift back to `target` after the next update.
+
+    d ← (1 − s)(d + u) with ‖d + u‖² ≈ ‖d‖² + ‖u‖² (u is nearly orthogonal to d in high
+    dimension), so ‖d_new‖ = target needs s = 1 − target/√(‖d‖² + ‖u‖²); 0 while the drift
+    stays under the target, at most `max_step` so one bad estimate cannot wipe the run.
+    """
+    if not math.isfinite(target):
+        return 0.0
+    expected = math.sqrt(drift * drift + update_sq)
+    if expected <= target:
+        return 0.0
+    return min(max_step, 1.0 - target / expected)
+
+
+def drift_target_for_kl(drift: float, kl: float, budget: float, margin: float = 0.9) -> float:
+    """The drift ‖θ − θ₀‖ at which the KL would sit at margin·budget.
+
+    Near θ₀ the KL grows like the square of the distance (its Hessian is the Fisher), so
+    one measurement (KL at `drift`) calibrates the scale: target = drift·√(margin·budget/KL).
+    Re-measured every `kl_every` iterations, this is a feedback loop on the target.
+    """
+    if drift <= 0.0 or kl <= 1e-12:
+        return math.inf
+    return drift * math.sqrt(margin * budget / kl)

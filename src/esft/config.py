@@ -15,6 +15,12 @@ from typing import Any, Literal
 
 from esft.flags import option, read_config_file, type_errors
 
+#: `awd_lambda: auto`: λ chosen by probes before the run (esft.auto_lambda).
+AUTO = "auto"
+
+#: Keys esft adds to a run's config.yaml for people and tools, ignored when it is read back.
+INFO_KEYS = ("awd_lambda_chosen",)
+
 #: Per-penalty default λ (Schweighofer et al. 2026 use λ≈10 for L2 and λ≈0.01 for L1).
 DEFAULT_AWD_LAMBDA = {"l2": 10.0, "l1": 0.01, "huber": 0.01}
 
@@ -75,8 +81,19 @@ class ESConfig:
 
     Parameters of Anchored Weight Decay (Schweighofer et al. 2026):
         awd: "none", "l2", "l1" or "huber".
-        awd_lambda: λ; step s = α·λ (coupled) or λ (`awd_decoupled`).
+        awd_lambda: λ; step s = α·λ (coupled) or λ (`awd_decoupled`). "auto": chosen by
+            short probes before the run (`esft.auto_lambda`): the highest λ of a ladder that
+            keeps the target's gain, the paper's tuning recipe.
         awd_huber_delta: Huber threshold between the quadratic and the L1 regime.
+
+    Parameters of the forgetting budget (`esft.kl_budget`):
+        kl_budget: X nats/token: the AWD L2 step adapts so that KL(base ‖ model), exact per
+            position on base-model continuations of the KL prompts, stays at or under X.
+        kl_tasks: comma-separated tasks whose evaluation prompts measure the KL.
+        kl_prompts: a file of the user's own prompts (.txt: one per line; .jsonl/.json: a
+            `prompt` field, a string or chat messages).
+        kl_every: measure the KL every k iterations.
+        kl_num_prompts, kl_max_tokens: prompts per task, tokens sampled per prompt.
 
     Parameters of the reward:
         reward_timeout: seconds a user reward function (`module:function`, `reward_funcs`)
@@ -130,9 +147,19 @@ class ESConfig:
 
     # Anchored weight decay
     awd: Literal["none", "l2", "l1", "huber"] = option("anchored weight decay", default="none")
-    awd_lambda: float | None = option("λ; unset: 10 for l2, 0.01 for l1/huber", default=None)
+    awd_lambda: float | str | None = option(
+        "λ, or 'auto' (chosen by short probes); unset: 10 for l2, 0.01 for l1/huber", default=None
+    )
     awd_decoupled: bool = option("step s = λ instead of α·λ", default=False)
     awd_huber_delta: float = option("huber: |θ−θ₀| threshold of the quadratic zone", default=1e-3)
+
+    # Forgetting budget
+    kl_budget: float | None = option("keep KL(base ‖ model) on the KL prompts at or under X nats/token", default=None)
+    kl_tasks: str | None = option("comma-separated tasks whose eval prompts measure the KL budget", default=None)
+    kl_prompts: str | None = option("file of prompts measuring the KL budget (.txt lines, .jsonl 'prompt')", default=None)
+    kl_every: int = option("measure the KL every k iterations", default=1)
+    kl_num_prompts: int = option("prompts per KL task", default=16)
+    kl_max_tokens: int = option("tokens sampled from the base model per KL prompt", default=32)
 
     # Reward
     reward_timeout: float = option("seconds per call of a user reward function (0: no limit)", default=60.0)
@@ -174,6 +201,14 @@ class ESConfig:
     disable_tqdm: bool = option("no progress bar", default=False)
 
     def __post_init__(self) -> None:
+        # Flags arrive as strings ("3", "auto"); the Python API and YAML give numbers.
+        if isinstance(self.awd_lambda, str) and self.awd_lambda != AUTO:
+            try:
+                self.awd_lambda = float(self.awd_lambda)
+            except ValueError:
+                raise ValueError(
+                    f"invalid ES config:\n  - awd_lambda must be a number or 'auto' (got {self.awd_lambda!r})"
+                ) from None
         self.validate()
 
     # ------------------------------------------------------------------ checks
@@ -232,9 +267,12 @@ class ESConfig:
             errors.append(f"sync_check_steps must be >= 0 (got {self.sync_check_steps})")
         if self.reward_timeout < 0:
             errors.append(f"reward_timeout must be >= 0 seconds (0: no limit; got {self.reward_timeout})")
-        if self.awd_lambda is not None and self.awd_lambda < 0:
+        if self.awd_lambda == AUTO and self.awd == "none":
+            errors.append("awd_lambda auto picks the strength of AWD: choose --awd l2 (or l1, huber) too")
+        if self.awd_lambda is not None and self.awd_lambda != AUTO and self.awd_lambda < 0:
             errors.append(f"awd_lambda must be >= 0 (got {self.awd_lambda})")
-        if self.awd == "l2" and self.awd_step >= 1:
+        errors += self._kl_budget_errors()
+        if self.awd == "l2" and not self.adaptive_awd and self.awd_step >= 1:
             how = "λ" if self.awd_decoupled else "α·λ"
             errors.append(
                 f"awd=l2 needs a step s = {how} < 1 (got s = {self.awd_step:g}); "
@@ -243,17 +281,53 @@ class ESConfig:
         if errors:
             raise ValueError("invalid ES config:\n  - " + "\n  - ".join(errors))
 
+    def _kl_budget_errors(self) -> list[str]:
+        errors = []
+        for name in ("kl_every", "kl_num_prompts", "kl_max_tokens"):
+            if getattr(self, name) < 1:
+                errors.append(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.kl_budget is None:
+            return errors
+        if not self.kl_budget > 0:
+            errors.append(f"kl_budget must be > 0 nats/token (got {self.kl_budget})")
+        if not self.kl_tasks and not self.kl_prompts:
+            errors.append("kl_budget needs prompts to measure the KL on: --kl_tasks hellaswag,piqa or --kl_prompts FILE")
+        if self.awd not in ("none", "l2"):
+            errors.append(f"kl_budget adapts the AWD L2 step (got awd={self.awd}): use --awd l2 or leave --awd out")
+        if self.awd_lambda is not None:
+            errors.append("kl_budget sets the AWD step itself: leave --awd_lambda out (it is logged as awd/lambda)")
+        return errors
+
+    @property
+    def adaptive_awd(self) -> bool:
+        """Whether the AWD step is decided during the run (auto λ, a KL budget) and logged per iteration."""
+        return self.awd_lambda == AUTO or self.kl_budget is not None
+
+    @property
+    def awd_penalty(self) -> str:
+        """The penalty applied: `awd`, or L2 when a KL budget drives it."""
+        return "l2" if self.kl_budget is not None else self.awd
+
     @property
     def resolved_awd_lambda(self) -> float:
         if self.awd == "none":
             return 0.0
-        return DEFAULT_AWD_LAMBDA[self.awd] if self.awd_lambda is None else self.awd_lambda
+        if self.adaptive_awd:
+            raise ValueError("this run's λ is adaptive: each seed-log record holds the AWD step it applied")
+        return DEFAULT_AWD_LAMBDA[self.awd] if self.awd_lambda is None else float(self.awd_lambda)
 
     @property
     def awd_step(self) -> float:
         """The AWD step s: α·λ as in the paper, or λ when decoupled."""
-        lam = self.resolved_awd_lambda
+        return self.step_for_lambda(self.resolved_awd_lambda)
+
+    def step_for_lambda(self, lam: float) -> float:
         return lam if self.awd_decoupled else self.learning_rate * lam
+
+    def lambda_for_step(self, step: float) -> float:
+        if self.awd_decoupled:
+            return step
+        return step / self.learning_rate if self.learning_rate else 0.0
 
     @property
     def num_seeds(self) -> int:
@@ -275,7 +349,7 @@ class ESConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> ESConfig:
         """A run's config.yaml (or any YAML of fields), with errors that name the file."""
-        data = read_config_file(path, None, what="config file")
+        data = read_config_file(path, None, ignore=INFO_KEYS, what="config file")
         try:
             return cls.from_dict(data)
         except ValueError as e:

@@ -94,7 +94,7 @@ class ESWorker:
         self.state = WeightState.from_config(net, self.cfg)
         self.engine = HFEngine(net, tokenizer, self.cfg.max_new_tokens, self.cfg.generation_batch_size)
         self.task, self.examples, self.prompts = task, examples, prompts
-        self.anchor = self._open_anchor(anchor_path) if self.cfg.awd != "none" else None
+        self.anchor = self._open_anchor(anchor_path) if self.cfg.awd_penalty != "none" else None
         self.iteration = 0
         self._lock = threading.Lock()
         self._batcher = None

@@ -15,6 +15,7 @@ import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import torch
 
@@ -211,6 +212,25 @@ class WeightState:
         for p, work in zip(self.params, self._work):
             p.data = work
         self.perturbed = True
+
+    @contextmanager
+    def weights_from(self, source: Callable[[str], torch.Tensor]) -> Iterator[None]:
+        """Inside the context the model computes with `source(name)` (e.g. θ₀) in place of
+        every trainable tensor; the at-rest weights are untouched and come back bitwise.
+
+        Uses the members' work buffers, so it costs no memory a population does not.
+        """
+        if self.perturbed:
+            raise RuntimeError("weights_from() while a member is perturbed")
+        for i, (name, p) in enumerate(self.named):
+            work = self._work_buffer(i)
+            work.copy_(source(name))
+            p.data = work
+        self.perturbed = True
+        try:
+            yield
+        finally:
+            self.restore()
 
     def restore(self) -> None:
         """Point every parameter back at its untouched at-rest tensor (bitwise, O(1))."""

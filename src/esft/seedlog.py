@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SEEDLOG = "seedlog.jsonl"
+#: Key of the AWD step an adaptive run applied at an iteration (part of its record).
+AWD_STEP_KEY = "awd_step"
 CONFIG_FILE = "config.yaml"
 ANCHOR_FILE = "theta0.safetensors"
 METRICS_FILE = "metrics.jsonl"
@@ -104,14 +106,25 @@ def apply_record(
     if record.coefficients is not None:
         scale = es.update_scale(config.learning_rate, config.population_size)
         update_norm = state.apply_update(record.seeds, record.coefficients, scale)
-    penalty = config.awd if record.coefficients is not None else "none"
+    step = record_awd_step(record, config)
+    # No update, or a zero step (an adaptive run below its budget): no AWD pass, plain ES bits.
+    penalty = config.awd_penalty if record.coefficients is not None and step > 0 else "none"
     drift = None
     if anchor is not None and (compute_drift or penalty != "none"):
-        drift = anchor_and_drift(
-            state.items(), anchor, penalty, config.awd_step, config.awd_huber_delta
-        )
+        drift = anchor_and_drift(state.items(), anchor, penalty, step, config.awd_huber_delta)
         state.sync_rest()
     return update_norm, drift
+
+
+def record_awd_step(record: IterationRecord, config: ESConfig) -> float:
+    """The AWD step of an iteration: the one its record holds (adaptive runs: auto λ, a KL
+    budget), else the config's fixed α·λ. Replay, resume and Ray actors all read it here."""
+    step = record.extra.get(AWD_STEP_KEY)
+    if step is not None:
+        return float(step)
+    if config.adaptive_awd:
+        raise ValueError(f"record {record.iteration} of an adaptive-AWD run lacks its '{AWD_STEP_KEY}'")
+    return config.awd_step if config.awd != "none" else 0.0
 
 
 # -------------------------------------------------------------------- checkpoints
@@ -259,7 +272,7 @@ def open_replay(
     net, tokenizer = load_model(model or cfg.model, cfg.torch_dtype, device if device != "auto" else cfg.device)
     state = WeightState.from_config(net, cfg)
     anchor = checked_anchor(run_dir / ANCHOR_FILE, state)
-    if anchor is None and cfg.awd != "none" and upto > 0:
+    if anchor is None and cfg.awd_penalty != "none" and upto > 0:
         # θ₀ is the base model's weights, which `state` holds right now: rebuild it aside.
         anchor = temporary_anchor(state)
     return cfg, state, tokenizer, records, anchor

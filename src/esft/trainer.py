@@ -21,8 +21,9 @@ from tqdm.auto import tqdm
 
 from esft import es
 from esft.anchor import AnchorFile
+from esft.awd_schedule import AWDSchedule, FixedStep, KLBudget
 from esft.callbacks import EvalCallback, TrainerCallback
-from esft.config import ESConfig
+from esft.config import AUTO, ESConfig
 from esft.engine import HFEngine
 from esft.io import ensure_writable_dir, read_jsonl, remove_temp_files, write_text_atomic
 from esft.metric_sinks import MetricsWriter
@@ -125,6 +126,8 @@ class ESTrainer:
         self.anchor: AnchorFile | None = None
         self.iteration = 0
         self.history: list[dict[str, Any]] = []
+        self.schedule: AWDSchedule | None = None
+        self._last_kl: float | None = None
 
     # ------------------------------------------------------------- run directory
     def _prepare_run_dir(self) -> list[IterationRecord]:
@@ -219,6 +222,7 @@ class ESTrainer:
         try:
             records = self._prepare_run_dir()
             self.history = self._restore_from(records) if records else []
+            self.schedule = self._awd_schedule(records)
             self.population.start(self.iteration)
         except BaseException:
             self.population.close()
@@ -241,7 +245,8 @@ class ESTrainer:
                 writer.log(metrics)
                 self.history.append(metrics)
                 bar.update(1)
-                bar.set_postfix(reward=f"{metrics['reward/mean']:.3g}", max=f"{metrics['reward/max']:.3g}", drift=f"{metrics['drift/norm']:.3g}")
+                bar.set_postfix(_postfix(metrics, self._last_kl))
+                self._last_kl = metrics.get("kl/measured", self._last_kl)
                 if cfg.logging_steps and self.iteration % cfg.logging_steps == 0:
                     bar.write(_format_metrics(metrics))
                 if cfg.save_steps and self.iteration % cfg.save_steps == 0:
@@ -299,12 +304,14 @@ class ESTrainer:
         coeffs = es.coefficients(rewards, cfg.mirror_sampling)
         # The seed log holds only what decides the weights (no timings), so two runs of
         # one config, in-process or on Ray workers, write the same file.
-        record = IterationRecord(
-            iteration, plan.seeds, rewards, coeffs, extra={"prompts": plan.subset if cfg.prompts_per_step else None}
-        )
+        extra = {"prompts": plan.subset if cfg.prompts_per_step else None}
+        if self.schedule is not None:
+            extra.update(self.schedule.record_fields(coeffs))  # the AWD step this iteration applies
+        record = IterationRecord(iteration, plan.seeds, rewards, coeffs, extra=extra)
         self.population.begin_update(record)  # Ray replicas update while the driver does
         update_norm, drift = apply_record(self.state, record, cfg, self.anchor)
         t_update = time.perf_counter() - t_score_end
+        schedule_metrics = self.schedule.after_update(record, float(drift or 0.0)) if self.schedule is not None else {}
         # The log line is the commit point: once written, a resume trusts this iteration.
         self.seedlog.append(record)
         worker_metrics = self.population.after_update(record)
@@ -331,9 +338,28 @@ class ESTrainer:
             "tokens/generated": tokens,
             "tokens/per_second": tokens / t_gen if t_gen else 0.0,
             "completions/mean_tokens": tokens / res.stats["completions"],
+            **schedule_metrics,
             **res.metrics,
             **worker_metrics,
         }
+
+    def _awd_schedule(self, records: list[IterationRecord]) -> AWDSchedule | None:
+        """Who decides each iteration's AWD step when it is not a fixed α·λ."""
+        cfg = self.args
+        schedule: AWDSchedule | None = None
+        if cfg.kl_budget is not None:
+            from esft.kl_budget import KLMonitor
+
+            monitor = KLMonitor(cfg, self.state, self.engine, self.anchor, self.run_dir)
+            schedule = KLBudget(cfg, monitor, self.state.num_parameters)
+        elif cfg.awd_lambda == AUTO:
+            from esft.auto_lambda import choose_lambda
+
+            lam = choose_lambda(self, records)
+            schedule = FixedStep(cfg, cfg.step_for_lambda(lam))
+        if schedule is not None and records:
+            schedule.resume(records)
+        return schedule
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
@@ -354,6 +380,17 @@ def _json_line(d: dict[str, Any]) -> str:
     return json.dumps(d) + "\n"
 
 
+def _postfix(m: dict[str, Any], last_kl: float | None) -> dict[str, str]:
+    """The progress bar's numbers: reward, drift and, with a KL budget, the KL and AWD step."""
+    out = {"reward": f"{m['reward/mean']:.3g}", "max": f"{m['reward/max']:.3g}", "drift": f"{m['drift/norm']:.3g}"}
+    kl = m.get("kl/measured", last_kl)
+    if "kl/budget" in m:
+        out["kl"] = f"{kl:.3g}/{m['kl/budget']:.3g}" if kl is not None else f"–/{m['kl/budget']:.3g}"
+    if "awd/step" in m:
+        out["awd"] = f"{m['awd/step']:.2g}"
+    return out
+
+
 def _format_metrics(m: dict[str, Any]) -> str:
     skipped = " (update skipped: equal rewards)" if m["es/skipped"] else ""
     errs = f" reward_errors={m['reward/errors']}" if m["reward/errors"] else ""
@@ -361,6 +398,10 @@ def _format_metrics(m: dict[str, Any]) -> str:
     parts = "".join(
         f" {k.split('/')[1]}={v:.4g}" for k, v in m.items() if k.startswith("rewards/") and k.endswith("/mean")
     )
+    if "kl/measured" in m:
+        parts += f"  KL={m['kl/measured']:.4g}/{m['kl/budget']:.3g}"
+    if "awd/step" in m:
+        parts += f"  awd_step={m['awd/step']:.3g}"
     return (
         f"iter {m['iteration']:>4}  reward mean={m['reward/mean']:.4g} max={m['reward/max']:.4g} "
         f"std={m['reward/std']:.3g}{parts}  |Δθ|={m['es/update_norm']:.3g}  |θ−θ₀|={m['drift/norm']:.4g} "

@@ -19,6 +19,7 @@ import logging
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +179,63 @@ def _per_position_kl(base_lp: torch.Tensor, model_lp: torch.Tensor) -> torch.Ten
     return torch.cat(parts, dim=1)
 
 
+@dataclass
+class ContinuationBatch:
+    """Prompts (left-padded) + continuations (right-padded) of a few samples, ready to score."""
+
+    rows: list[int]  # which samples, in batch order
+    ids: torch.Tensor
+    mask: torch.Tensor
+    targets: torch.Tensor  # the continuation tokens (batch × width)
+    valid: torch.Tensor  # bool: which target positions are real tokens
+    width: int
+
+
+def continuation_batches(
+    prompts: list[list[int]], continuations: list[list[int]], batch_size: int = 8, pad_id: int = 0,
+) -> list[ContinuationBatch]:
+    """The batches every model scores identically (same order, padding and positions), so a
+    model with the base model's weights scores exactly 0 KL against it."""
+    if len(prompts) != len(continuations):
+        raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+    scored = [i for i, c in enumerate(continuations) if c]
+    # Longest first: the largest batch (the one most likely to run out of memory) fails fast.
+    scored.sort(key=lambda i: -(len(prompts[i]) + len(continuations[i])))
+    batches = []
+    for start in range(0, len(scored), batch_size):
+        idx = scored[start : start + batch_size]
+        p_ids, p_mask = _left_pad([prompts[i] for i in idx], pad_id)
+        width = max(len(continuations[i]) for i in idx)
+        c_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        c_mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            n = len(continuations[i])
+            c_ids[row, :n] = torch.tensor(continuations[i], dtype=torch.long)
+            c_mask[row, :n] = 1
+        ids, mask = torch.cat([p_ids, c_ids], 1), torch.cat([p_mask, c_mask], 1)
+        batches.append(ContinuationBatch(idx, ids, mask, c_ids, c_mask.bool(), width))
+    return batches
+
+
+def batch_logprobs(model: torch.nn.Module, batch: ContinuationBatch) -> torch.Tensor:
+    """fp32 log-softmax of `model` at the positions predicting the batch's continuation tokens."""
+    dev = _device(model)
+    return _continuation_logprobs(model, batch.ids.to(dev), batch.mask.to(dev), batch.width,
+                                  _supports_logits_to_keep(model))
+
+
+def batch_kl(batch: ContinuationBatch, base_lp: torch.Tensor, model_lp: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row sums over the continuation of (Monte-Carlo, exact per-position) KL, float64."""
+    model_lp = model_lp.to(base_lp.device)
+    target = batch.targets.to(base_lp.device).unsqueeze(-1)
+    valid = batch.valid.to(base_lp.device)
+    mc = (base_lp.gather(-1, target) - model_lp.gather(-1, target)).squeeze(-1).double()
+    exact = _per_position_kl(base_lp, model_lp)
+    mc_rows = torch.where(valid, mc, torch.zeros_like(mc)).sum(-1).cpu().numpy()
+    ex_rows = torch.where(valid, exact, torch.zeros_like(exact)).sum(-1).cpu().numpy()
+    return mc_rows, ex_rows
+
+
 @torch.inference_mode()
 def kl_on_continuations(
     base_model: torch.nn.Module,
@@ -193,38 +251,17 @@ def kl_on_continuations(
     model with the base model's weights scores exactly 0. `pad_id` only fills masked
     slots and cannot change the result.
     """
-    if len(prompts) != len(continuations):
-        raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
-    dev_b, dev_m = _device(base_model), _device(model)
-    keep_b, keep_m = _supports_logits_to_keep(base_model), _supports_logits_to_keep(model)
     mc_sum = np.zeros(len(prompts))
     ex_sum = np.zeros(len(prompts))
-    scored = [i for i, c in enumerate(continuations) if c]
-    # Longest first: the largest batch (the one most likely to run out of memory) fails fast.
-    scored.sort(key=lambda i: -(len(prompts[i]) + len(continuations[i])))
-    for start in range(0, len(scored), batch_size):
-        idx = scored[start : start + batch_size]
-        p_ids, p_mask = _left_pad([prompts[i] for i in idx], pad_id)
-        width = max(len(continuations[i]) for i in idx)
-        c_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        c_mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            n = len(continuations[i])
-            c_ids[row, :n] = torch.tensor(continuations[i], dtype=torch.long)
-            c_mask[row, :n] = 1
-        ids, mask = torch.cat([p_ids, c_ids], 1), torch.cat([p_mask, c_mask], 1)
-        base_lp = _continuation_logprobs(base_model, ids.to(dev_b), mask.to(dev_b), width, keep_b)
-        model_lp = _continuation_logprobs(model, ids.to(dev_m), mask.to(dev_m), width, keep_m)
-        model_lp = model_lp.to(base_lp.device)
-        target = c_ids.to(base_lp.device).unsqueeze(-1)
-        valid = c_mask.to(base_lp.device).bool()
-        mc = (base_lp.gather(-1, target) - model_lp.gather(-1, target)).squeeze(-1).double()
-        exact = _per_position_kl(base_lp, model_lp)
-        del base_lp, model_lp
-        mc_rows = torch.where(valid, mc, torch.zeros_like(mc)).sum(-1).cpu().numpy()
-        ex_rows = torch.where(valid, exact, torch.zeros_like(exact)).sum(-1).cpu().numpy()
-        for row, i in enumerate(idx):
+    for batch in continuation_batches(prompts, continuations, batch_size, pad_id):
+        mc_rows, ex_rows = batch_kl(batch, batch_logprobs(base_model, batch), batch_logprobs(model, batch))
+        for row, i in enumerate(batch.rows):
             mc_sum[i], ex_sum[i] = mc_rows[row], ex_rows[row]
+    return kl_summary(mc_sum, ex_sum, continuations)
+
+
+def kl_summary(mc_sum: np.ndarray, ex_sum: np.ndarray, continuations: list[list[int]]) -> dict[str, float | int]:
+    """Prompt-averaged and token-weighted means of per-prompt KL sums."""
     counts = np.array([len(c) for c in continuations], dtype=np.float64)
     n_tokens = int(counts.sum())
     has = counts > 0
@@ -271,7 +308,7 @@ def _load_cache(path: Path, base_model: str, prompts: list[list[int]]) -> list[l
     return conts
 
 
-def _continuations_for(
+def base_continuations(
     run_dir: Path, task_name: str, base_name: str, model: torch.nn.Module, tokenizer: Any,
     prompts: list[list[int]], num_prompts: int, max_tokens: int, seed: int, batch_size: int,
 ) -> list[list[int]]:
@@ -331,7 +368,7 @@ def kl_report(
         if not examples:
             raise ValueError(f"task {name!r} has no test examples")
         prompts = engine.encode([task.messages(e) for e in examples])
-        conts = _continuations_for(
+        conts = base_continuations(
             view.run_dir, name, view.base_model, base, tokenizer, prompts,
             num_prompts, max_tokens, seed, batch_size,
         )

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 DPI = 120
 AWD_ORDER = ("l2", "l1", "huber")
 #: Config fields that do not make two λ-sweep runs different experiments.
-SWEEP_FREE = (RESUMABLE_FIELDS - {"max_steps"}) | {"awd_lambda"}
+SWEEP_FREE = (RESUMABLE_FIELDS - {"max_steps"}) | {"awd_lambda", "awd_lambda_chosen"}
 #: ...and those that a no-AWD reference may differ in on top.
 REFERENCE_FREE = SWEEP_FREE | {"awd", "awd_decoupled", "awd_huber_delta"}
 SHORT_NAMES = {"population_size": "N", "learning_rate": "α", "sigma": "σ", "awd_decoupled": "decoupled"}

@@ -48,11 +48,16 @@ def l2_transient_sq(alpha: float, d: float, N: float, steps: Sequence[float]) ->
 
 
 def config_awd_step(config: dict[str, Any]) -> float:
-    """The AWD step s of a run's config: α·λ, or λ when decoupled; 0 without AWD."""
+    """The AWD step s of a run's config: α·λ, or λ when decoupled; 0 without AWD (or when
+    the step adapts: a KL budget, then `awd/step` in metrics.jsonl says what was applied)."""
     awd = config.get("awd") or "none"
-    if awd == "none":
+    if awd == "none" or config.get("kl_budget") is not None:
         return 0.0
     lam = config.get("awd_lambda")
+    if lam == "auto":
+        lam = config.get("awd_lambda_chosen")
+        if lam is None:
+            return 0.0
     lam = DEFAULT_AWD_LAMBDA.get(awd, 0.0) if lam is None else float(lam)
     return lam if config.get("awd_decoupled") else float(config.get("learning_rate", 0.0)) * lam
 
@@ -88,7 +93,7 @@ def predict_drift(config: dict[str, Any], metrics: Sequence[dict[str, Any]], T: 
     """The prediction for iterations 0..T, or the reason there is none (shown in report.md)."""
     if config.get("trainer") == "grpo":
         return "not an ES run"
-    awd = config.get("awd") or "none"
+    awd = "l2" if config.get("kl_budget") is not None else (config.get("awd") or "none")
     if awd not in ("none", "l2"):
         return f"no closed form for AWD {awd.upper()}"
     d = _trainable(metrics)

@@ -37,15 +37,18 @@ class RunSummary:
 
     @property
     def awd(self) -> str:
-        return (self.config.get("awd") or "none") if self.is_es else "none"
+        if not self.is_es:
+            return "none"
+        if self.config.get("kl_budget") is not None:
+            return "kl"  # AWD L2 with a step that adapts: not a point on a λ axis
+        return self.config.get("awd") or "none"
 
     @property
     def awd_lambda(self) -> float | None:
-        """λ with the per-penalty default filled in; None without AWD."""
-        if self.awd == "none":
+        """λ with the per-penalty default filled in (the chosen one for `auto`); None without AWD."""
+        if self.awd in ("none", "kl"):
             return None
-        lam = self.config.get("awd_lambda")
-        return DEFAULT_AWD_LAMBDA.get(self.awd) if lam is None else float(lam)
+        return config_lambda(self.config)
 
     def series(self, key: str) -> dict[int, float]:
         """iteration -> value of one metrics.jsonl key, where it was logged."""
@@ -60,18 +63,29 @@ class RunSummary:
         return predict_drift(self.config, self.metrics, max(self.drift))
 
 
+def config_lambda(config: dict[str, Any]) -> float | None:
+    """A run's λ: the value given, the chosen one for `auto`, else the penalty's default."""
+    lam = config.get("awd_lambda")
+    if lam == "auto":
+        chosen = config.get("awd_lambda_chosen")
+        return None if chosen is None else float(chosen)
+    return DEFAULT_AWD_LAMBDA.get(config.get("awd") or "none") if lam is None else float(lam)
+
+
 def run_label(config: dict[str, Any]) -> str:
-    """'ES (30)', 'ES (30) + AWD L2 λ=10', 'GRPO (β=0.005)', from a run's config."""
+    """'ES (30)', 'ES (30) + AWD L2 λ=10', 'ES (30) + AWD L2 λ=auto→3', 'ES (30) + KL ≤ 0.05',
+    'GRPO (β=0.005)', from a run's config."""
     if config.get("trainer") == "grpo":
         beta = config.get("beta")
         return "GRPO" + (f" (β={beta:g})" if beta is not None else "")
     label = f"ES ({config.get('population_size', '?')})"
+    if config.get("kl_budget") is not None:
+        return label + f" + KL ≤ {float(config['kl_budget']):g}"
     awd = config.get("awd", "none")
     if awd and awd != "none":
-        lam = config.get("awd_lambda")
-        if lam is None:
-            lam = DEFAULT_AWD_LAMBDA.get(awd)
-        label += f" + AWD {awd.upper()} λ={lam:g}"
+        lam = config_lambda(config)
+        shown = "?" if lam is None else f"{lam:g}"
+        label += f" + AWD {awd.upper()} λ=" + (f"auto→{shown}" if config.get("awd_lambda") == "auto" else shown)
         if config.get("awd_decoupled"):
             label += " (decoupled)"
     return label

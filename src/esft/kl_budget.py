@@ -1,0 +1,157 @@
+"""A forgetting budget: KL(base ‖ model) measured during training on prompts the user names.
+
+`--kl_budget X` with `--kl_tasks` (tasks' evaluation prompts) or `--kl_prompts FILE` (the
+user's own): at the start, continuations of those prompts are sampled once from the base
+model and cached (the `esft kl` machinery and cache files); every `--kl_every` iterations
+the exact per-position KL(base ‖ current), token-weighted, is measured on them with
+forward passes only. The trainer turns each measurement into a target drift ‖θ − θ₀‖
+(`anchor.drift_target_for_kl`) and each iteration's AWD L2 step into the one that holds
+the drift at that target (`anchor.l2_step_for_target`); the step applied is part of the
+iteration's seed-log record, so replay, resume and Ray actors apply exactly it.
+
+The base model is never held twice: its log-probabilities are computed by pointing the
+trainable tensors at θ₀ (`WeightState.weights_from`), and cached when they fit in memory
+(`ESFT_KL_CACHE_MB`, default 512), so a measurement then costs one forward pass.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from esft.anchor import AnchorFile
+from esft.config import ESConfig
+from esft.engine import HFEngine
+from esft.evaluation.kl import base_continuations, batch_kl, batch_logprobs, continuation_batches
+from esft.params import WeightState
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_MB = 512.0
+
+
+@dataclass
+class KLPromptSet:
+    """Tokenized prompts that measure the KL, under a name that keys their cache file."""
+
+    name: str
+    prompts: list[list[int]]
+
+
+def read_prompt_file(path: str | Path) -> list[list[dict[str, str]]]:
+    """Chat conversations from a prompts file: `.txt` one prompt per line; `.jsonl`/`.json`
+    rows with a `prompt` field (a string, or a list of chat messages)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--kl_prompts {path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() not in (".jsonl", ".json"):
+        conversations = [[{"role": "user", "content": line.strip()}] for line in text.splitlines() if line.strip()]
+    else:
+        conversations = []
+        rows: list[Any]
+        try:
+            rows = json.loads(text) if path.suffix.lower() == ".json" else []
+        except json.JSONDecodeError:
+            rows = []
+        if not rows:
+            rows = []
+            for number, line in enumerate(text.splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"--kl_prompts {path}: line {number} is not valid JSON ({e.msg})") from None
+        for i, row in enumerate(rows):
+            prompt = row.get("prompt") if isinstance(row, dict) else None
+            if isinstance(prompt, str):
+                conversations.append([{"role": "user", "content": prompt}])
+            elif isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt):
+                conversations.append([dict(m) for m in prompt])
+            else:
+                raise ValueError(f"--kl_prompts {path}: row {i} needs a 'prompt' (a string or chat messages)")
+    if not conversations:
+        raise ValueError(f"--kl_prompts {path}: no prompts in it")
+    return conversations
+
+
+def prompt_sets(cfg: ESConfig, engine: HFEngine) -> list[KLPromptSet]:
+    """The KL prompts of `--kl_tasks` (first `kl_num_prompts` evaluation examples each) and
+    of `--kl_prompts` (every prompt of the file)."""
+    from esft.tasks import get_task
+
+    sets = []
+    for name in [t.strip() for t in (cfg.kl_tasks or "").split(",") if t.strip()]:
+        task = get_task(name, data_dir=cfg.data_dir)
+        examples = task.load("test", limit=cfg.kl_num_prompts)
+        if not examples:
+            raise ValueError(f"--kl_tasks: task {name!r} has no evaluation examples")
+        sets.append(KLPromptSet(name, engine.encode([task.messages(e) for e in examples])))
+    if cfg.kl_prompts:
+        conversations = read_prompt_file(cfg.kl_prompts)
+        sets.append(KLPromptSet(f"prompts-{Path(cfg.kl_prompts).stem}", engine.encode(conversations)))
+    return sets
+
+
+class KLMonitor:
+    """Exact token-weighted KL(base ‖ current weights) on fixed base-model continuations."""
+
+    def __init__(
+        self, cfg: ESConfig, state: WeightState, engine: HFEngine, anchor: AnchorFile, run_dir: str | Path,
+        batch_size: int = 8, seed: int = 0,
+    ) -> None:
+        self.state, self.anchor = state, anchor
+        sets = prompt_sets(cfg, engine)
+        prompts: list[list[int]] = []
+        continuations: list[list[int]] = []
+        # The continuations are the base model's: sample (or read from cache) with θ₀ in place.
+        with self._base_weights():
+            for s in sets:
+                conts = base_continuations(
+                    Path(run_dir), s.name, cfg.model, state.model, engine.tokenizer, s.prompts,
+                    len(s.prompts), cfg.kl_max_tokens, seed, batch_size,
+                )
+                prompts += s.prompts
+                continuations += conts
+        self.n_prompts = len(prompts)
+        self.n_tokens = sum(len(c) for c in continuations)
+        self.batches = continuation_batches(prompts, continuations, batch_size, engine.pad_id)
+        self._base_lp: list[torch.Tensor] | None = None
+        vocab = state.model.config.vocab_size
+        bytes_needed = sum(b.targets.numel() for b in self.batches) * vocab * 4
+        budget = float(os.environ.get("ESFT_KL_CACHE_MB", DEFAULT_CACHE_MB)) * 2**20
+        if bytes_needed <= budget:
+            with self._base_weights(), torch.inference_mode():
+                self._base_lp = [batch_logprobs(state.model, b) for b in self.batches]
+        log.info("KL budget: %d prompts × ≤%d base-model tokens (%d tokens)%s", self.n_prompts, cfg.kl_max_tokens,
+                 self.n_tokens, "" if self._base_lp is not None else "; base log-probs recomputed per measurement")
+
+    def _base_weights(self):
+        device = self.state.masters[0].device
+        return self.state.weights_from(lambda name: self.anchor.get(name, device))
+
+    def measure(self) -> float:
+        """KL(base ‖ model) in nats per continuation token, exact per position, token-weighted."""
+        total = 0.0
+        for i, batch in enumerate(self.batches):
+            if self._base_lp is not None:
+                base_lp = self._base_lp[i]
+            else:
+                with self._base_weights(), torch.inference_mode():
+                    base_lp = batch_logprobs(self.state.model, batch)
+            with torch.inference_mode():
+                model_lp = batch_logprobs(self.state.model, batch)
+                _, exact = batch_kl(batch, base_lp, model_lp)
+            total += float(np.sum(exact))
+        return total / self.n_tokens if self.n_tokens else 0.0
+
+
+__all__ = ["KLMonitor", "KLPromptSet", "prompt_sets", "read_prompt_file"]

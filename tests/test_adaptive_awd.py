@@ -1,0 +1,169 @@
+"""Adaptive AWD: `--awd_lambda auto` (probes choose λ once) and `--kl_budget X` (the L2 step
+adapts to hold a measured KL); both stay a pure function of the seed log."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import TINY, assert_bitwise_equal, copy_run
+
+from esft.anchor import drift_target_for_kl, expected_update_sq, l2_step_for_target
+from esft.config import ESConfig
+from esft.io import read_jsonl
+from esft.seedlog import SEEDLOG, SeedLog, load_checkpoint_tensors, replay
+
+BUDGET = dict(kl_budget=2e-4, kl_tasks="conciseness", kl_num_prompts=2, kl_max_tokens=4)
+AUTO = dict(awd="l2", awd_lambda="auto")
+
+
+# ------------------------------------------------------------------ the controller
+def test_the_l2_step_brings_the_expected_drift_to_the_target() -> None:
+    assert l2_step_for_target(1.0, 0.0, math.inf) == 0.0
+    assert l2_step_for_target(1.0, 0.0, 2.0) == 0.0  # under the target: no AWD
+    s = l2_step_for_target(3.0, 16.0, 2.5)  # ‖d + u‖ ≈ √(9 + 16) = 5
+    assert s == pytest.approx(0.5) and (1 - s) * 5.0 == pytest.approx(2.5)
+    assert l2_step_for_target(100.0, 0.0, 1.0) == 0.5, "one step never removes more than half"
+
+
+def test_the_target_drift_scales_the_drift_by_the_root_of_budget_over_kl() -> None:
+    assert drift_target_for_kl(2.0, 0.04, 0.01, margin=1.0) == pytest.approx(1.0)
+    assert drift_target_for_kl(0.0, 0.1, 0.01) == math.inf
+    assert drift_target_for_kl(1.0, 0.0, 0.01) == math.inf
+    assert expected_update_sq([1.0, -1.0], learning_rate=0.1, population_size=2, num_params=10) == pytest.approx(0.05)
+    assert expected_update_sq(None, 0.1, 2, 10) == 0.0
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"kl_budget": 0.0, "kl_tasks": "piqa"}, "kl_budget must be > 0"),
+        ({"kl_budget": -0.1, "kl_tasks": "piqa"}, "kl_budget must be > 0"),
+        ({"kl_budget": 0.1}, "needs prompts to measure the KL on"),
+        ({"kl_budget": 0.1, "kl_tasks": "piqa", "awd": "l1"}, "adapts the AWD L2 step"),
+        ({"kl_budget": 0.1, "kl_tasks": "piqa", "awd": "l2", "awd_lambda": 3.0}, "leave --awd_lambda out"),
+        ({"awd_lambda": "auto"}, "awd_lambda auto picks the strength of AWD"),
+        ({"awd": "l2", "awd_lambda": "often"}, "a number or 'auto'"),
+    ],
+)
+def test_bad_adaptive_settings_are_clear_errors(overrides, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        ESConfig(**overrides)
+
+
+def test_the_cli_reads_auto_and_numbers() -> None:
+    from esft.cli import parse_train_args
+
+    assert parse_train_args(["--awd", "l2", "--awd_lambda", "auto"]).awd_lambda == "auto"
+    assert parse_train_args(["--awd", "l2", "--awd_lambda", "0.5"]).awd_lambda == 0.5
+
+
+def test_prompt_files_in_text_and_json_lines(tmp_path) -> None:
+    from esft.kl_budget import read_prompt_file
+
+    (tmp_path / "p.txt").write_text("Describe the sea.\n\nName a bird.\n")
+    assert [c[0]["content"] for c in read_prompt_file(tmp_path / "p.txt")] == ["Describe the sea.", "Name a bird."]
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "Hi"}) + "\n"
+                                      + json.dumps({"prompt": [{"role": "user", "content": "Yo"}]}) + "\n")
+    assert read_prompt_file(tmp_path / "p.jsonl") == [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "Yo"}]]
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"prompt": \n')
+    with pytest.raises(ValueError, match="line 2"):
+        read_prompt_file(tmp_path / "bad.jsonl")
+    with pytest.raises(ValueError, match="no such file"):
+        read_prompt_file(tmp_path / "missing.txt")
+
+
+# ------------------------------------------------------------------ a KL budget
+@pytest.fixture(scope="module")
+def budget_run(tmp_path_factory, embedded_dir) -> Path:
+    from esft.trainer import ESTrainer
+
+    out = tmp_path_factory.mktemp("budget") / "run"
+    ESTrainer(args=ESConfig(**TINY, **BUDGET, output_dir=str(out))).train()
+    return out
+
+
+@pytest.mark.slow
+def test_a_budget_run_logs_the_kl_and_the_step_it_applied(budget_run: Path) -> None:
+    metrics = [m for m in read_jsonl(budget_run / "metrics.jsonl") if m["iteration"] > 0]
+    assert all(m["kl/budget"] == BUDGET["kl_budget"] and "kl/measured" in m and m["time/kl"] > 0 for m in metrics)
+    assert all((m["kl/measured"] > 0) == (m["drift/norm"] > 0) for m in metrics), "KL > 0 exactly when θ moved"
+    records = SeedLog(budget_run).records()
+    steps = [r.extra["awd_step"] for r in records]
+    assert steps == [m["awd/step"] for m in metrics]
+    assert steps[0] == 0.0, "no measurement before the first update: plain ES"
+    assert max(steps) > 0.0, "a budget this tight must switch AWD on"
+    assert [m["awd/lambda"] for m in metrics] == pytest.approx([s / TINY["learning_rate"] for s in steps])
+    assert (budget_run / "kl_cache").is_dir(), "the base-model continuations are cached"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_budget_run_replays_bitwise(budget_run: Path, k: int) -> None:
+    state, _ = replay(budget_run, k, device="cpu")
+    expected = load_checkpoint_tensors(budget_run / f"checkpoint-{k}")
+    assert_bitwise_equal({n: t for n, t in state.state_dict().items() if n in expected}, expected, f"replay of {k}")
+
+
+@pytest.mark.slow
+def test_a_resumed_budget_run_makes_the_same_decisions(tmp_path, budget_run: Path) -> None:
+    from esft.trainer import ESTrainer
+
+    run = copy_run(budget_run, tmp_path / "run")
+    shutil.rmtree(run / "final")
+    shutil.rmtree(run / "checkpoint-3")
+    lines = (run / SEEDLOG).read_text().splitlines(keepends=True)
+    (run / SEEDLOG).write_text("".join(lines[:2]))  # as if killed during iteration 3
+    ESTrainer(args=ESConfig(**TINY, **BUDGET, output_dir=str(run), resume=True)).train()
+    assert (run / SEEDLOG).read_bytes() == (budget_run / SEEDLOG).read_bytes()
+    assert_bitwise_equal(load_checkpoint_tensors(run / "final"), load_checkpoint_tensors(budget_run / "final"),
+                         "resumed vs uninterrupted budget run")
+
+
+# ------------------------------------------------------------------ auto λ
+@pytest.fixture(scope="module")
+def auto_run(tmp_path_factory, embedded_dir) -> Path:
+    from esft.trainer import ESTrainer
+
+    out = tmp_path_factory.mktemp("auto") / "run"
+    ESTrainer(args=ESConfig(**TINY, **AUTO, output_dir=str(out))).train()
+    return out
+
+
+@pytest.mark.slow
+def test_auto_lambda_records_its_choice_and_evidence(auto_run: Path) -> None:
+    from esft.auto_lambda import ladder
+
+    evidence = json.loads((auto_run / "auto_lambda.json").read_text())
+    chosen = evidence["chosen_lambda"]
+    cfg = ESConfig(**TINY, **AUTO)
+    assert chosen in ladder(cfg) and evidence["ladder"][0]["lambda"] == max(ladder(cfg))
+    assert evidence["cost_fraction"] > 0 and evidence["probe_iterations"] == 2
+    assert yaml.safe_load((auto_run / "config.yaml").read_text())["awd_lambda_chosen"] == chosen
+    row0 = read_jsonl(auto_run / "metrics.jsonl")[0]
+    assert row0["iteration"] == 0 and row0["awd/lambda"] == chosen
+    step = chosen * TINY["learning_rate"]
+    assert [r.extra["awd_step"] for r in SeedLog(auto_run).records()] == pytest.approx([step] * TINY["max_steps"])
+    state, _ = replay(auto_run, 3, device="cpu")
+    final = load_checkpoint_tensors(auto_run / "final")
+    assert_bitwise_equal({n: t for n, t in state.state_dict().items() if n in final}, final, "auto-λ replay")
+
+
+@pytest.mark.slow
+def test_a_resumed_auto_run_never_probes_again(tmp_path, auto_run: Path, monkeypatch) -> None:
+    import esft.auto_lambda
+    from esft.trainer import ESTrainer
+
+    def no_probe(trainer):
+        raise AssertionError("a resume must not probe again")
+
+    monkeypatch.setattr(esft.auto_lambda, "probe", no_probe)
+    run = copy_run(auto_run, tmp_path / "run")
+    ESTrainer(args=ESConfig(**{**TINY, **AUTO, "max_steps": 4}, output_dir=str(run), resume=True)).train()
+    records = SeedLog(run).records()
+    assert len(records) == 4 and records[-1].extra["awd_step"] == records[0].extra["awd_step"]
