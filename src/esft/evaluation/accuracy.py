@@ -37,6 +37,8 @@ class TaskResult:
     prompts_per_second: float
     tokens_per_second: float
     correct: list[int]  # 1/0 per evaluated example, in example order (paired intervals)
+    reward: float  # mean training reward of the completions (the measure of reward-only tasks)
+    rewards: list[float]  # per example, in example order
 
 
 def setting_of(task: Task, limit: int | None, max_new_tokens: int) -> dict[str, Any]:
@@ -100,6 +102,11 @@ def evaluate_task(engine: HFEngine, task: Task, examples: list[dict]) -> tuple[T
             "correct": ok,
             "tokens": g.num_tokens,
         })
+    from esft.rewards import RewardStats, score_completions
+
+    rewards = score_completions(task, [g.text for g in gens], examples, RewardStats())
+    for sample, r in zip(samples, rewards):
+        sample["reward"] = r
     n = len(examples)
     tokens = sum(g.num_tokens for g in gens)
     result = TaskResult(
@@ -112,6 +119,8 @@ def evaluate_task(engine: HFEngine, task: Task, examples: list[dict]) -> tuple[T
         prompts_per_second=n / seconds if seconds else 0.0,
         tokens_per_second=tokens / seconds if seconds else 0.0,
         correct=[int(s["correct"]) for s in samples],
+        reward=sum(rewards) / n if n else 0.0,
+        rewards=rewards,
     )
     return result, samples
 
@@ -149,12 +158,12 @@ def evaluate_model(
 
 
 def format_results_table(results: Sequence[TaskResult]) -> str:
-    lines = ["| task | accuracy | n | strict format | mean tokens | seconds | prompts/s | tokens/s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| task | accuracy | mean reward | n | strict format | mean tokens | seconds | prompts/s | tokens/s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         strict = "" if r.strict_format_rate is None else f"{r.strict_format_rate:.3f}"
         lines.append(
-            f"| {r.task} | {r.accuracy:.4f} | {r.n} | {strict} | {r.mean_completion_tokens:.1f} | "
+            f"| {r.task} | {r.accuracy:.4f} | {r.reward:.4g} | {r.n} | {strict} | {r.mean_completion_tokens:.1f} | "
             f"{r.seconds:.1f} | {r.prompts_per_second:.2f} | {r.tokens_per_second:.1f} |"
         )
     return "\n".join(lines)

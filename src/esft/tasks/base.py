@@ -24,6 +24,7 @@ class Task(Protocol):
 
     name: str
     version: str | None  # changes when prompts or grading change (None: unversioned, e.g. custom)
+    primary_metric: str  # "accuracy" or "reward"
 
     def load(self, split: str, limit: int | None = None) -> list[Example]:
         """Examples of `split` ("train" or "test"), in a fixed order."""
@@ -66,6 +67,9 @@ class BaseTask:
     prefill: str | None = None
     #: Bumped when prompts or grading change, so results of two versions are never compared.
     version: str | None = "1"
+    #: What measures the task: "accuracy" (is_correct), or "reward" for tasks whose reward is
+    #: the point and exact answers are not (conciseness).
+    primary_metric: str = "accuracy"
 
     @classmethod
     def from_options(cls, *, data_dir: str | None = None, seed: int = 0, prefill: bool = True) -> BaseTask:

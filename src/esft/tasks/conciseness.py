@@ -29,6 +29,7 @@ class ConcisenessTask(BaseTask):
     """
 
     name = "conciseness"
+    primary_metric = "reward"  # exact matches are rare; the length gap is what it measures
 
     def __init__(self) -> None:
         self.prefill = None
