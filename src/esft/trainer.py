@@ -1,8 +1,9 @@
 """ESTrainer: the ES loop, its run directory, checkpoints and callbacks.
 
-The arithmetic lives elsewhere (es.py: seeds and coefficients; params.py: perturb,
-restore, update; anchor.py: AWD); this file only orders the steps and records them, so
-that a run is fully described by its seed log.
+The arithmetic lives elsewhere (es.py: the plan and the coefficients; population.py:
+scoring; seedlog.py: applying and replaying records; anchor.py and awd_schedule.py: AWD
+and its step); this file only orders the steps and records them, so that a run is fully
+described by its seed log.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from esft.seedlog import (
 )
 
 log = logging.getLogger(__name__)
-
 
 
 # ------------------------------------------------------------------------ trainer
