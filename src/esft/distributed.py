@@ -34,7 +34,13 @@ import torch
 from esft import es
 from esft.config import ESConfig
 from esft.params import WeightState
-from esft.population import MemberResult, PopulationResult, generate_group, max_group, score_group
+from esft.population import (
+    BatcherOwner,
+    MemberResult,
+    PopulationResult,
+    generate_group,
+    score_group,
+)
 from esft.rewards import RewardGuard, RewardTimeoutError
 from esft.seedlog import IterationRecord, apply_record
 
@@ -69,7 +75,7 @@ def require_ray():
 
 
 # ---------------------------------------------------------------------- the actor
-class ESWorker:
+class ESWorker(BatcherOwner):
     """One Ray actor: a model replica that scores members and applies updates.
 
     Methods run on up to two threads (Ray `max_concurrency=2`): generation holds a lock,
@@ -118,21 +124,6 @@ class ESWorker:
             "device": str(self.state.masters[0].device), "threads": torch.get_num_threads(),
             "max_group": self.max_group(),
         }
-
-    @property
-    def batcher(self):
-        """This replica's batched forward (`--members_per_batch`), built on first use."""
-        from esft.batched import PopulationBatcher
-
-        if self.cfg.members_per_batch == 1:
-            return None
-        if self._batcher is None:
-            self._batcher = PopulationBatcher(self.state)
-        return self._batcher
-
-    def max_group(self) -> int:
-        """Members one batched pass may hold here (memory-capped `members_per_batch`)."""
-        return max_group(self.cfg, self.batcher)
 
     def run_members(self, iteration: int, subset: list[int] | None, items: list[tuple[int, int, int]]) -> list[MemberResult]:
         """Score one group of the driver's plan, members `(index, seed, sign)`, on the plan's

@@ -177,13 +177,31 @@ def score_group(
     return results
 
 
-def max_group(cfg: ESConfig, batcher: PopulationBatcher | None) -> int:
-    """`members_per_batch`, capped by the batcher's memory budget (1 without batching)."""
-    return batcher.max_group(cfg.members_per_batch) if batcher is not None else 1
+class BatcherOwner:
+    """The batched forward of one population or Ray actor (`--members_per_batch`), built on
+    first use (it probes and plans the model) and kept, so its member buffers are reused
+    across iterations. Subclasses set `cfg`, `state` and `_batcher = None` (or a batcher)."""
+
+    cfg: ESConfig
+    state: WeightState
+    _batcher: PopulationBatcher | None
+
+    @property
+    def batcher(self) -> PopulationBatcher | None:
+        if self.cfg.members_per_batch == 1:
+            return None
+        if self._batcher is None:
+            self._batcher = PopulationBatcher(self.state)
+        return self._batcher
+
+    def max_group(self) -> int:
+        """`members_per_batch`, capped by the batcher's memory budget (1 without batching)."""
+        batcher = self.batcher
+        return batcher.max_group(self.cfg.members_per_batch) if batcher is not None else 1
 
 
 # ------------------------------------------------------------------ in-process
-class LocalPopulation:
+class LocalPopulation(BatcherOwner):
     """Scores a plan's groups one after another in this process (the default, no Ray)."""
 
     def __init__(
@@ -195,19 +213,6 @@ class LocalPopulation:
         self._batcher = batcher
         self._warned: set[str] = set()
         self.guard = RewardGuard(cfg.reward_timeout)
-
-    @property
-    def batcher(self) -> PopulationBatcher | None:
-        """This population's batched forward, built on first use (it probes and plans the
-        model) and kept, so its member buffers are reused across iterations."""
-        if self.cfg.members_per_batch == 1:
-            return None
-        if self._batcher is None:
-            self._batcher = PopulationBatcher(self.state)
-        return self._batcher
-
-    def max_group(self) -> int:
-        return max_group(self.cfg, self.batcher)
 
     def score(self, plan: es.IterationPlan) -> PopulationResult:
         batch = [self.prompts[i] for i in plan.subset]
@@ -236,6 +241,6 @@ class LocalPopulation:
 
 
 __all__ = [
-    "LocalPopulation", "MemberResult", "Population", "PopulationResult", "generate_group", "generate_member",
-    "generate_members", "max_group", "score_group", "score_member",
+    "BatcherOwner", "LocalPopulation", "MemberResult", "Population", "PopulationResult", "generate_group",
+    "generate_member", "generate_members", "score_group", "score_member",
 ]

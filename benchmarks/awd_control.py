@@ -1,0 +1,131 @@
+"""Fixed λ, auto λ or a KL budget: how the adaptive AWD modes compare with a λ ladder.
+
+Reads two sweeps made with the same base settings and seeds: `examples/paper_claims_cpu.yaml`
+(plain ES and the AWD L2 ladder) and `examples/awd_control_cpu.yaml` (`--awd_lambda auto`,
+two `--kl_budget` values), and prints:
+
+- auto λ: the λ it chose, the probes' evidence, their cost as a share of the run, and where
+  the auto run lands on the ladder's trade-off (held-out target gain against prior KL);
+- each KL budget X: the KL measured during training (final, and the largest after the first
+  few measurements) against X, the held-out target gain against plain ES and against the
+  fixed-λ trade-off at the same final KL (interpolated along the ladder in log KL), and the
+  KL measurement's cost per iteration.
+
+    python benchmarks/awd_control.py runs/paper-claims runs/awd-control [--json benchmarks/results/awd_control.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from paper_claims import load, mean_kl, paired_gain, target_rewards
+
+#: Measurements counted as "the first few" (the controller has no calibration before them).
+WARMUP = 3
+
+
+def summary(run: dict[str, Any], ref_gain: float | None, ref_kl: float | None) -> dict[str, Any]:
+    pair = target_rewards(run)
+    gain = paired_gain(*pair) if pair else None
+    kl = mean_kl(run)
+    return {
+        "run": run["name"], "gain": gain, "retention": gain[0] / ref_gain if gain and ref_gain else None,
+        "kl": kl, "kl_cut": ref_kl / kl if kl and ref_kl else None,
+        "drift": run["drift"][max(run["drift"])] if run["drift"] else None,
+    }
+
+
+def gain_at_kl(ladder: list[dict[str, Any]], kl: float) -> float | None:
+    """The fixed-λ trade-off's held-out gain at a given final KL (linear in log KL between rungs)."""
+    points = sorted((p["kl"], p["gain"][0]) for p in ladder if p["kl"] and p["gain"])
+    if len(points) < 2 or not points[0][0] <= kl <= points[-1][0]:
+        return None
+    xs = [math.log(k) for k, _ in points]
+    return float(np.interp(math.log(kl), xs, [g for _, g in points]))
+
+
+def budget_row(run: dict[str, Any], ladder: list[dict[str, Any]], ref: dict[str, Any]) -> dict[str, Any]:
+    metrics = run["metrics"]
+    budget = float(run["config"]["kl_budget"])
+    measured = [float(m["kl/measured"]) for m in metrics if "kl/measured" in m]
+    after = measured[WARMUP:]
+    kl_share = [m["time/kl"] / m["time/iteration"] for m in metrics if "time/kl" in m and m.get("time/iteration")]
+    s = summary(run, ref["gain"][0] if ref["gain"] else None, ref["kl"])
+    return {
+        **s, "budget": budget, "kl_final_train": measured[-1] if measured else None,
+        "kl_max_after_warmup": max(after) if after else None,
+        "max_over_budget": max(after) / budget if after else None,
+        "fixed_lambda_gain_at_same_kl": gain_at_kl(ladder, s["kl"]) if s["kl"] else None,
+        "kl_overhead_median": float(np.median(kl_share)) if kl_share else None,
+        "steps": [m.get("awd/step") for m in metrics],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("claims_dir")
+    ap.add_argument("control_dir")
+    ap.add_argument("--reference", default="es-n8")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    claims = {p.name: load(p) for p in sorted(Path(a.claims_dir).iterdir()) if (p / "config.yaml").exists()}
+    control = {p.name: load(p) for p in sorted(Path(a.control_dir).iterdir()) if (p / "config.yaml").exists()}
+    ref = summary(claims[a.reference], None, None)
+    ref_gain = ref["gain"][0] if ref["gain"] else None
+    ladder = [summary(r, ref_gain, ref["kl"]) | {"lambda": r["config"].get("awd_lambda")}
+              for r in claims.values() if r["config"].get("awd") == "l2"]
+    ladder.append(ref | {"lambda": 0.0})
+    result: dict[str, Any] = {"reference": ref, "ladder": sorted(ladder, key=lambda p: p["lambda"])}
+    if "auto" in control:
+        evidence = json.loads((Path(a.control_dir) / "auto" / "auto_lambda.json").read_text())
+        result["auto"] = {**summary(control["auto"], ref_gain, ref["kl"]), "evidence": evidence}
+    result["budgets"] = [budget_row(r, ladder, ref) for r in control.values() if r["config"].get("kl_budget")]
+    print(markdown(result))
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
+
+
+def _gain(s: dict[str, Any]) -> str:
+    g = s.get("gain")
+    return "–" if not g else f"{g[0]:+.2f} [{g[1]:+.2f}, {g[2]:+.2f}]"
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = ["### The fixed-λ ladder (plain ES = λ 0)", "",
+             "| λ | held-out gain [95%] | share of ES's gain | mean prior KL | KL cut |", "|---:|---|---:|---:|---:|"]
+    for p in result["ladder"]:
+        lines.append(f"| {p['lambda']:g} | {_gain(p)} | {_num(p['retention'], '.0%')} | {_num(p['kl'], '.4f')} | "
+                     f"{_num(p['kl_cut'], '.2f')} |")
+    if "auto" in result:
+        au, ev = result["auto"], result["auto"]["evidence"]
+        lines += ["", f"### `--awd_lambda auto`: chose λ={ev['chosen_lambda']:g} in {ev['seconds']:.0f} s "
+                  f"({ev['cost_fraction']:.0%} of the run)", "",
+                  "| λ | probe step | probe reward | retention |", "|---:|---:|---:|---:|"]
+        for r in ev["ladder"]:
+            lines.append(f"| {r['lambda']:g} | {r['probe_step']:.3g} | {r['reward']:.2f} | {_num(r['retention'], '.0%')} |")
+        lines += ["", f"The auto run: held-out gain {_gain(au)} ({_num(au['retention'], '.0%')} of ES's), mean prior KL "
+                  f"{_num(au['kl'], '.4f')} ({_num(au['kl_cut'], '.2f')}× under ES)."]
+    lines += ["", "### KL budgets", "",
+              "| budget X | KL at the end (training / report) | max KL after 3 measurements | max / X | held-out gain [95%] | "
+              "share of ES's gain | fixed-λ gain at the same KL | KL cost per iteration |",
+              "|---:|---|---:|---:|---|---:|---:|---:|"]
+    for b in result["budgets"]:
+        lines.append(
+            f"| {b['budget']:g} | {_num(b['kl_final_train'], '.4f')} / {_num(b['kl'], '.4f')} | "
+            f"{_num(b['kl_max_after_warmup'], '.4f')} | {_num(b['max_over_budget'], '.2f')} | {_gain(b)} | "
+            f"{_num(b['retention'], '.0%')} | {_num(b['fixed_lambda_gain_at_same_kl'], '+.2f')} | "
+            f"{_num(b['kl_overhead_median'], '.1%')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
