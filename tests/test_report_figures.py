@@ -177,3 +177,117 @@ def test_drift_overlay_is_eq2_for_each_runs_own_alpha_N_and_d(tmp_path) -> None:
     assert stationary.norms == pytest.approx([math.sqrt((1 - s) ** 2 * U / (1 - (1 - s) ** 2))] * 2)
     transient = next(o for o in overlays if o.linestyle == "-.")
     assert transient.norms[1] ** 2 == pytest.approx((1 - s) ** 2 * U)
+
+
+# --------------------------------------------------------------------- reward-measured target
+def conciseness_evals(gain: float, its: tuple[int, ...] = (0, 5, 10), n: int = 24) -> list[dict[str, Any]]:
+    """Conciseness rows (exact matches 0, per-example rewards closing the length gap by `gain`)
+    beside accuracy rows of two prior tasks."""
+    gaps = [12.0 + (7 * i) % 40 for i in range(n)]  # never closed: the change is exactly `gain`
+    rows = [r for r in evals({"piqa": 0.6, "hellaswag": 0.4}, 0.2, its) if r["task"] != "countdown"]
+    for k in its:
+        rewards = [-max(0.0, g - gain * k / its[-1]) for g in gaps]
+        rows.append({"iteration": k, "task": "conciseness", "accuracy": 0.0, "n": n, "limit": n, "max_new_tokens": 64,
+                     "correct": [0] * n, "reward": sum(rewards) / n, "rewards": rewards})
+    return rows
+
+
+def load(root: Path, specs: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]) -> tuple[list[Any], dict, list]:
+    from esft.report.evals import choose_settings
+    from esft.report.tables import comparison
+
+    grpo = [{"iteration": t, "reward/mean": 0.05 * t} for t in range(1, 11)]
+    runs = [load_run(write_run(root, name, cfg, rows, grpo if cfg.get("trainer") == "grpo" else metrics(cfg)))
+            for name, (cfg, rows) in specs.items()]
+    settings = choose_settings([r.evals for r in runs])
+    return runs, settings, comparison(runs, settings)
+
+
+def draw(name: str, runs: list[Any], settings: dict, rows: list, path: Path, monkeypatch) -> dict[str, Any]:
+    """Draw one figure; what `inspect` reports plus each panel's title, y label and first line's data."""
+    seen: dict[str, Any] = {}
+
+    def inspecting_save(fig, p):
+        fig.savefig(p)
+        seen.update(inspect(fig))
+        if fig._suptitle is not None and not _inside(fig._suptitle.get_window_extent(fig.canvas.get_renderer()), fig.bbox):
+            seen["text_outside_canvas"].append(fig._suptitle.get_text())
+        seen["panels"] = [(ax.get_title(), ax.get_ylabel(), ax.lines[0].get_ydata().tolist() if ax.lines else [])
+                          for ax in fig.axes if ax.axison]
+        figures.plt.close(fig)
+        return p
+
+    monkeypatch.setattr(figures, "_save", inspecting_save)
+    assert figures.PLOTS[name][1](runs, settings, rows, path) == path
+    assert seen["text_outside_canvas"] == [], f"{name}: labels cut off at the canvas edge"
+    assert (seen["figure_legends"], seen["panel_legends"]) == (1, 0), f"{name}: one legend for the figure"
+    assert not seen["legend_over_panel"], f"{name}: the legend covers a panel"
+    assert all(x == int(x) for x in seen["iteration_ticks"]), f"{name}: fractional iteration ticks"
+    return seen
+
+
+@pytest.fixture
+def concise(tmp_path) -> tuple[list[Any], dict, list]:
+    """A λ sweep trained on conciseness: no AWD, AWD L2 at λ = 1 and 10."""
+    cfgs = {"es": es(task="conciseness"),
+            "l2_1": es(task="conciseness", awd="l2", awd_lambda=1.0, output_dir="runs/l2_1"),
+            "l2_10": es(task="conciseness", awd="l2", awd_lambda=10.0, output_dir="runs/l2_10")}
+    return load(tmp_path, {n: (c, conciseness_evals(12.0 / (1 + i))) for i, (n, c) in enumerate(cfgs.items())})
+
+
+def test_forgetting_curves_show_a_reward_target_as_mean_reward_from_the_evaluations(concise, tmp_path,
+                                                                                    monkeypatch) -> None:
+    runs, settings, rows = concise
+    seen = draw("forgetting_curves.png", runs, settings, rows, tmp_path / "f.png", monkeypatch)
+    (title, ylabel, ys), prior = seen["panels"][0], seen["panels"][1]
+    assert (title, ylabel) == ("Target task: conciseness", "mean reward, 95% bootstrap interval")
+    curve = runs[0].evals["conciseness"][settings["conciseness"]]
+    assert ys == pytest.approx([curve[k].reward for k in (0, 5, 10)]), "the evaluation mean reward, not ×100"
+    assert ys != pytest.approx([0.1 + 0.05 * t for t in (1, 2, 3)]), "not the training reward/mean"
+    assert prior[1] == "change from iteration 0 (points), 95% interval"
+    assert len(seen["panels"]) == 2, "no right axis: every target was evaluated"
+
+
+@pytest.mark.parametrize("with_grpo", [False, True])
+def test_forgetting_curves_put_a_reward_target_beside_accuracy_targets_on_a_right_axis(tmp_path, monkeypatch,
+                                                                                      with_grpo) -> None:
+    specs = {"cd": (es(), evals(TASKS, 0.3)),
+             "cc": (es(task="conciseness", population_size=20), conciseness_evals(10.0))}
+    if with_grpo:  # never evaluated on its target: its training reward shares the right axis
+        specs["grpo"] = ({"trainer": "grpo", "task": "countdown", "model": "embedded", "beta": 0.005},
+                         evals({"piqa": 0.6}, 0.1))
+    runs, settings, rows = load(tmp_path, specs)
+    seen = draw("forgetting_curves.png", runs, settings, rows, tmp_path / "f.png", monkeypatch)
+    left, right = seen["panels"][0], seen["panels"][2]
+    assert left[:2] == ("Target task (each run's training task)", "accuracy (%), 95% Wilson interval")
+    assert left[2] == pytest.approx([10.0, 25.0, 40.0]), "countdown accuracy in percent"
+    curve = runs[1].evals["conciseness"][settings["conciseness"]]
+    assert right[2] == pytest.approx([curve[k].reward for k in (0, 5, 10)]), "the conciseness mean reward"
+    assert right[1] == ("reward: evaluated (solid), training (dashed)" if with_grpo
+                        else "mean reward of reward targets, 95% bootstrap")
+
+
+def test_task_curves_show_each_task_in_its_primary_metric(concise, tmp_path, monkeypatch) -> None:
+    runs, settings, rows = concise
+    seen = draw("task_curves.png", runs, settings, rows, tmp_path / "t.png", monkeypatch)
+    labels = {title.split("\n")[0]: ylabel for title, ylabel, _ in seen["panels"]}
+    assert labels == {"conciseness (target)": "mean reward", "hellaswag": "accuracy (%)", "piqa": "accuracy (%)"}
+    curve = runs[0].evals["conciseness"][settings["conciseness"]]
+    assert seen["panels"][0][2] == pytest.approx([curve[k].reward for k in (0, 5, 10)])
+
+
+def test_task_curves_of_a_single_reward_task_fit_one_panel(tmp_path, monkeypatch) -> None:
+    only = [r for r in conciseness_evals(6.0) if r["task"] == "conciseness"]
+    runs, settings, rows = load(tmp_path, {"es": (es(task="conciseness"), only)})
+    seen = draw("task_curves.png", runs, settings, rows, tmp_path / "t.png", monkeypatch)  # title inside the canvas
+    assert [p[1] for p in seen["panels"]] == ["mean reward"]
+
+
+def test_lambda_figure_shows_the_reward_targets_change_in_reward_units(concise, tmp_path, monkeypatch) -> None:
+    runs, settings, rows = concise
+    seen = draw("lambda.png", runs, settings, rows, tmp_path / "l.png", monkeypatch)
+    (t_title, t_label, t_ys), (p_title, p_label, _) = seen["panels"]
+    assert (t_title, t_label) == ("AWD L2: target task change", "change in mean reward from iteration 0")
+    assert (p_title, p_label) == ("AWD L2: average prior-task change", "change from iteration 0 (points)")
+    assert t_ys == pytest.approx([rows[1].target.value, rows[2].target.value]), "the table's values, in reward units"
+    assert rows[1].target.value == pytest.approx(6.0) and rows[1].target.has_interval

@@ -10,11 +10,16 @@ import numpy as np
 import pytest
 
 from esft.report.intervals import (
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
     Z95,
     Estimate,
+    _resampled_means,
+    bootstrap_mean,
     newcombe_change,
     paired_bootstrap_change,
     paired_bootstrap_mean_change,
+    paired_bootstrap_mean_difference,
     quadrature_mean,
     wilson,
 )
@@ -115,6 +120,33 @@ def test_mean_change_bootstrap_averages_per_task_replicates() -> None:
     e = paired_bootstrap_mean_change([(b.tolist(), f.tolist()) for b, f in tasks])
     assert e.value == pytest.approx(np.mean([(f - b).mean() for b, f in tasks]))
     assert abs(e.lo - direct[0]) < 0.01 and abs(e.hi - direct[1]) < 0.01, (e, direct)
+
+
+def _textbook_bootstrap(values: np.ndarray) -> tuple[float, float]:
+    idx = np.random.default_rng(BOOTSTRAP_SEED).integers(0, len(values), size=(BOOTSTRAP_RESAMPLES, len(values)))
+    lo, hi = np.quantile(values[idx].mean(axis=1), [0.025, 0.975])
+    return float(lo), float(hi)
+
+
+def test_reward_bootstraps_equal_resampling_indices_with_the_same_seed() -> None:
+    rng = np.random.default_rng(11)
+    before = -rng.integers(0, 50, size=24).astype(float)
+    after = before + rng.normal(6.0, 5.0, size=24)
+    e = paired_bootstrap_mean_difference(before.tolist(), after.tolist())
+    assert e.value == pytest.approx((after - before).mean(), abs=1e-12)
+    assert (e.lo, e.hi) == _textbook_bootstrap(after - before), "the per-example differences redrawn"
+    m = bootstrap_mean(after.tolist())
+    assert (m.value, m.lo, m.hi) == (float(after.mean()), *_textbook_bootstrap(after))
+    assert paired_bootstrap_mean_difference([-3.0] * 5, [-1.0] * 5) == Estimate(2.0, 2.0, 2.0, "paired bootstrap")
+    with pytest.raises(ValueError):
+        paired_bootstrap_mean_difference([1.0, 2.0], [1.0])
+
+
+def test_reward_bootstrap_drawn_in_blocks_equals_one_draw() -> None:
+    values = np.random.default_rng(5).normal(size=37)
+    whole = _resampled_means(values, np.random.default_rng(0), 1000, block=10**9)
+    blocks = _resampled_means(values, np.random.default_rng(0), 1000, block=37 * 7)  # 143 blocks, the last short
+    assert np.array_equal(whole, blocks), "the block size must not change the replicates"
 
 
 def test_quadrature_mean_combines_each_side_in_quadrature_over_the_task_count() -> None:

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from esft.report.intervals import newcombe_change
@@ -144,3 +145,122 @@ def test_an_average_over_fewer_prior_tasks_than_the_table_is_marked(tmp_path) ->
     assert table_line(md, "ES (30)").endswith("| +0.0 [+0.0, +0.0]° |")
     assert table_line(md, "ES (20)").endswith("| – | +0.0 [+0.0, +0.0]° | +0.0 [+0.0, +0.0]°* |")
     assert "* average over fewer prior tasks than the table has (the others show –)." in md
+
+
+# --------------------------------------------------------------------- reward-measured target
+def reward_row(iteration: int, task: str, rewards: list[float] | None, limit: int, reward: float | None = None,
+               **extra: Any) -> dict[str, Any]:
+    """A forgetting.jsonl row of a reward-measured task: exact matches ~0, the reward is the measure;
+    `rewards=None` is a row written before per-example rewards were logged."""
+    n = len(rewards) if rewards is not None else limit
+    out = {"iteration": iteration, "task": task, "accuracy": 0.0, "n": n, "limit": limit, "max_new_tokens": 16,
+           "num_fewshot": None, "task_version": "1", "correct": [0] * n, **extra}
+    if rewards is not None:
+        out |= {"reward": sum(rewards) / len(rewards), "rewards": rewards}
+    elif reward is not None:
+        out["reward"] = reward
+    return out
+
+
+def numpy_paired_bootstrap(before: list[float], after: list[float]) -> tuple[float, float, float]:
+    """The textbook paired bootstrap: redraw example indices, average the per-example
+    differences; seed and resample count of the report."""
+    from esft.report.intervals import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
+
+    d = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
+    idx = np.random.default_rng(BOOTSTRAP_SEED).integers(0, len(d), size=(BOOTSTRAP_RESAMPLES, len(d)))
+    lo, hi = np.quantile(d[idx].mean(axis=1), [0.025, 0.975])
+    return float(d.mean()), float(lo), float(hi)
+
+
+def conciseness_rewards(seed: int, shift: float, n: int = 24) -> tuple[list[float], list[float]]:
+    """Per-example rewards (minus the length gap in characters) before and after training."""
+    rng = np.random.default_rng(seed)
+    before = -rng.integers(5, 60, size=n).astype(float)
+    after = np.minimum(0.0, before + shift + rng.integers(-8, 9, size=n))
+    return before.tolist(), after.tolist()
+
+
+def test_primary_metric_is_the_tasks_own_and_accuracy_for_custom_tasks() -> None:
+    from esft.report.evals import primary_metric
+
+    assert primary_metric("conciseness") == "reward"
+    assert [primary_metric(t) for t in ("countdown", "piqa", "gsm8k")] == ["accuracy"] * 3
+    assert primary_metric("my_rewards:length_reward") == "accuracy", "a custom task is measured by accuracy"
+
+
+def test_a_reward_measured_target_shows_its_mean_reward_change_with_a_paired_bootstrap(tmp_path) -> None:
+    before, after = conciseness_rewards(1, 14.0)
+    flat_before, flat_after = conciseness_rewards(2, 0.0)
+    piqa = [1, 1, 1, 0]
+
+    def run(b: list[float], a: list[float]) -> list[dict[str, Any]]:
+        return [reward_row(0, "conciseness", b, 24), reward_row(10, "conciseness", a, 24),
+                row(0, "piqa", piqa, 4), row(10, "piqa", piqa, 4)]
+
+    runs = [write_run(tmp_path, "up", es(30, task="conciseness"), run(before, after)),
+            write_run(tmp_path, "flat", es(20, task="conciseness"), run(flat_before, flat_after))]
+    md = build_report(runs, tmp_path / "rep", figures=False).read_text()
+    up, flat = numpy_paired_bootstrap(before, after), numpy_paired_bootstrap(flat_before, flat_after)
+    assert up[1] > 0 and flat[1] < 0 < flat[2], "the cases must sit on both sides of 0"
+
+    def units(x: float) -> str:
+        return f"{x:+.1f}"
+
+    assert "| run | Δ conciseness (reward) | Δ piqa | avg Δ prior |" in md
+    assert table_line(md, "ES (30)") == (
+        f"| ES (30) | {units(up[0])} [{units(up[1])}, {units(up[2])}] | +0.0 [+0.0, +0.0]° | +0.0 [+0.0, +0.0]° |"
+    ), "reward units, not points; the prior average is piqa's accuracy alone"
+    assert table_line(md, "ES (20)") == (
+        f"| ES (20) | {units(flat[0])} [{units(flat[1])}, {units(flat[2])}]° | +0.0 [+0.0, +0.0]° | +0.0 [+0.0, +0.0]° |"
+    ), "an interval holding 0 is marked as for accuracies"
+    assert "A column marked (reward) is the change in mean reward, in the reward's own units." in md
+    assert ("Δ conciseness (reward): change in the mean training reward per example, in the reward's own units "
+            "(not percentage points)") in md
+    assert "Interval: paired bootstrap over the per-example `rewards` (10000 resamples, seed 0, percentile 95%)" in md
+    assert "without per-example `rewards`" not in md and "leaves out reward-measured tasks" not in md
+
+    with open(tmp_path / "rep" / "report.csv") as f:
+        header, *body = list(csv.reader(f))
+    assert header == ["run", "Δ conciseness (reward)", "Δ conciseness (reward) lo95", "Δ conciseness (reward) hi95",
+                      "Δ piqa", "Δ piqa lo95", "Δ piqa hi95", "avg Δ prior", "avg Δ prior lo95", "avg Δ prior hi95"]
+    assert body == [["ES (30)", *map(str, up), "0.0", "0.0", "0.0", "0.0", "0.0", "0.0"],
+                    ["ES (20)", *map(str, flat), "0.0", "0.0", "0.0", "0.0", "0.0", "0.0"]], \
+        "report.csv: the reward change and its bounds in the reward's units"
+
+
+def test_a_reward_change_without_per_example_rewards_has_no_interval(tmp_path) -> None:
+    # Rows with the mean reward only: a bare change. Rows from before rewards were logged: none.
+    mean_only = [reward_row(0, "conciseness", None, 24, reward=-31.25), reward_row(10, "conciseness", None, 24, reward=-18.5),
+                 row(0, "piqa", [1, 1, 0, 0], 4), row(10, "piqa", [1, 1, 0, 0], 4)]
+    no_reward = [reward_row(0, "conciseness", None, 24), reward_row(10, "conciseness", None, 24),
+                 row(0, "piqa", [1, 1, 0, 0], 4), row(10, "piqa", [1, 1, 0, 0], 4)]
+    runs = [write_run(tmp_path, "mean", es(30, task="conciseness"), mean_only),
+            write_run(tmp_path, "old", es(20, task="conciseness"), no_reward)]
+    md = build_report(runs, tmp_path / "rep", figures=False).read_text()
+    assert table_line(md, "ES (30)") == "| ES (30) | +12.8 | +0.0 [+0.0, +0.0]° | +0.0 [+0.0, +0.0]° |"
+    assert table_line(md, "ES (20)") == "| ES (20) | – | +0.0 [+0.0, +0.0]° | +0.0 [+0.0, +0.0]° |", \
+        "a row without `reward` gives no reward change, and never an accuracy one in its place"
+    assert ("A reward change without an interval comes from rows without per-example `rewards` "
+            "(evaluated before they were logged).") in md
+    assert "– also when those rows lack `reward` (evaluated before it was logged)." in md
+    assert "Interval: paired bootstrap over the per-example `rewards`" not in md
+    assert "A value without an interval comes from rows without `n`" not in md, "accuracy rows all had n"
+    with open(tmp_path / "rep" / "report.csv") as f:
+        body = list(csv.reader(f))[1:]
+    assert [b[:4] for b in body] == [["ES (30)", "12.75", "", ""], ["ES (20)", "", "", ""]]
+
+
+def test_a_reward_measured_prior_task_is_left_out_of_the_accuracy_average(tmp_path) -> None:
+    before, after = conciseness_rewards(3, 10.0)
+    evals = [row(0, "countdown", [0, 0, 0, 0], 4), row(10, "countdown", [1, 1, 0, 0], 4),
+             row(0, "piqa", [1, 1, 1, 0], 4), row(10, "piqa", [1, 1, 0, 0], 4),
+             reward_row(0, "conciseness", before, 24), reward_row(10, "conciseness", after, 24)]
+    md = build_report([write_run(tmp_path, "cd", es(30), evals)], tmp_path / "rep", figures=False).read_text()
+    up = numpy_paired_bootstrap(before, after)
+    line = table_line(md, "ES (30)")
+    assert line.startswith(f"| ES (30) | {up[0]:+.1f} [{up[1]:+.1f}, {up[2]:+.1f}] | +50.0 [+0.0, +100.0]° | "), \
+        "columns in sorted order: conciseness (in reward units), countdown, piqa"
+    piqa = line.split(" | ")[3]
+    assert line.endswith(f"| {piqa} | {piqa} |"), "the average is piqa's change alone, without a star"
+    assert "avg Δ prior leaves out reward-measured tasks: a reward is never averaged with accuracies." in md

@@ -1,14 +1,19 @@
-"""Evaluation rows grouped by setting, and accuracy changes computed only like with like.
+"""Evaluation rows grouped by setting, and changes computed only like with like.
 
 `eval/forgetting.jsonl` may hold the same (iteration, task) several times: evaluated at
 `--limit 500` during training, re-evaluated at `--limit 2` for a quick look. Two
 accuracies measured on different example sets (or token budgets, shot counts, data
 versions) differ by construction, so a change is only ever taken between rows of one
 setting, and the report says which setting each task used.
+
+A task is measured by its `primary_metric`: accuracy for every benchmark, the mean
+training reward for tasks like conciseness whose exact-match accuracy stays near 0
+while the reward is what training moves.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,14 +21,36 @@ from typing import Any
 from esft.report.intervals import (
     Estimate,
     accuracy_estimate,
+    bootstrap_mean,
     newcombe_change,
     paired_bootstrap_change,
     paired_bootstrap_mean_change,
+    paired_bootstrap_mean_difference,
     quadrature_mean,
 )
+from esft.tasks import BUILTIN_TASKS, get_task
 
 #: Row keys that define what was measured; a row without one of them means null.
 SETTING_KEYS = ("limit", "max_new_tokens", "num_fewshot", "task_version")
+
+ACCURACY = "accuracy"
+REWARD = "reward"
+
+
+@functools.cache
+def primary_metric(task: str) -> str:
+    """What measures `task`: its `primary_metric` ("accuracy" or "reward") for a built-in
+    task, "accuracy" for a `module:function` custom task or a name the registry lacks."""
+    name = task.strip().lower()
+    if name not in BUILTIN_TASKS:
+        return ACCURACY
+    return REWARD if getattr(get_task(name), "primary_metric", ACCURACY) == REWARD else ACCURACY
+
+
+def prior_tasks(target: str | None, tasks: Iterable[str]) -> list[str]:
+    """The tasks a run's average prior change is over: every task but its target that is
+    measured by accuracy (a reward, in its own units, is never averaged with accuracies)."""
+    return [t for t in tasks if t != target and primary_metric(t) == ACCURACY]
 
 
 @dataclass(frozen=True)
@@ -53,19 +80,31 @@ class Setting:
 
 @dataclass(frozen=True)
 class EvalPoint:
-    """One evaluated (iteration, task, setting); `line` orders rows by recency in the file."""
+    """One evaluated (iteration, task, setting); `line` orders rows by recency in the file.
+
+    `reward` and `rewards` (mean and per-example training reward) are None in rows
+    written before they were logged.
+    """
 
     accuracy: float
     n: int | None
     correct: tuple[int, ...] | None
     line: int
+    reward: float | None = None
+    rewards: tuple[float, ...] | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any], line: int) -> EvalPoint:
         correct = row.get("correct")
         correct = tuple(int(bool(c)) for c in correct) if isinstance(correct, list) else None
         n = row.get("n")
-        return cls(float(row["accuracy"]), int(n) if n is not None else None, correct, line)
+        rewards = row.get("rewards")
+        rewards = tuple(float(x) for x in rewards) if isinstance(rewards, list) and rewards else None
+        reward = row.get("reward")
+        if reward is None and rewards:
+            reward = sum(rewards) / len(rewards)
+        return cls(float(row["accuracy"]), int(n) if n is not None else None, correct, line,
+                   None if reward is None else float(reward), rewards)
 
     @property
     def count(self) -> tuple[int, int] | None:
@@ -80,6 +119,17 @@ class EvalPoint:
         """The accuracy with its Wilson interval (no interval when the row lacks `n`)."""
         count = self.count
         return accuracy_estimate(*count) if count else Estimate(self.accuracy)
+
+    def reward_estimate(self) -> Estimate | None:
+        """The mean reward with a bootstrap interval of the mean (none without per-example
+        `rewards`); None when the row lacks the reward."""
+        if self.rewards:
+            return bootstrap_mean(self.rewards)
+        return None if self.reward is None else Estimate(self.reward)
+
+    def metric_estimate(self, metric: str) -> Estimate | None:
+        """The point in `metric` ("accuracy" or "reward"); None where the row lacks it."""
+        return self.reward_estimate() if metric == REWARD else self.estimate()
 
 
 #: task -> setting -> iteration -> point
@@ -112,6 +162,22 @@ def change_between(p0: EvalPoint, p1: EvalPoint) -> Estimate:
     if c0 and c1:
         return newcombe_change(*c0, *c1)
     return Estimate(p1.accuracy - p0.accuracy)
+
+
+def reward_change(p0: EvalPoint, p1: EvalPoint) -> Estimate | None:
+    """Mean-reward p1 − p0 of one setting, in the reward's units: paired bootstrap over the
+    per-example rewards when both rows list them, else the bare value, else None (a row
+    written before rewards were logged)."""
+    if p0.rewards and p1.rewards and len(p0.rewards) == len(p1.rewards):
+        return paired_bootstrap_mean_difference(p0.rewards, p1.rewards)
+    if p0.reward is None or p1.reward is None:
+        return None
+    return Estimate(p1.reward - p0.reward)
+
+
+def metric_change(p0: EvalPoint, p1: EvalPoint, metric: str) -> Estimate | None:
+    """p1 − p0 in `metric`: `reward_change` for "reward", else `change_between`."""
+    return reward_change(p0, p1) if metric == REWARD else change_between(p0, p1)
 
 
 def mean_change(pairs: Sequence[tuple[EvalPoint, EvalPoint]]) -> Estimate:

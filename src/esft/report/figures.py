@@ -1,8 +1,9 @@
 """The paper's figures as PNGs a person can read without opening a JSON file.
 
-Every panel has units and a title, every accuracy its 95% interval, iteration axes have
-integer ticks, and each figure has one legend outside the panels so it never covers
-data. A run keeps its colour across figures.
+Every panel has units and a title, every accuracy (or, for a reward-measured task such as
+conciseness, mean reward) its 95% interval, iteration axes have integer ticks, and each
+figure has one legend outside the panels so it never covers data. A run keeps its colour
+across figures.
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from esft.config import RESUMABLE_FIELDS  # noqa: E402
-from esft.report.evals import EvalPoint, Setting, mean_change_curve  # noqa: E402
+from esft.report.evals import (  # noqa: E402
+    ACCURACY,
+    REWARD,
+    EvalPoint,
+    Setting,
+    mean_change_curve,
+    primary_metric,
+    prior_tasks,
+)
 from esft.report.intervals import Estimate  # noqa: E402
 from esft.report.predictions import random_walk_sq  # noqa: E402
 
@@ -39,6 +48,12 @@ SWEEP_FREE = (RESUMABLE_FIELDS - {"max_steps"}) | {"awd_lambda", "awd_lambda_cho
 #: ...and those that a no-AWD reference may differ in on top.
 REFERENCE_FREE = SWEEP_FREE | {"awd", "awd_decoupled", "awd_huber_delta"}
 SHORT_NAMES = {"population_size": "N", "learning_rate": "α", "sigma": "σ", "awd_decoupled": "decoupled"}
+#: Plotted value per unit of each metric: accuracy in percent, a reward in its own units.
+SCALE = {ACCURACY: 100.0, REWARD: 1.0}
+ACCURACY_LABEL = "accuracy (%), 95% Wilson interval"
+REWARD_LABEL = "mean reward, 95% bootstrap interval"
+POINTS_CHANGE_LABEL = "change from iteration 0 (points)"
+REWARD_CHANGE_LABEL = "change in mean reward from iteration 0"
 
 
 # --------------------------------------------------------------------- helpers
@@ -112,35 +127,56 @@ def _target_curve(r: RunSummary, settings: dict[str, Setting]) -> dict[int, Eval
     return r.evals.get(t, {}).get(settings[t], {}) if t in settings else {}
 
 
+def _target_metric(r: RunSummary) -> str:
+    return primary_metric(r.target_task) if r.target_task else ACCURACY
+
+
+def metric_curve(curve: dict[int, EvalPoint], metric: str) -> tuple[list[int], list[Estimate]]:
+    """(iterations, estimates) of one task in `metric`, skipping rows that lack it."""
+    pts = [(k, e) for k in sorted(curve) if (e := curve[k].metric_estimate(metric)) is not None]
+    return [k for k, _ in pts], [e for _, e in pts]
+
+
 def prior_curve(r: RunSummary, settings: dict[str, Setting]) -> dict[int, Estimate]:
-    """Average prior-task change per iteration, in each task's reported setting."""
-    return mean_change_curve(r.evals, settings, [t for t in settings if t != r.target_task])
+    """Average prior-task accuracy change per iteration, in each task's reported setting."""
+    return mean_change_curve(r.evals, settings, prior_tasks(r.target_task, settings))
 
 
 # --------------------------------------------------------------------- forgetting (Fig. 1/2)
 def plot_forgetting_curves(runs: Sequence[RunSummary], settings: dict[str, Setting], path: Path) -> Path | None:
-    """Left: the target task over iterations; right: the average prior-task change."""
+    """Left: the target task over iterations in its primary metric (the training reward where
+    it was never evaluated); right: the average prior-task change."""
     fig, axes = _subplots(1, 2, (12, 4.8))
     ax_t, ax_p = axes[0]
     span = _span(runs)
-    reward_ax: Axes | None = None
-    shown, targets = [], sorted({r.target_task for r in runs if r.target_task})
-    for i, r in enumerate(runs):
-        dodge, curve, drawn = _dodge(i, len(runs), span), _target_curve(r, settings), False
+    targets = sorted({r.target_task for r in runs if r.target_task})
+    curves = [(_target_metric(r), *metric_curve(_target_curve(r, settings), _target_metric(r))) for r in runs]
+    # The left axis takes accuracy when any run's target is measured by it; a target in the
+    # other unit (and the training-reward fallback) goes on a right axis of its own.
+    left = REWARD if {m for m, its, _ in curves if its} == {REWARD} else ACCURACY
+    right_ax: Axes | None = None
+    on_right: set[str] = set()  # "evaluation", "training"
+    shown = []
+    for i, (r, (metric, its, ests)) in enumerate(zip(runs, curves)):
+        dodge, drawn = _dodge(i, len(runs), span), False
         reward = r.series("reward/mean")
-        if curve:
-            its = sorted(curve)
-            _plot_estimates(ax_t, its, [curve[k].estimate() for k in its], color(i), r.label, dodge)
+        if its:
+            ax = ax_t
+            if metric != left:
+                ax = right_ax = right_ax or ax_t.twinx()
+                on_right.add("evaluation")
+            _plot_estimates(ax, its, ests, color(i), r.label, dodge, scale=SCALE[metric])
             drawn = True
         elif reward:
-            reward_ax = reward_ax or ax_t.twinx()
-            its = sorted(reward)
-            reward_ax.plot(its, [reward[k] for k in its], color=color(i), linestyle="--", linewidth=1.2)
+            right_ax = right_ax or ax_t.twinx()
+            rs = sorted(reward)
+            right_ax.plot(rs, [reward[k] for k in rs], color=color(i), linestyle="--", linewidth=1.2)
+            on_right.add("training")
             drawn = True
         prior = prior_curve(r, settings)
         if prior:
-            its = sorted(prior)
-            _plot_estimates(ax_p, its, [prior[k] for k in its], color(i), r.label, dodge)
+            ps = sorted(prior)
+            _plot_estimates(ax_p, ps, [prior[k] for k in ps], color(i), r.label, dodge)
             drawn = True
         if drawn:
             shown.append(i)
@@ -148,14 +184,22 @@ def plot_forgetting_curves(runs: Sequence[RunSummary], settings: dict[str, Setti
         plt.close(fig)
         return None
     title = f"Target task: {targets[0]}" if len(targets) == 1 else "Target task (each run's training task)"
-    ax_t.set(title=title, ylabel="accuracy (%), 95% Wilson interval")
+    ax_t.set(title=title, ylabel=REWARD_LABEL if left == REWARD else ACCURACY_LABEL)
     _iteration_axis(ax_t)
     handles: list[Any] = _run_handles(runs, shown)
-    if reward_ax is not None:
-        reward_ax.set_ylabel("training reward (reward/mean), dashed")
-        handles.append(Line2D([], [], color="0.4", linestyle="--",
-                              label="dashed: training reward (no target evaluation), right axis"))
-    if not any(_target_curve(r, settings) for r in runs) and reward_ax is None:
+    if right_ax is not None:
+        # Short labels: a right-axis label longer than the panel is tall is cut off.
+        right = {frozenset({"evaluation"}): "mean reward of reward targets, 95% bootstrap",
+                 frozenset({"training"}): "training reward (reward/mean), dashed",
+                 frozenset({"evaluation", "training"}): "reward: evaluated (solid), training (dashed)"}
+        right_ax.set_ylabel(right[frozenset(on_right)])
+        if "evaluation" in on_right:
+            handles.append(Line2D([], [], color="0.4", marker="o", markersize=4,
+                                  label="mean reward of reward-measured targets, right axis"))
+        if "training" in on_right:
+            handles.append(Line2D([], [], color="0.4", linestyle="--",
+                                  label="dashed: training reward (no target evaluation), right axis"))
+    if not any(its for _, its, _ in curves) and right_ax is None:
         _empty(ax_t, "no target-task evaluations or rewards")
     ax_p.axhline(0, color="0.2", linewidth=0.8)
     ax_p.set(title="Prior tasks: average accuracy change", ylabel="change from iteration 0 (points), 95% interval")
@@ -168,7 +212,8 @@ def plot_forgetting_curves(runs: Sequence[RunSummary], settings: dict[str, Setti
 
 
 def plot_task_curves(runs: Sequence[RunSummary], settings: dict[str, Setting], path: Path) -> Path | None:
-    """One panel per task: accuracy over iterations with Wilson intervals."""
+    """One panel per task in its primary metric over iterations: accuracy with Wilson
+    intervals, or mean reward with bootstrap intervals of the mean."""
     tasks = list(settings)
     if not tasks:
         return None
@@ -176,21 +221,25 @@ def plot_task_curves(runs: Sequence[RunSummary], settings: dict[str, Setting], p
     rows = -(-len(tasks) // cols)
     fig, axes = _subplots(rows, cols, (4.3 * cols, 3.3 * rows + 0.8))
     span, shown = _span(runs), set()
+    metrics = {t: primary_metric(t) for t in tasks}
     for ax, task in zip(axes.flat, tasks):
         for i, r in enumerate(runs):
-            curve = r.evals.get(task, {}).get(settings[task], {})
-            if curve:
-                its = sorted(curve)
-                _plot_estimates(ax, its, [curve[k].estimate() for k in its], color(i), r.label,
-                                _dodge(i, len(runs), span))
+            its, ests = metric_curve(r.evals.get(task, {}).get(settings[task], {}), metrics[task])
+            if its:
+                _plot_estimates(ax, its, ests, color(i), r.label, _dodge(i, len(runs), span),
+                                scale=SCALE[metrics[task]])
                 shown.add(i)
         role = " (target)" if any(r.target_task == task for r in runs) else ""
         ax.set_title(f"{task}{role}\n{settings[task].describe()}", fontsize=9)
-        ax.set_ylabel("accuracy (%)")
+        ax.set_ylabel("mean reward" if metrics[task] == REWARD else "accuracy (%)")
         _iteration_axis(ax)
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
-    fig.suptitle("Accuracy per task over iterations (95% Wilson intervals)")
+    if REWARD in metrics.values():
+        # Two lines, so that the title fits a one-panel figure.
+        fig.suptitle("Each task over iterations (95% intervals:\nWilson for accuracy, bootstrap for mean reward)")
+    else:
+        fig.suptitle("Accuracy per task over iterations (95% Wilson intervals)")
     _legend(fig, _run_handles(runs, sorted(shown)))
     return _save(fig, path)
 
@@ -256,21 +305,28 @@ def no_awd_reference(sweep: Sweep, runs: Sequence[RunSummary], rows: Sequence[Co
     return best
 
 
-def _reference_band(ax: Axes, e: Estimate | None, c: str) -> None:
+def _reference_band(ax: Axes, e: Estimate | None, c: str, scale: float = 100.0) -> None:
     if e is None:
         return
-    ax.axhline(100 * e.value, color=c, linestyle="--", linewidth=1.1)
+    ax.axhline(scale * e.value, color=c, linestyle="--", linewidth=1.1)
     if e.has_interval:
-        ax.axhspan(100 * e.lo, 100 * e.hi, color=c, alpha=0.12, linewidth=0)
+        ax.axhspan(scale * e.lo, scale * e.hi, color=c, alpha=0.12, linewidth=0)
+
+
+def _sweep_metric(sweep: Sweep) -> str:
+    return _target_metric(sweep.members[0][0])
 
 
 def plot_lambda(runs: Sequence[RunSummary], rows: Sequence[ComparisonRow], path: Path) -> Path | None:
-    """Target change (top) and average prior change (bottom) against λ, one column per AWD kind."""
+    """Target change in its primary metric (top) and average prior accuracy change (bottom)
+    against λ, one column per AWD kind (and target metric, where sweeps differ in it)."""
     sweeps = lambda_sweeps(runs, rows)
     kinds = [k for k in AWD_ORDER if any(s.awd == k for s in sweeps)]
     if not any(len({m[0].awd_lambda for s in sweeps if s.awd == k for m in s.members}) > 1 for k in kinds):
         return None
-    fig, axes = _subplots(2, len(kinds), (5.4 * len(kinds), 7.4))
+    columns = sorted({(s.awd, _sweep_metric(s)) for s in sweeps if s.awd in kinds},
+                     key=lambda km: (kinds.index(km[0]), km[1] != ACCURACY))
+    fig, axes = _subplots(2, len(columns), (5.4 * len(columns), 7.4))
     handles: list[Any] = []
     refs = [no_awd_reference(s, runs, rows) for s in sweeps]
     # One reference for the whole figure is grey; several take the colour of their first sweep.
@@ -283,24 +339,28 @@ def plot_lambda(runs: Sequence[RunSummary], rows: Sequence[ComparisonRow], path:
     drawn: set[tuple[int, str]] = set()
     notes: dict[int, set[str]] = {}  # column -> config fields its no-AWD reference differs in
     for j, (sweep, label, ref) in enumerate(zip(sweeps, _sweep_labels(sweeps), refs)):
-        col, c = kinds.index(sweep.awd), color(j)
+        if sweep.awd not in kinds:
+            continue
+        metric = _sweep_metric(sweep)
+        col, c = columns.index((sweep.awd, metric)), color(j)
         lams = [m[0].awd_lambda or 0.0 for m in sweep.members]
         for row_i, pick in enumerate((lambda cr: cr.target, lambda cr: cr.prior)):
             pts = [(lam, e) for lam, (_, cr) in zip(lams, sweep.members) if (e := pick(cr)) is not None]
             if pts:
-                _plot_estimates(axes[row_i, col], [p[0] for p in pts], [p[1] for p in pts], c, label, marker="s")
+                _plot_estimates(axes[row_i, col], [p[0] for p in pts], [p[1] for p in pts], c, label, marker="s",
+                                scale=SCALE[metric] if row_i == 0 else 100.0)
         handles.append(Line2D([], [], color=c, marker="s", markersize=4, label=f"{label} + AWD {sweep.awd.upper()}"))
         if not ref or (col, str(ref[0].path)) in drawn:
             continue
         r, cr, diff = ref
         rc = ref_color[str(r.path)]
-        _reference_band(axes[0, col], cr.target, rc)
+        _reference_band(axes[0, col], cr.target, rc, SCALE[metric])
         _reference_band(axes[1, col], cr.prior, rc)
         if not any(p == str(r.path) for _, p in drawn):
             handles.append(Line2D([], [], color=rc, linestyle="--", label=f"{r.label}, no AWD: dashed, band = 95%"))
         drawn.add((col, str(r.path)))
         notes.setdefault(col, set()).update(diff)
-    for col, kind in enumerate(kinds):
+    for col, (kind, metric) in enumerate(columns):
         for row_i, what in enumerate(("target task", "average prior-task")):
             ax = axes[row_i, col]
             ax.set_xscale("log")
@@ -308,7 +368,8 @@ def plot_lambda(runs: Sequence[RunSummary], rows: Sequence[ComparisonRow], path:
             title = f"AWD {kind.upper()}: {what} change"
             if notes.get(col):
                 title += f"\n(the no-AWD reference differs in {', '.join(sorted(notes[col]))})"
-            ax.set(title=title, xlabel="λ (log scale)", ylabel="change from iteration 0 (points)")
+            reward = row_i == 0 and metric == REWARD
+            ax.set(title=title, xlabel="λ (log scale)", ylabel=REWARD_CHANGE_LABEL if reward else POINTS_CHANGE_LABEL)
             ax.grid(alpha=0.3)
     fig.suptitle("Effect of the AWD strength λ (95% intervals)")
     _legend(fig, handles)
@@ -435,9 +496,10 @@ Plot = Callable[[Sequence["RunSummary"], dict[str, Setting], Sequence["Compariso
 
 #: file name -> (caption in report.md, how to draw it); a figure without data is skipped.
 PLOTS: dict[str, tuple[str, Plot]] = {
-    "forgetting_curves.png": ("Target-task accuracy (left) and average prior-task change (right) over iterations",
+    "forgetting_curves.png": ("Target task in its primary metric, accuracy or mean reward (left), and average "
+                              "prior-task change (right) over iterations",
                               lambda runs, settings, rows, path: plot_forgetting_curves(runs, settings, path)),
-    "task_curves.png": ("Accuracy per task over iterations",
+    "task_curves.png": ("Each task's primary metric (accuracy or mean reward) over iterations",
                         lambda runs, settings, rows, path: plot_task_curves(runs, settings, path)),
     "lambda.png": ("Target and average prior-task change against λ",
                    lambda runs, settings, rows, path: plot_lambda(runs, rows, path)),

@@ -1,8 +1,9 @@
 """`esft report`: the paper's comparison table and figures from run directories.
 
 One row per run (labelled from its config, e.g. "ES (30) + AWD L2 λ=10"), one column per
-task with the accuracy change from the base model at the last evaluated iteration and
-its 95% interval, the average over prior tasks, the evaluation setting each task used,
+task with the change from the base model at the last evaluated iteration in the task's
+primary metric (accuracy, or mean reward for a task like conciseness) and its 95%
+interval, the average accuracy change over prior tasks, the evaluation setting each task used,
 weight drift against the random-walk prediction, and the figures of `report/figures.py`.
 This module writes the report; run directories are read by `summary.py`, statistics live
 in `intervals.py`, settings in `evals.py`, tables in `tables.py`, plots in `figures.py`.

@@ -1,7 +1,9 @@
-"""The report's tables: accuracy changes with intervals (md, csv), settings used, drift.
+"""The report's tables: changes with intervals (md, csv), settings used, drift.
 
-Markdown shows percentage points, report.csv fractions (the unit of forgetting.jsonl),
-each value beside its 95% interval bounds.
+A task's column is its primary metric: accuracy (markdown in percentage points,
+report.csv in fractions, the unit of forgetting.jsonl) or, for a reward-measured task
+like conciseness, the mean reward in its own units (header `Δ task (reward)`); each
+value beside its 95% interval bounds.
 """
 
 from __future__ import annotations
@@ -13,7 +15,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from esft.report.evals import EvalPoint, Setting, change_between, mean_change, task_change
+from esft.report.evals import (
+    ACCURACY,
+    REWARD,
+    Setting,
+    mean_change,
+    metric_change,
+    primary_metric,
+    prior_tasks,
+    task_change,
+)
 from esft.report.intervals import (
     BOOTSTRAP,
     BOOTSTRAP_RESAMPLES,
@@ -32,13 +43,14 @@ PARTIAL_MARK = "*"
 
 @dataclass
 class ComparisonRow:
-    """One run's row: the change of each task and the average over its prior tasks."""
+    """One run's row: the change of each task in its primary metric, and the average
+    accuracy change over its prior tasks."""
 
     run: RunSummary
     changes: dict[str, Estimate | None]
     prior: Estimate | None
     prior_used: int  # prior tasks the average is over
-    prior_columns: int  # prior tasks the table has
+    prior_columns: int  # prior tasks the table has (measured by accuracy)
 
     @property
     def target(self) -> Estimate | None:
@@ -46,45 +58,54 @@ class ComparisonRow:
 
 
 def comparison(runs: Sequence[RunSummary], settings: dict[str, Setting]) -> list[ComparisonRow]:
-    """Change from iteration 0 to each task's last evaluated iteration, in the task's setting."""
+    """Change from iteration 0 to each task's last evaluated iteration, in the task's setting
+    and primary metric; the prior average is over the accuracy-measured tasks but the target."""
     out = []
     for r in runs:
         pairs = {t: task_change(r.evals, t, s) for t, s in settings.items()}
-        changes = {t: _change(p) for t, p in pairs.items()}
-        prior = [p for t, p in pairs.items() if p is not None and t != r.target_task]
-        columns = sum(t != r.target_task for t in settings)
-        out.append(ComparisonRow(r, changes, mean_change(prior) if prior else None, len(prior), columns))
+        changes = {t: metric_change(*p, primary_metric(t)) if p else None for t, p in pairs.items()}
+        priors = prior_tasks(r.target_task, settings)
+        prior = [p for t in priors if (p := pairs[t]) is not None]
+        out.append(ComparisonRow(r, changes, mean_change(prior) if prior else None, len(prior), len(priors)))
     return out
 
 
-def _change(pair: tuple[EvalPoint, EvalPoint] | None) -> Estimate | None:
-    return change_between(*pair) if pair else None
+def column_name(task: str) -> str:
+    """'Δ piqa' for an accuracy, 'Δ conciseness (reward)' for a reward-measured task."""
+    return f"Δ {task} (reward)" if primary_metric(task) == REWARD else f"Δ {task}"
 
 
 # --------------------------------------------------------------------- markdown
-def points(x: float) -> str:
-    """A fraction as signed percentage points, one decimal, never '-0.0'."""
-    s = f"{100 * x:+.1f}"
+def reward_units(x: float) -> str:
+    """A reward (change) in the reward's own units, signed, one decimal, never '-0.0'."""
+    s = f"{x:+.1f}"
     return "+0.0" if s == "-0.0" else s
 
 
-def cell(e: Estimate | None, partial: bool = False) -> str:
-    """'+20.0 [+12.1, +27.5]', '°' when the interval holds 0, '–' when there is no value."""
+def points(x: float) -> str:
+    """A fraction as signed percentage points, one decimal, never '-0.0'."""
+    return reward_units(100 * x)
+
+
+def cell(e: Estimate | None, partial: bool = False, metric: str = ACCURACY) -> str:
+    """'+20.0 [+12.1, +27.5]' (points, or reward units for metric "reward"), '°' when the
+    interval holds 0, '–' when there is no value."""
     if e is None:
         return "–"
-    s = points(e.value)
+    fmt = reward_units if metric == REWARD else points
+    s = fmt(e.value)
     if e.has_interval:
-        s += f" [{points(e.lo)}, {points(e.hi)}]"
+        s += f" [{fmt(e.lo)}, {fmt(e.hi)}]"
     if e.contains_zero():
         s += ZERO_MARK
     return s + (PARTIAL_MARK if partial else "")
 
 
 def markdown_table(rows: Sequence[ComparisonRow], tasks: Sequence[str]) -> str:
-    header = ["run", *[f"Δ {t}" for t in tasks], "avg Δ prior"]
+    header = ["run", *[column_name(t) for t in tasks], "avg Δ prior"]
     out = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for row in rows:
-        cells = [cell(row.changes[t]) for t in tasks]
+        cells = [cell(row.changes[t], metric=primary_metric(t)) for t in tasks]
         cells.append(cell(row.prior, partial=row.prior is not None and row.prior_used < row.prior_columns))
         out.append(f"| {row.run.label} | " + " | ".join(cells) + " |")
     return "\n".join(out)
@@ -92,7 +113,11 @@ def markdown_table(rows: Sequence[ComparisonRow], tasks: Sequence[str]) -> str:
 
 def footnotes(rows: Sequence[ComparisonRow]) -> list[str]:
     """What the marks mean and which interval methods the table used."""
-    estimates = [e for row in rows for e in [*row.changes.values(), row.prior] if e is not None]
+    tasks = list(rows[0].changes) if rows else []
+    reward_tasks = [t for t in tasks if primary_metric(t) == REWARD]
+    rewards = [e for row in rows for t in reward_tasks if (e := row.changes[t]) is not None]
+    estimates = [e for row in rows for t, e in [*row.changes.items(), ("", row.prior)]
+                 if e is not None and t not in reward_tasks]  # accuracies
     methods = {e.method for e in estimates}
     notes = [f"{ZERO_MARK} interval contains 0: not distinguishable from no change.",
              "– no change: the run lacks the task's setting at iteration 0 or at its last evaluated iteration."]
@@ -107,7 +132,22 @@ def footnotes(rows: Sequence[ComparisonRow]) -> list[str]:
                      "where rows lack per-example results (`correct`), which ignores the pairing of the two "
                      "evaluations and is usually conservative; averages combine the per-task half-widths in "
                      "quadrature / number of tasks.")
-    if any(e.method == BOOTSTRAP and e.lo == e.hi for e in estimates):
+    if reward_tasks:
+        names = ", ".join(column_name(t) for t in reward_tasks)
+        note = (f"{names}: change in the mean training reward per example, in the reward's own units (not "
+                "percentage points): the task is measured by its reward, not by exact-match accuracy; – also "
+                "when those rows lack `reward` (evaluated before it was logged).")
+        if any(e.has_interval for e in rewards):
+            note += (f" Interval: paired bootstrap over the per-example `rewards` ({BOOTSTRAP_RESAMPLES} "
+                     f"resamples, seed {BOOTSTRAP_SEED}, percentile 95%), each replicate averaging the redrawn "
+                     "examples' reward changes.")
+        notes.append(note)
+        if any(not e.has_interval for e in rewards):
+            notes.append("A reward change without an interval comes from rows without per-example `rewards` "
+                         "(evaluated before they were logged).")
+        if any(t != row.run.target_task for row in rows for t in reward_tasks):
+            notes.append("avg Δ prior leaves out reward-measured tasks: a reward is never averaged with accuracies.")
+    if any(e.method == BOOTSTRAP and e.lo == e.hi for e in [*estimates, *rewards]):
         notes.append("An interval of width 0 (e.g. [+0.0, +0.0]): every example moved alike, typically none "
                      "changed, so the bootstrap sees no variation; changes rarer than about 1 in n are not excluded.")
     if any(not e.has_interval for e in estimates):
@@ -135,8 +175,9 @@ def settings_lines(runs: Sequence[RunSummary], settings: dict[str, Setting]) -> 
 
 # --------------------------------------------------------------------- csv
 def csv_table(rows: Sequence[ComparisonRow], tasks: Sequence[str]) -> str:
-    """Fractions: each change and the average prior change as value, lo95, hi95 columns."""
-    names = [*[f"Δ {t}" for t in tasks], "avg Δ prior"]
+    """Fractions (reward units for a reward-measured task): each change and the average
+    prior change as value, lo95, hi95 columns."""
+    names = [*[column_name(t) for t in tasks], "avg Δ prior"]
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["run", *[f"{n}{suffix}" for n in names for suffix in ("", " lo95", " hi95")]])
@@ -202,13 +243,17 @@ def report_markdown(
 ) -> str:
     """The whole report.md: comparison table, settings, runs, drift table, figures."""
     tasks = list(settings)
+    by_reward = any(primary_metric(t) == REWARD for t in tasks)
     lines = ["# esft report", "", "## Accuracy change from the base model", "",
              "Change from iteration 0 to each run's last evaluated iteration of that task, in percentage "
-             "points, with its 95% interval [lo, hi]; prior = every task but the run's training task.", "",
+             "points, with its 95% interval [lo, hi]; prior = every task but the run's training task."
+             + (" A column marked (reward) is the change in mean reward, in the reward's own units." if by_reward
+                else ""), "",
              markdown_table(rows, tasks), ""]
     lines += [f"{n}  " for n in footnotes(rows)]
-    lines += ["", "report.csv holds the same numbers as fractions (0.2 = 20 points), with `lo95` and `hi95` "
-              "columns for the interval bounds.", ""]
+    lines += ["", "report.csv holds the same numbers as fractions (0.2 = 20 points)"
+              + (", reward columns in the reward's units" if by_reward else "")
+              + ", with `lo95` and `hi95` columns for the interval bounds.", ""]
     if settings:
         lines += ["### Evaluation setting per task", "",
                   "Changes are only taken between rows of one setting (limit, new tokens, shots, data version); "
