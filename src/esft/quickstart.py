@@ -116,6 +116,7 @@ def _prior_tasks_section(cfg: ESConfig, a: argparse.Namespace, runs: dict[str, P
 
     from esft.evaluation.accuracy import evaluate_run
     from esft.evaluation.kl import kl_report
+    from esft.evaluation.sharing import borrow_base_rows, borrow_kl_cache
 
     data_dir = cfg.data_dir or os.environ.get("ESFT_DATA_DIR")
     tasks = [t.strip() for t in a.prior_tasks.split(",") if t.strip()]
@@ -126,6 +127,9 @@ def _prior_tasks_section(cfg: ESConfig, a: argparse.Namespace, runs: dict[str, P
     kl: dict[str, dict[str, float]] = {}
     for label, run_dir in runs.items():
         print(f"\n=== prior tasks for {label}: accuracy on {a.prior_limit} examples, KL on {a.kl_prompts} prompts")
+        # Iteration 0 is the base model in both runs: its rows and KL samples are made once.
+        borrow_base_rows(run_dir)
+        borrow_kl_cache(run_dir)
         rows = evaluate_run(run_dir, tasks, iterations=[0, cfg.max_steps], limit=a.prior_limit, max_new_tokens=16,
                             data_dir=data_dir, device="cpu", progress=not cfg.disable_tqdm)
         for r in rows:

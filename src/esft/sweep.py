@@ -80,6 +80,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from esft.config import ESConfig
+from esft.evaluation.sharing import borrow_base_rows, borrow_kl_cache
 from esft.io import read_jsonl, write_text_atomic
 
 TOP_LEVEL_KEYS = ("base", "variants", "grid", "grpo", "eval")
@@ -864,63 +865,13 @@ def _train_grpo(run: RunSpec, run_dir: Path, progress: _Progress) -> int:
     return steps
 
 
-def _same_base_siblings(run_dir: Path) -> list[Path]:
-    """Other runs of this sweep whose iteration 0 is the same model (base model and dtype)."""
-    import yaml
-
-    def base(d: Path) -> tuple[Any, Any] | None:
-        path = d / "config.yaml"
-        if not path.is_file():
-            return None
-        cfg = yaml.safe_load(path.read_text()) or {}
-        return cfg.get("model"), cfg.get("torch_dtype", "auto")
-
-    mine = base(run_dir)
-    return [d for d in sorted(run_dir.parent.iterdir())
-            if d != run_dir and d.is_dir() and mine is not None and base(d) == mine]
-
-
-def _borrow_base_rows(run_dir: Path) -> int:
-    """Iteration 0 is the base model in every run of a sweep: its evaluation rows (greedy,
-    deterministic) are computed once and copied to the other runs. Returns rows copied."""
-    from esft.evaluation.accuracy import FORGETTING_FILE, row_key
-    from esft.io import append_jsonl
-
-    path = run_dir / "eval" / FORGETTING_FILE
-    have = {row_key(r) for r in read_jsonl(path)} if path.exists() else set()
-    copied = 0
-    for sibling in _same_base_siblings(run_dir):
-        for row in read_jsonl(sibling / "eval" / FORGETTING_FILE):
-            if row.get("iteration") == 0 and row_key(row) not in have:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                append_jsonl(path, {**row, "copied_from": row.get("copied_from", sibling.name)})
-                have.add(row_key(row))
-                copied += 1
-    return copied
-
-
-def _borrow_kl_cache(run_dir: Path) -> None:
-    """Base-model continuations are the same for every run of one base: sample them once.
-    (Each cache file names its base model and prompts, and is checked when read.)"""
-    import shutil
-
-    from esft.evaluation.kl import CACHE_DIR
-
-    for sibling in _same_base_siblings(run_dir):
-        for f in sorted((sibling / CACHE_DIR).glob("*.json")):
-            target = run_dir / CACHE_DIR / f.name
-            if not target.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(f, target)
-
-
 def _evaluate(stage: Stage, run_dir: Path, spec: SweepSpec, progress: _Progress) -> str:
     from esft.evaluation.accuracy import evaluate_run
 
     run, ev = stage.run, spec.eval
     its = chosen_iterations(_available(run, run_dir), ev.every)
     if 0 in its:
-        _borrow_base_rows(run_dir)
+        borrow_base_rows(run_dir)
     total_rows = len(its) * len(ev.tasks)
     done = _eval_rows_done(run_dir, ev, its, spec.data_dir)
     # evaluate_run resumes by itself, but is not called when nothing is left (no model to load).
@@ -946,7 +897,7 @@ def _kl(stage: Stage, run_dir: Path, spec: SweepSpec, progress: _Progress) -> st
         return f"{run.name}: KL already in {KL_FILE}, skipped"
     t0 = time.perf_counter()
     progress.advance(0, f"{run.name}: KL")
-    _borrow_kl_cache(run_dir)
+    borrow_kl_cache(run_dir)
     with _run_output(run_dir / LOG_FILE, f"kl {run.name}"):
         rows = kl_report(run_dir, list(ev.kl_tasks), iterations=missing, num_prompts=ev.kl_prompts,
                          max_tokens=ev.kl_max_tokens, data_dir=spec.data_dir, device=spec.device)

@@ -1,0 +1,66 @@
+"""Work that runs of one base model share: iteration 0 is the same model in all of them.
+
+Runs side by side in one folder (a sweep, the quickstart) evaluate the base model at
+iteration 0 and sample base-model continuations for KL; both are deterministic and the
+same for every run of that base (same model name and dtype), so they are computed once and
+copied to the siblings, each copied row marked `copied_from`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from esft.io import read_jsonl
+
+
+def same_base_siblings(run_dir: Path) -> list[Path]:
+    """Other runs of this sweep whose iteration 0 is the same model (base model and dtype)."""
+    import yaml
+
+    def base(d: Path) -> tuple[Any, Any] | None:
+        path = d / "config.yaml"
+        if not path.is_file():
+            return None
+        cfg = yaml.safe_load(path.read_text()) or {}
+        return cfg.get("model"), cfg.get("torch_dtype", "auto")
+
+    mine = base(run_dir)
+    return [d for d in sorted(run_dir.parent.iterdir())
+            if d != run_dir and d.is_dir() and mine is not None and base(d) == mine]
+
+
+def borrow_base_rows(run_dir: Path) -> int:
+    """Copy the iteration-0 evaluation rows of sibling runs that this run lacks. Returns rows copied."""
+    from esft.evaluation.accuracy import FORGETTING_FILE, row_key
+    from esft.io import append_jsonl
+
+    path = run_dir / "eval" / FORGETTING_FILE
+    have = {row_key(r) for r in read_jsonl(path)} if path.exists() else set()
+    copied = 0
+    for sibling in same_base_siblings(run_dir):
+        for row in read_jsonl(sibling / "eval" / FORGETTING_FILE):
+            if row.get("iteration") == 0 and row_key(row) not in have:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                append_jsonl(path, {**row, "copied_from": row.get("copied_from", sibling.name)})
+                have.add(row_key(row))
+                copied += 1
+    return copied
+
+
+def borrow_kl_cache(run_dir: Path) -> None:
+    """Copy sibling runs' cached base-model continuations this run lacks (each cache file
+    names its base model and prompts, and is checked when read)."""
+    import shutil
+
+    from esft.evaluation.kl import CACHE_DIR
+
+    for sibling in same_base_siblings(run_dir):
+        for f in sorted((sibling / CACHE_DIR).glob("*.json")):
+            target = run_dir / CACHE_DIR / f.name
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, target)
+
+
+__all__ = ["borrow_base_rows", "borrow_kl_cache", "same_base_siblings"]
