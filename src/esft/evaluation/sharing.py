@@ -15,15 +15,17 @@ from esft.io import read_jsonl
 
 
 def same_base_siblings(run_dir: Path) -> list[Path]:
-    """Other runs of this sweep whose iteration 0 is the same model (base model and dtype)."""
+    """Other runs beside this one whose iteration 0 is the same model on the same data
+    (base model, dtype and data folder)."""
     import yaml
 
-    def base(d: Path) -> tuple[Any, Any] | None:
+    def base(d: Path) -> tuple[Any, ...] | None:
         path = d / "config.yaml"
         if not path.is_file():
             return None
         cfg = yaml.safe_load(path.read_text()) or {}
-        return cfg.get("model"), cfg.get("torch_dtype", "auto")
+        # The data folder too: the same task name over another data pack is other examples.
+        return cfg.get("model"), cfg.get("torch_dtype", "auto"), cfg.get("data_dir")
 
     mine = base(run_dir)
     return [d for d in sorted(run_dir.parent.iterdir())
