@@ -96,7 +96,7 @@ def test_checkpoint_runs_are_evaluated_like_es_runs_and_reported_side_by_side(tm
     md = (out / "report.md").read_text()
     assert "ES (4)" in md and "GRPO (β=0.005)" in md
     assert (out / "report.csv").read_text().startswith(
-        "run,Δ conciseness,Δ conciseness lo95,Δ conciseness hi95,avg Δ prior,avg Δ prior lo95,avg Δ prior hi95\n")
+        "run,Δ conciseness (reward),Δ conciseness (reward) lo95,Δ conciseness (reward) hi95,avg Δ prior,avg Δ prior lo95,avg Δ prior hi95\n")
     assert (out / "forgetting_curves.png").stat().st_size > 5_000
     assert (out / "drift.png").exists()
 

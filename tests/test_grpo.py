@@ -175,5 +175,5 @@ def test_eval_kl_drift_and_report_take_a_grpo_run_beside_an_es_run(grpo_run: Pat
     md = (out / "report.md").read_text()
     assert "ES (4)" in md and "GRPO (β=0.005)" in md
     header = (out / "report.csv").read_text().splitlines()[0]
-    assert header == "run,Δ conciseness,Δ conciseness lo95,Δ conciseness hi95,avg Δ prior,avg Δ prior lo95,avg Δ prior hi95"
+    assert header == "run,Δ conciseness (reward),Δ conciseness (reward) lo95,Δ conciseness (reward) hi95,avg Δ prior,avg Δ prior lo95,avg Δ prior hi95"
     capsys.readouterr()

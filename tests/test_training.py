@@ -231,7 +231,7 @@ def test_quickstart_writes_report_and_curves(tmp_path, embedded_dir) -> None:
     r = subprocess.run(
         [sys.executable, "-m", "esft.cli", "quickstart", "--output_dir", str(out), "--max_steps", "2",
          "--population_size", "2", "--max_train_samples", "2", "--max_new_tokens", "4", "--disable_tqdm",
-         "--data_dir", str(SHARED_DATA), "--prior_tasks", "piqa", "--prior_limit", "2", "--kl_prompts", "2"],
+         "--data_dir", str(SHARED_DATA), "--prior_tasks", "piqa", "--prior_limit", "2", "--kl_num_prompts", "2"],
         capture_output=True, text=True, timeout=600,
     )
     assert r.returncode == 0, r.stderr[-3000:]

@@ -34,6 +34,8 @@ QUICKSTART_DEFAULTS: dict[str, Any] = {
     # s = α·λ = 0.15 per iteration: strong enough to bound the drift within 12 iterations
     # (the paper's λ=10 at α=5e-4 gives s=0.005, sized for ~1000 iterations).
     "awd_lambda": 30.0,
+    # The prior-task KL section samples this many prompts per task (ESConfig's own KL fields).
+    "kl_num_prompts": 8,
 }
 
 
@@ -44,7 +46,6 @@ def parse_args(argv: list[str]) -> tuple[ESConfig, argparse.Namespace]:
     parser = dataclass_parser([ESConfig], "esft quickstart", "ES vs ES+AWD on the embedded model (CPU, minutes).")
     parser.add_argument("--prior_tasks", default="hellaswag,piqa,arc_challenge")
     parser.add_argument("--prior_limit", type=int, default=20, help="eval examples per prior task")
-    parser.add_argument("--kl_prompts", type=int, default=8, help="prompts per prior task for KL")
     values = {**QUICKSTART_DEFAULTS, **config_file_values(argv, field_names([ESConfig]))}
     cfg, extra = parse_dataclass_flags(parser, argv, values)
     if cfg.awd == "none":
@@ -126,7 +127,7 @@ def _prior_tasks_section(cfg: ESConfig, a: argparse.Namespace, runs: dict[str, P
     acc: dict[str, dict[str, dict[int, float]]] = {}
     kl: dict[str, dict[str, float]] = {}
     for label, run_dir in runs.items():
-        print(f"\n=== prior tasks for {label}: accuracy on {a.prior_limit} examples, KL on {a.kl_prompts} prompts")
+        print(f"\n=== prior tasks for {label}: accuracy on {a.prior_limit} examples, KL on {cfg.kl_num_prompts} prompts")
         # Iteration 0 is the base model in both runs: its rows and KL samples are made once.
         borrow_base_rows(run_dir)
         borrow_kl_cache(run_dir)
@@ -134,7 +135,7 @@ def _prior_tasks_section(cfg: ESConfig, a: argparse.Namespace, runs: dict[str, P
                             data_dir=data_dir, device="cpu", progress=not cfg.disable_tqdm)
         for r in rows:
             acc.setdefault(label, {}).setdefault(r["task"], {})[r["iteration"]] = r["accuracy"]
-        kl_rows = kl_report(run_dir, tasks, iterations=[cfg.max_steps], num_prompts=a.kl_prompts, max_tokens=32,
+        kl_rows = kl_report(run_dir, tasks, iterations=[cfg.max_steps], num_prompts=cfg.kl_num_prompts, max_tokens=cfg.kl_max_tokens,
                             data_dir=data_dir, device="cpu", progress=not cfg.disable_tqdm)
         write_text_atomic(run_dir / "kl.json", json.dumps(kl_rows, indent=1))
         kl[label] = {r["task"]: r["kl_exact_token"] for r in kl_rows}
@@ -144,7 +145,7 @@ def _prior_tasks_section(cfg: ESConfig, a: argparse.Namespace, runs: dict[str, P
         "",
         f"Data pack `{data_dir}`: the first {a.prior_limit} evaluation examples of each prior task "
         f"(greedy, 16 new tokens), and KL(base ‖ final) as the exact per-position KL on 32-token continuations "
-        f"sampled once from the base model for the first {a.kl_prompts} prompts of each task (nats/token). "
+        f"sampled once from the base model for the first {cfg.kl_num_prompts} prompts of each task (nats/token). "
         "Tiny samples: a smoke view of forgetting, not a benchmark result.",
         "",
         "| run | " + " | ".join(f"{t} acc (base → final)" for t in tasks) + " | " + " | ".join(f"KL {t}" for t in tasks) + " |",

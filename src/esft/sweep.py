@@ -223,7 +223,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None and len(args) < len(typing.get_args(hint)):
             return None
-        return _coerce(key, value, args[0]) if len(args) == 1 else value  # a real union: the config checks it
+        if len(args) == 1:
+            return _coerce(key, value, args[0])
+        if float in args and _as_float(value) is not None and not isinstance(value, bool):
+            return _as_float(value)  # `awd_lambda: 1e-1` is the number, `auto` stays the word
+        return value  # a real union: the config checks it
     if origin is typing.Literal:
         choices = typing.get_args(hint)
         if value not in choices:
