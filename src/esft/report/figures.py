@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import MaxNLocator, NullLocator  # noqa: E402
 
 from esft.config import RESUMABLE_FIELDS  # noqa: E402
 from esft.report.evals import (  # noqa: E402
@@ -364,6 +364,10 @@ def plot_lambda(runs: Sequence[RunSummary], rows: Sequence[ComparisonRow], path:
         for row_i, what in enumerate(("target task", "average prior-task")):
             ax = axes[row_i, col]
             ax.set_xscale("log")
+            # The λ values themselves as plain numbers: "3×10⁰" ticks hide the ladder.
+            lams = sorted({m[0].awd_lambda or 0.0 for sw in sweeps if sw.awd == kind for m in sw.members} - {0.0})
+            ax.set_xticks(lams, [f"{lam:g}" for lam in lams])
+            ax.xaxis.set_minor_locator(NullLocator())
             ax.axhline(0, color="0.2", linewidth=0.7)
             title = f"AWD {kind.upper()}: {what} change"
             if notes.get(col):
