@@ -79,13 +79,18 @@ def test_prompt_files_in_text_and_json_lines(tmp_path) -> None:
 
 
 # ------------------------------------------------------------------ a KL budget
-@pytest.fixture(scope="module")
-def budget_run(tmp_path_factory, embedded_dir) -> Path:
+def _trained_run(tmp_path_factory, name: str, settings: dict) -> Path:
+    """A tiny run with these settings, trained once per module."""
     from esft.trainer import ESTrainer
 
-    out = tmp_path_factory.mktemp("budget") / "run"
-    ESTrainer(args=ESConfig(**TINY, **BUDGET, output_dir=str(out))).train()
+    out = tmp_path_factory.mktemp(name) / "run"
+    ESTrainer(args=ESConfig(**TINY, **settings, output_dir=str(out))).train()
     return out
+
+
+@pytest.fixture(scope="module")
+def budget_run(tmp_path_factory, embedded_dir) -> Path:
+    return _trained_run(tmp_path_factory, "budget", BUDGET)
 
 
 @pytest.mark.slow
@@ -128,11 +133,7 @@ def test_a_resumed_budget_run_makes_the_same_decisions(tmp_path, budget_run: Pat
 # ------------------------------------------------------------------ auto λ
 @pytest.fixture(scope="module")
 def auto_run(tmp_path_factory, embedded_dir) -> Path:
-    from esft.trainer import ESTrainer
-
-    out = tmp_path_factory.mktemp("auto") / "run"
-    ESTrainer(args=ESConfig(**TINY, **AUTO, output_dir=str(out))).train()
-    return out
+    return _trained_run(tmp_path_factory, "auto", AUTO)
 
 
 @pytest.mark.slow

@@ -68,7 +68,6 @@ class KLBudget:
         self.cfg, self.monitor, self.num_params = cfg, monitor, num_params
         self.drift = 0.0
         self.target = math.inf
-        self.step = 0.0
 
     def resume(self, records: list[IterationRecord]) -> None:
         last = records[-1].extra
@@ -83,16 +82,17 @@ class KLBudget:
     def record_fields(self, coefficients: list[float] | None) -> dict[str, Any]:
         cfg = self.cfg
         update_sq = expected_update_sq(coefficients, cfg.learning_rate, cfg.population_size, self.num_params)
-        self.step = l2_step_for_target(self.drift, update_sq, self.target)
-        return {AWD_STEP_KEY: self.step, TARGET_KEY: None if math.isinf(self.target) else self.target}
+        step = l2_step_for_target(self.drift, update_sq, self.target)
+        return {AWD_STEP_KEY: step, TARGET_KEY: None if math.isinf(self.target) else self.target}
 
     def after_update(self, record: IterationRecord, drift: float) -> dict[str, Any]:
         self.drift = drift
         record.extra[DRIFT_KEY] = drift
+        step = float(record.extra[AWD_STEP_KEY])  # what record_fields decided for this iteration
         metrics: dict[str, Any] = {
             "kl/budget": self.cfg.kl_budget,
-            "awd/step": self.step,
-            "awd/lambda": self.cfg.lambda_for_step(self.step),
+            "awd/step": step,
+            "awd/lambda": self.cfg.lambda_for_step(step),
             "awd/target_drift": self.target if math.isfinite(self.target) else None,
         }
         if record.iteration % self.cfg.kl_every == 0:

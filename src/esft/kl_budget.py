@@ -16,12 +16,10 @@ trainable tensors at θ₀ (`WeightState.weights_from`), and cached when they fi
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -51,25 +49,17 @@ def read_prompt_file(path: str | Path) -> list[list[dict[str, str]]]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--kl_prompts {path}: no such file")
-    text = path.read_text(encoding="utf-8")
     if path.suffix.lower() not in (".jsonl", ".json"):
+        text = path.read_text(encoding="utf-8")
         conversations = [[{"role": "user", "content": line.strip()}] for line in text.splitlines() if line.strip()]
     else:
+        from esft.tasks.custom import read_json_rows
+
         conversations = []
-        rows: list[Any]
         try:
-            rows = json.loads(text) if path.suffix.lower() == ".json" else []
-        except json.JSONDecodeError:
-            rows = []
-        if not rows:
-            rows = []
-            for number, line in enumerate(text.splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"--kl_prompts {path}: line {number} is not valid JSON ({e.msg})") from None
+            rows = read_json_rows(path)
+        except ValueError as e:
+            raise ValueError(f"--kl_prompts {e}") from None
         for i, row in enumerate(rows):
             prompt = row.get("prompt") if isinstance(row, dict) else None
             if isinstance(prompt, str):

@@ -55,7 +55,9 @@ def load_reward_func(spec: str) -> Callable[..., Any]:
     return obj
 
 
-def _read_json(path: Path) -> list[dict[str, Any]]:
+def read_json_rows(path: Path) -> list[Any]:
+    """Rows of a `.json` list or of JSON lines (a `.json` file may hold lines too); a bad
+    line is an error naming it."""
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
         try:
@@ -79,7 +81,7 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
 def _read_local(path: Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        rows = _read_json(path)
+        rows = read_json_rows(path)
     elif suffix in (".parquet", ".csv"):
         import pandas as pd
 
