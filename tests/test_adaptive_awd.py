@@ -17,7 +17,8 @@ from esft.config import ESConfig
 from esft.io import read_jsonl
 from esft.seedlog import SEEDLOG, SeedLog, load_checkpoint_tensors, replay
 
-BUDGET = dict(kl_budget=2e-4, kl_tasks="conciseness", kl_num_prompts=2, kl_max_tokens=4)
+# kl_every=2 over 4 iterations: the KL is measured after iterations 1 (calibration), 2 and 4, not 3.
+BUDGET = dict(kl_budget=2e-4, kl_tasks="conciseness", kl_num_prompts=2, kl_max_tokens=4, kl_every=2, max_steps=4)
 AUTO = dict(awd="l2", awd_lambda="auto")
 
 
@@ -84,7 +85,7 @@ def _trained_run(tmp_path_factory, name: str, settings: dict) -> Path:
     from esft.trainer import ESTrainer
 
     out = tmp_path_factory.mktemp(name) / "run"
-    ESTrainer(args=ESConfig(**TINY, **settings, output_dir=str(out))).train()
+    ESTrainer(args=ESConfig(**{**TINY, **settings}, output_dir=str(out))).train()
     return out
 
 
@@ -96,9 +97,14 @@ def budget_run(tmp_path_factory, embedded_dir) -> Path:
 @pytest.mark.slow
 def test_a_budget_run_logs_the_kl_and_the_step_it_applied(budget_run: Path) -> None:
     metrics = [m for m in read_jsonl(budget_run / "metrics.jsonl") if m["iteration"] > 0]
-    assert all(m["kl/budget"] == BUDGET["kl_budget"] and "kl/measured" in m and m["time/kl"] > 0 for m in metrics)
-    assert all((m["kl/measured"] > 0) == (m["drift/norm"] > 0) for m in metrics), "KL > 0 exactly when θ moved"
+    assert all(m["kl/budget"] == BUDGET["kl_budget"] for m in metrics)
+    measured = [m for m in metrics if "kl/measured" in m]
+    assert [m["iteration"] for m in measured] == [1, 2, 4], "after iteration 1, then every kl_every"
+    assert all(m["time/kl"] > 0 for m in measured) and "time/kl" not in metrics[2]
+    assert all((m["kl/measured"] > 0) == (m["drift/norm"] > 0) for m in measured), "KL > 0 exactly when θ moved"
     records = SeedLog(budget_run).records()
+    assert [r.extra.get("awd_kl") for r in records] == [m.get("kl/measured") for m in metrics], \
+        "the seed log keeps each measured KL (a resume recalibrates from it)"
     steps = [r.extra["awd_step"] for r in records]
     assert steps == [m["awd/step"] for m in metrics]
     assert steps[0] == 0.0, "no measurement before the first update: plain ES"
@@ -116,15 +122,24 @@ def test_a_budget_run_replays_bitwise(budget_run: Path, k: int) -> None:
 
 
 @pytest.mark.slow
-def test_a_resumed_budget_run_makes_the_same_decisions(tmp_path, budget_run: Path) -> None:
+@pytest.mark.parametrize("kept", [2, 3], ids=["after-a-measurement", "between-measurements"])
+def test_a_resumed_budget_run_makes_the_same_decisions(tmp_path, budget_run: Path, monkeypatch, kept: int) -> None:
+    from esft.kl_budget import KLMonitor
     from esft.trainer import ESTrainer
 
     run = copy_run(budget_run, tmp_path / "run")
     shutil.rmtree(run / "final")
-    shutil.rmtree(run / "checkpoint-3")
+    for k in range(kept + 1, BUDGET["max_steps"] + 1):
+        shutil.rmtree(run / f"checkpoint-{k}", ignore_errors=True)
     lines = (run / SEEDLOG).read_text().splitlines(keepends=True)
-    (run / SEEDLOG).write_text("".join(lines[:2]))  # as if killed during iteration 3
-    ESTrainer(args=ESConfig(**TINY, **BUDGET, output_dir=str(run), resume=True)).train()
+    (run / SEEDLOG).write_text("".join(lines[:kept]))  # as if killed during iteration kept + 1
+    measured = []
+    real_measure = KLMonitor.measure
+    monkeypatch.setattr(KLMonitor, "measure", lambda self: measured.append(1) or real_measure(self))
+    ESTrainer(args=ESConfig(**{**TINY, **BUDGET}, output_dir=str(run), resume=True)).train()
+    # The state comes from the log (iteration 2's KL, or iteration 3's target): the only
+    # forward pass over the KL prompts is iteration 4's own measurement.
+    assert measured == [1]
     assert (run / SEEDLOG).read_bytes() == (budget_run / SEEDLOG).read_bytes()
     assert_bitwise_equal(load_checkpoint_tensors(run / "final"), load_checkpoint_tensors(budget_run / "final"),
                          "resumed vs uninterrupted budget run")

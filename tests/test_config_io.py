@@ -54,6 +54,13 @@ def test_config_differences_name_the_fields_that_changed() -> None:
     assert a.differences(b) == ["sigma: 0.001 != 0.002"], "max_steps/output_dir may change on resume"
 
 
+def test_kl_fields_only_block_a_resume_when_a_kl_budget_reads_them() -> None:
+    old = ESConfig(kl_every=1)  # a run made while --kl_every defaulted to 1
+    assert ESConfig(kl_every=5).differences(old) == [], "no budget: the KL fields never touched the weights"
+    budget = dict(kl_budget=0.1, kl_tasks="piqa")
+    assert ESConfig(**budget, kl_every=5).differences(ESConfig(**budget, kl_every=1)) == ["kl_every: 5 != 1"]
+
+
 def test_torn_last_line_is_ignored_and_repaired(tmp_path) -> None:
     path = tmp_path / "log.jsonl"
     append_jsonl(path, {"iteration": 1})

@@ -190,7 +190,7 @@ def test_ray_address_without_workers_is_refused() -> None:
 
 def test_a_kl_budget_run_on_two_actors_equals_the_in_process_run(tmp_path) -> None:
     """The driver decides each AWD step and logs it; the actors apply the logged step."""
-    budget = dict(kl_budget=2e-4, kl_tasks="conciseness", kl_num_prompts=2, kl_max_tokens=4)
+    budget = dict(kl_budget=2e-4, kl_tasks="conciseness", kl_num_prompts=2, kl_max_tokens=4, kl_every=2)
     ESTrainer(args=ESConfig(**TINY, **budget, output_dir=str(tmp_path / "local"))).train()
     ESTrainer(args=ray_config(tmp_path / "ray", **budget)).train()
     local = (tmp_path / "local" / SEEDLOG).read_bytes()

@@ -231,12 +231,23 @@ def test_quickstart_writes_report_and_curves(tmp_path, embedded_dir) -> None:
     r = subprocess.run(
         [sys.executable, "-m", "esft.cli", "quickstart", "--output_dir", str(out), "--max_steps", "2",
          "--population_size", "2", "--max_train_samples", "2", "--max_new_tokens", "4", "--disable_tqdm",
-         "--data_dir", str(SHARED_DATA), "--prior_tasks", "piqa", "--prior_limit", "2", "--kl_num_prompts", "2"],
+         "--data_dir", str(SHARED_DATA), "--prior_tasks", "piqa", "--prior_limit", "2", "--kl_num_prompts", "2",
+         "--heldout_limit", "3"],
         capture_output=True, text=True, timeout=600,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     report = (out / "report.md").read_text()
     assert "| ES |" in report and "| ES + AWD L2" in report
+    # Held-out reward: 3 test examples scored greedily at iterations 0 and 2; the base model once.
+    held = {d: [row for row in read_jsonl(out / d / "eval" / "forgetting.jsonl")
+                if row["task"] == "conciseness" and row["limit"] == 3] for d in ("es", "es_awd")}
+    assert sorted(row["iteration"] for row in held["es"]) == [0, 2] and all(row["n"] == 3 for row in held["es"])
+    assert [row.get("copied_from") for row in held["es_awd"] if row["iteration"] == 0] == ["es"]
+    es_row = next(line for line in report.splitlines() if line.startswith("| ES |"))
+    base, final = (next(row for row in held["es"] if row["iteration"] == k) for k in (0, 2))
+    assert f"{base['reward']:.2f} → {final['reward']:.2f}" in es_row
+    change = sum(b - a for a, b in zip(base["rewards"], final["rewards"])) / 3
+    assert f"{change:+.2f} [" in es_row, "the held-out change is final minus base on the same examples"
     assert (out / "curves.png").stat().st_size > 10_000
     if SHARED_DATA.exists():
         assert "## Prior tasks" in report and "KL piqa" in report and "| ES |" in report.split("## Prior tasks")[1]
@@ -245,6 +256,25 @@ def test_quickstart_writes_report_and_curves(tmp_path, embedded_dir) -> None:
     assert len(SeedLog(out / "es").records()) == 2 and len(SeedLog(out / "es_awd").records()) == 2
     # Both runs draw the same seeds: only AWD differs.
     assert [x.seeds for x in SeedLog(out / "es").records()] == [x.seeds for x in SeedLog(out / "es_awd").records()]
+
+
+def test_the_quickstart_table_shows_the_held_out_change_with_its_interval() -> None:
+    from esft.quickstart import _report, parse_args
+    from esft.report.intervals import paired_bootstrap_mean_difference
+
+    cfg, _ = parse_args(["--max_steps", "1"])
+    history = [{"iteration": 1, "reward/mean": -9.0, "drift/norm": 3.0, "drift/relative": 1e-3}]
+    base = {"reward": -10.0, "rewards": [-10.0] * 4, "n": 4}
+    final = {"reward": -5.0, "rewards": [-4.0, -6.0, -5.0, -5.0], "n": 4}
+    report = _report({"ES": history}, {"ES": 7.0}, cfg, {"ES": (base, final)}, 50)
+    row = next(line for line in report.splitlines() if line.startswith("| ES |"))
+    change = paired_bootstrap_mean_difference(base["rewards"], final["rewards"])
+    assert change.value == 5.0 and change.lo > 0, "final minus base, an interval that excludes 0"
+    assert "-10.00 → -5.00" in row and f"+5.00 [{change.lo:+.2f}, {change.hi:+.2f}] *" in row, row
+    assert "first 4 test examples" in report, "the examples scored, not the limit asked for"
+    assert "no held-out" in _report({"ES": history}, {"ES": 7.0}, cfg, "no held-out evaluation: x", 50)
+    with pytest.raises(SystemExit):
+        parse_args(["--heldout_limit", "0"])
 
 
 def test_countdown_trains_from_the_shared_data_file(tmp_path, embedded_dir) -> None:

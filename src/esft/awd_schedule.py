@@ -17,10 +17,12 @@ from esft.anchor import drift_target_for_kl, expected_update_sq, l2_step_for_tar
 from esft.config import ESConfig
 from esft.seedlog import AWD_STEP_KEY, IterationRecord
 
-#: Record keys of the KL-budget controller's state: the drift after the iteration's AWD
-#: and the target drift its step aimed at (null: no target yet).
+#: Record keys of the KL-budget controller's state: the drift after the iteration's AWD,
+#: the target drift its step aimed at (null: no target yet) and, on iterations that measured
+#: it, the KL after the update (a resume recalibrates from it instead of measuring again).
 DRIFT_KEY = "awd_drift"
 TARGET_KEY = "awd_target_drift"
+KL_KEY = "awd_kl"
 
 
 class AWDSchedule(Protocol):
@@ -57,11 +59,13 @@ class FixedStep:
 class KLBudget:
     """Holds KL(base ‖ model) on the KL prompts at or under `kl_budget` with the L2 step.
 
-    Every `kl_every` iterations the measured KL recalibrates a target drift ‖θ − θ₀‖
-    (`drift_target_for_kl`: the KL grows like the squared distance near θ₀); each
-    iteration's step is the one that brings the drift to that target after its update
+    After iteration 1 and every `kl_every` iterations the measured KL recalibrates a target
+    drift ‖θ − θ₀‖ (`drift_target_for_kl`: the KL grows like the squared distance near θ₀);
+    each iteration's step is the one that brings the drift to that target after its update
     (`l2_step_for_target`), 0 while the drift is under it. So the target learns as fast as
-    plain ES until the budget binds, then AWD holds the distance the budget allows.
+    plain ES until the budget binds, then AWD holds the distance the budget allows. Between
+    measurements the drift cap holds the KL near where the last one put it, which is why the
+    KL need not be measured every iteration (it costs forward passes over every KL prompt).
     """
 
     def __init__(self, cfg: ESConfig, monitor: Any, num_params: int) -> None:
@@ -69,15 +73,20 @@ class KLBudget:
         self.drift = 0.0
         self.target = math.inf
 
+    def measures_after(self, iteration: int) -> bool:
+        """Whether the KL is measured once `iteration` is applied: the first one calibrates."""
+        return iteration == 1 or iteration % self.cfg.kl_every == 0
+
     def resume(self, records: list[IterationRecord]) -> None:
-        last = records[-1].extra
-        self.drift = float(last.get(DRIFT_KEY) or 0.0)
-        target = last.get(TARGET_KEY)
+        last = records[-1]
+        self.drift = float(last.extra.get(DRIFT_KEY) or 0.0)
+        target = last.extra.get(TARGET_KEY)
         self.target = math.inf if target is None else float(target)
-        if len(records) % self.cfg.kl_every == 0:
-            # The uninterrupted run measured here; the weights are restored bitwise, so the
-            # measurement, and the target it sets, are the same.
-            self._measure()
+        if last.extra.get(KL_KEY) is not None:
+            # The uninterrupted run measured here: the recorded KL sets the same target.
+            self._calibrate(float(last.extra[KL_KEY]))
+        elif self.measures_after(last.iteration):
+            self._measure()  # a log without the KL: the weights are restored bitwise, so is it
 
     def record_fields(self, coefficients: list[float] | None) -> dict[str, Any]:
         cfg = self.cfg
@@ -95,8 +104,9 @@ class KLBudget:
             "awd/lambda": self.cfg.lambda_for_step(step),
             "awd/target_drift": self.target if math.isfinite(self.target) else None,
         }
-        if record.iteration % self.cfg.kl_every == 0:
+        if self.measures_after(record.iteration):
             kl, seconds = self._measure()
+            record.extra[KL_KEY] = kl
             metrics["kl/measured"] = kl
             metrics["time/kl"] = seconds
         return metrics
@@ -104,8 +114,11 @@ class KLBudget:
     def _measure(self) -> tuple[float, float]:
         t0 = time.perf_counter()
         kl = self.monitor.measure()
-        self.target = drift_target_for_kl(self.drift, kl, self.cfg.kl_budget)
+        self._calibrate(kl)
         return kl, time.perf_counter() - t0
 
+    def _calibrate(self, kl: float) -> None:
+        self.target = drift_target_for_kl(self.drift, kl, self.cfg.kl_budget)
 
-__all__ = ["AWDSchedule", "DRIFT_KEY", "FixedStep", "KLBudget", "TARGET_KEY"]
+
+__all__ = ["AWDSchedule", "DRIFT_KEY", "FixedStep", "KLBudget", "KL_KEY", "TARGET_KEY"]

@@ -21,6 +21,9 @@ AUTO = "auto"
 #: Keys esft adds to a run's config.yaml for people and tools, ignored when it is read back.
 INFO_KEYS = ("awd_lambda_chosen",)
 
+#: Fields that only matter with a KL budget: without one they never change the weights.
+KL_BUDGET_FIELDS = frozenset({"kl_tasks", "kl_prompts", "kl_every", "kl_num_prompts", "kl_max_tokens"})
+
 #: Per-penalty default λ (Schweighofer et al. 2026 use λ≈10 for L2 and λ≈0.01 for L1).
 DEFAULT_AWD_LAMBDA = {"l2": 10.0, "l1": 0.01, "huber": 0.01}
 
@@ -92,7 +95,8 @@ class ESConfig:
         kl_tasks: comma-separated tasks whose evaluation prompts measure the KL.
         kl_prompts: a file of the user's own prompts (.txt: one per line; .jsonl/.json: a
             `prompt` field, a string or chat messages).
-        kl_every: measure the KL every k iterations.
+        kl_every: measure the KL after iteration 1 (calibration) and every k iterations;
+            each measurement is a forward pass over every KL prompt, so k sets the overhead.
         kl_num_prompts, kl_max_tokens: prompts per task, tokens sampled per prompt.
 
     Parameters of the reward:
@@ -157,7 +161,7 @@ class ESConfig:
     kl_budget: float | None = option("keep KL(base ‖ model) on the KL prompts at or under X nats/token", default=None)
     kl_tasks: str | None = option("comma-separated tasks whose eval prompts measure the KL budget", default=None)
     kl_prompts: str | None = option("file of prompts measuring the KL budget (.txt lines, .jsonl 'prompt')", default=None)
-    kl_every: int = option("measure the KL every k iterations", default=1)
+    kl_every: int = option("measure the KL after iteration 1 and every k iterations", default=5)
     kl_num_prompts: int = option("prompts per KL task", default=16)
     kl_max_tokens: int = option("tokens sampled from the base model per KL prompt", default=32)
 
@@ -358,6 +362,8 @@ class ESConfig:
     def differences(self, other: ESConfig, ignore: frozenset[str] = RESUMABLE_FIELDS) -> list[str]:
         """Fields (outside `ignore`) whose values differ, as 'name: a != b' lines."""
         out = []
+        if self.kl_budget is None and other.kl_budget is None:
+            ignore = ignore | KL_BUDGET_FIELDS  # e.g. a run made before a KL field's default changed
         for f in fields(self):
             if f.name in ignore:
                 continue

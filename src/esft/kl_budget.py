@@ -2,9 +2,9 @@
 
 `--kl_budget X` with `--kl_tasks` (tasks' evaluation prompts) or `--kl_prompts FILE` (the
 user's own): at the start, continuations of those prompts are sampled once from the base
-model and cached (the `esft kl` machinery and cache files); every `--kl_every` iterations
-the exact per-position KL(base ‖ current), token-weighted, is measured on them with
-forward passes only. The trainer turns each measurement into a target drift ‖θ − θ₀‖
+model and cached (the `esft kl` machinery and cache files); after iteration 1 and every
+`--kl_every` iterations the exact per-position KL(base ‖ current), token-weighted, is
+measured on them with forward passes only. The trainer turns each measurement into a target drift ‖θ − θ₀‖
 (`anchor.drift_target_for_kl`) and each iteration's AWD L2 step into the one that holds
 the drift at that target (`anchor.l2_step_for_target`); the step applied is part of the
 iteration's seed-log record, so replay, resume and Ray actors apply exactly it.

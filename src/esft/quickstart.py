@@ -1,7 +1,8 @@
 """`esft quickstart`: plain ES and ES+AWD on the embedded model, same seeds, one report.
 
-Defaults are sized for a 2-core laptop CPU: both runs together finish in minutes, the
-conciseness reward climbs, and the drift curves show AWD holding θ near θ₀.
+Defaults are sized for a 2-core laptop CPU: both runs together finish in about ten
+minutes, the conciseness reward climbs, the held-out reward (greedy, test examples) shows
+what each run kept, and the drift curves show AWD holding θ near θ₀.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from esft.config import ESConfig
 from esft.io import write_text_atomic
 from esft.report.curves import plot_training_curves
+from esft.report.intervals import Estimate, bootstrap_mean, paired_bootstrap_mean_difference
 
 # Where the quickstart's defaults differ from ESConfig's; every other flag is an ESConfig
 # field with its usual default. Tuned on a 2-core CPU (see README "Quickstart" for the
@@ -47,10 +49,15 @@ def parse_args(argv: list[str]) -> tuple[ESConfig, argparse.Namespace]:
     parser = dataclass_parser([ESConfig], "esft quickstart", "ES vs ES+AWD on the embedded model (CPU, minutes).")
     parser.add_argument("--prior_tasks", default="hellaswag,piqa,arc_challenge")
     parser.add_argument("--prior_limit", type=int, default=20, help="eval examples per prior task")
+    parser.add_argument("--heldout_limit", type=int, default=50,
+                        help="held-out (test) examples of the training task, scored greedily before and after")
     values = {**QUICKSTART_DEFAULTS, **config_file_values(argv, field_names([ESConfig]))}
     cfg, extra = parse_dataclass_flags(parser, argv, values)
     if cfg.awd == "none":
         parser.error("the quickstart compares ES with ES + AWD: --awd must be l2, l1 or huber")
+    for name in ("prior_limit", "heldout_limit"):
+        if getattr(extra, name) < 1:
+            parser.error(f"--{name} must be at least 1")
     return cfg, extra
 
 
@@ -65,9 +72,11 @@ def _run_config(cfg: ESConfig, awd: bool, output_dir: Path) -> ESConfig:
 def run_quickstart(cfg: ESConfig, a: argparse.Namespace) -> dict[str, Any]:
     from esft.trainer import ESTrainer
 
+    started = time.perf_counter()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = {"ES": (False, out / "es"), f"ES + AWD {cfg.awd.upper()} λ={cfg.resolved_awd_lambda:g}": (True, out / "es_awd")}
+    run_dirs = {label: run_dir for label, (_, run_dir) in runs.items()}
     histories: dict[str, list[dict[str, Any]]] = {}
     seconds: dict[str, float] = {}
     for label, (awd, run_dir) in runs.items():
@@ -77,16 +86,90 @@ def run_quickstart(cfg: ESConfig, a: argparse.Namespace) -> dict[str, Any]:
         histories[label] = trainer.train()
         seconds[label] = sum(m.get("time/iteration", 0.0) for m in histories[label])
         print(f"=== {label}: {time.perf_counter() - t0:.0f} s")
-    plot_training_curves(histories, out / "curves.png")
-    report = _report(histories, seconds, cfg)
-    report += _prior_tasks_section(cfg, a, {label: run_dir for label, (_, run_dir) in runs.items()})
+    heldout = _heldout_rewards(cfg, a, run_dirs)
+    plot_training_curves(histories, out / "curves.png", heldout=_heldout_points(heldout, cfg.max_steps))
+    report = _report(histories, seconds, cfg, heldout, a.heldout_limit)
+    report += _prior_tasks_section(cfg, a, run_dirs)
+    report += f"\nWall time, training and evaluation: {_minutes(time.perf_counter() - started)}.\n"
     write_text_atomic(out / "report.md", report)
     print("\n" + report)
     print(f"report: {out / 'report.md'}   curves: {out / 'curves.png'}")
-    return {"histories": histories, "seconds": seconds}
+    return {"histories": histories, "seconds": seconds, "heldout": heldout}
 
 
-def _report(histories: dict[str, list[dict[str, Any]]], seconds: dict[str, float], a: ESConfig) -> str:
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {int(seconds % 60)} s"
+
+
+#: Per run: (base, final) TaskResult rows of the held-out evaluation, or a reason there is none.
+HeldOut = dict[str, tuple[dict[str, Any], dict[str, Any]]] | str
+
+
+def _heldout_rewards(cfg: ESConfig, a: argparse.Namespace, runs: dict[str, Path]) -> HeldOut:
+    """Greedy reward of the base and each final model on the training task's test examples.
+
+    The training table's reward is the perturbed population's mean on the training prompts;
+    whether a run kept what it learned shows on examples it never trained on, greedily.
+    """
+    from esft.evaluation.accuracy import evaluate_run
+    from esft.evaluation.sharing import borrow_base_rows
+
+    reason = _no_heldout_split(cfg)
+    if reason:
+        return reason
+    out: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+    for label, run_dir in runs.items():
+        print(f"\n=== held-out {cfg.task} for {label}: {a.heldout_limit} test examples, greedy")
+        borrow_base_rows(run_dir)  # iteration 0 is the base model in both runs: scored once
+        rows = evaluate_run(run_dir, [cfg.task], iterations=[0, cfg.max_steps], limit=a.heldout_limit,
+                            max_new_tokens=cfg.max_new_tokens, data_dir=cfg.data_dir, device=cfg.device,
+                            progress=not cfg.disable_tqdm)
+        by_iteration = {r["iteration"]: r for r in rows}
+        out[label] = (by_iteration[0], by_iteration[cfg.max_steps])
+    return out
+
+
+def _no_heldout_split(cfg: ESConfig) -> str | None:
+    """Why the training task has no held-out examples to score, or None when it has."""
+    from esft.tasks import get_task
+
+    if ":" in cfg.task or cfg.dataset:
+        # A custom dataset has no split the training did not see (its test rows may be its train rows).
+        return f"no held-out evaluation: `{cfg.task}` is a custom task; the built-in tasks have test splits"
+    try:
+        if not get_task(cfg.task, data_dir=cfg.data_dir).load("test", limit=1):
+            return f"no held-out evaluation: `{cfg.task}` has no test examples"
+    except ValueError as e:
+        return f"no held-out evaluation of `{cfg.task}`: {e}"
+    return None
+
+
+def _heldout_change(base: dict[str, Any], final: dict[str, Any]) -> Estimate:
+    return paired_bootstrap_mean_difference(base["rewards"], final["rewards"])
+
+
+def _heldout_count(heldout: HeldOut, limit: int) -> int:
+    """Examples actually scored: the split may hold fewer than the limit."""
+    if isinstance(heldout, str) or not heldout:
+        return limit
+    return int(next(iter(heldout.values()))[1]["n"])
+
+
+def _heldout_points(heldout: HeldOut, last: int) -> dict[str, dict[int, tuple[float, float, float]]] | None:
+    """Held-out reward with its 95% interval at iteration 0 and the last, for the curves."""
+    if isinstance(heldout, str):
+        return None
+    points = {}
+    for label, (base, final) in heldout.items():
+        points[label] = {}
+        for k, row in ((0, base), (last, final)):
+            e = bootstrap_mean(row["rewards"])
+            points[label][k] = (e.value, e.lo, e.hi)
+    return points
+
+
+def _report(histories: dict[str, list[dict[str, Any]]], seconds: dict[str, float], a: ESConfig, heldout: HeldOut,
+            heldout_limit: int) -> str:
     lines = [
         "# esft quickstart",
         "",
@@ -94,20 +177,36 @@ def _report(histories: dict[str, list[dict[str, Any]]], seconds: dict[str, float
         f"the same {a.max_train_samples} training prompts for every member, {a.max_new_tokens} new tokens, σ={a.sigma:g}, "
         f"α={a.learning_rate:g}, seed {a.seed}. Both runs use the same seeds.",
         "",
-        "| run | reward at iteration 1 | final reward | best reward | ‖θ−θ₀‖ final | ‖θ−θ₀‖/‖θ₀‖ | seconds |",
+        "| run | training reward, iteration 1 → final | held-out reward, base → final | held-out change [95% CI] "
+        "| ‖θ−θ₀‖ final | ‖θ−θ₀‖/‖θ₀‖ | training seconds |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for label, h in histories.items():
         if not h:
             continue
         first, last = h[0], h[-1]
-        best = max(m["reward/mean"] for m in h)
+        if isinstance(heldout, dict) and label in heldout:
+            base, final = heldout[label]
+            change = _heldout_change(base, final)
+            held = f"{base['reward']:.2f} → {final['reward']:.2f}"
+            delta = f"{change.value:+.2f} [{change.lo:+.2f}, {change.hi:+.2f}]" + ("" if change.contains_zero() else " *")
+        else:
+            held = delta = "–"
         lines.append(
-            f"| {label} | {first['reward/mean']:.2f} | {last['reward/mean']:.2f} | {best:.2f} | "
-            f"{last['drift/norm']:.4f} | {last['drift/relative']:.2e} | {seconds[label]:.0f} |"
+            f"| {label} | {first['reward/mean']:.2f} → {last['reward/mean']:.2f} | {held} | {delta} | "
+            f"{last['drift/norm']:.2f} | {last['drift/relative']:.2e} | {seconds[label]:.0f} |"
         )
-    lines += ["", "Reward is the population mean of the task reward (conciseness: −|len(answer) − len(target)| in characters).",
-              "", "![curves](curves.png)", ""]
+    lines += [
+        "",
+        "Training reward: the mean over the perturbed population on the training prompts, a noisy view of "
+        "learning. Held-out reward: the at-rest weights' greedy completions of the first "
+        f"{_heldout_count(heldout, heldout_limit)} test examples, which no run trained on; the change carries a 95% "
+        "paired-bootstrap "
+        "interval over those examples (* = the interval excludes 0). "
+        + (f"({heldout}.) " if isinstance(heldout, str) else "")
+        + ("Conciseness reward: −|len(answer) − len(target)| in characters." if a.task == "conciseness" else ""),
+        "", "![curves](curves.png)", "",
+    ]
     return "\n".join(lines)
 
 
@@ -133,11 +232,11 @@ def _prior_tasks_section(cfg: ESConfig, a: argparse.Namespace, runs: dict[str, P
         borrow_base_rows(run_dir)
         borrow_kl_cache(run_dir)
         rows = evaluate_run(run_dir, tasks, iterations=[0, cfg.max_steps], limit=a.prior_limit, max_new_tokens=16,
-                            data_dir=data_dir, device="cpu", progress=not cfg.disable_tqdm)
+                            data_dir=data_dir, device=cfg.device, progress=not cfg.disable_tqdm)
         for r in rows:
             acc.setdefault(label, {}).setdefault(r["task"], {})[r["iteration"]] = r["accuracy"]
         kl_rows = kl_report(run_dir, tasks, iterations=[cfg.max_steps], num_prompts=cfg.kl_num_prompts, max_tokens=cfg.kl_max_tokens,
-                            data_dir=data_dir, device="cpu", progress=not cfg.disable_tqdm)
+                            data_dir=data_dir, device=cfg.device, progress=not cfg.disable_tqdm)
         write_text_atomic(run_dir / "kl.json", json.dumps(kl_rows, indent=1))
         kl[label] = {r["task"]: r["kl_exact_token"] for r in kl_rows}
     lines = [

@@ -247,6 +247,8 @@ class ESTrainer:
                 bar.update(1)
                 bar.set_postfix(_postfix(metrics, self._last_kl))
                 self._last_kl = metrics.get("kl/measured", self._last_kl)
+                if self.iteration == 1 and "time/kl" in metrics:
+                    _log_kl_cost(metrics, cfg.kl_every)
                 if cfg.logging_steps and self.iteration % cfg.logging_steps == 0:
                     bar.write(_format_metrics(metrics))
                 if cfg.save_steps and self.iteration % cfg.save_steps == 0:
@@ -389,6 +391,16 @@ def _postfix(m: dict[str, Any], last_kl: float | None) -> dict[str, str]:
     if "awd/step" in m:
         out["awd"] = f"{m['awd/step']:.2g}"
     return out
+
+
+def _log_kl_cost(m: dict[str, Any], every: int) -> None:
+    """What the KL budget's measurements cost, once the first one is timed: so a user can
+    pick `--kl_every` before the overhead adds up."""
+    rest = m["time/iteration"] - m["time/kl"]  # the iteration's own work, without the measurement
+    share = m["time/kl"] / rest if rest > 0 else 0.0
+    log.info("KL measurement: %.1f s = %.0f%% of an iteration's own time; at --kl_every %d it adds about %.0f%% "
+             "to training (each measurement is one forward pass over every KL prompt)", m["time/kl"], 100 * share,
+             every, 100 * share / every)
 
 
 def _format_metrics(m: dict[str, Any]) -> str:
