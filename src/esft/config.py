@@ -161,7 +161,7 @@ class ESConfig:
     kl_budget: float | None = option("keep KL(base ‖ model) on the KL prompts at or under X nats/token", default=None)
     kl_tasks: str | None = option("comma-separated tasks whose eval prompts measure the KL budget", default=None)
     kl_prompts: str | None = option("file of prompts measuring the KL budget (.txt lines, .jsonl 'prompt')", default=None)
-    kl_every: int = option("measure the KL after iteration 1 and every k iterations", default=5)
+    kl_every: int = option("measure the KL after iteration 1 and every k iterations", default=10)
     kl_num_prompts: int = option("prompts per KL task", default=16)
     kl_max_tokens: int = option("tokens sampled from the base model per KL prompt", default=32)
 
