@@ -291,3 +291,17 @@ def test_lambda_figure_shows_the_reward_targets_change_in_reward_units(concise, 
     assert (p_title, p_label) == ("AWD L2: average prior-task change", "change from iteration 0 (points)")
     assert t_ys == pytest.approx([rows[1].target.value, rows[2].target.value]), "the table's values, in reward units"
     assert rows[1].target.value == pytest.approx(6.0) and rows[1].target.has_interval
+
+
+def test_a_lambda_ladder_is_one_sweep_whatever_kl_fields_its_runs_carry_without_a_budget() -> None:
+    """Runs made before --kl_every's default changed hold another value of a field no
+    budget read: they still form one ladder, while a budget run stays apart."""
+    from types import SimpleNamespace
+
+    def run(lam: float, **kw: Any) -> Any:
+        return SimpleNamespace(is_es=True, awd="l1", awd_lambda=lam, config=es(awd="l1", awd_lambda=lam, **kw))
+
+    runs = [run(0.03, kl_every=10), run(0.1, kl_every=1), run(0.3, kl_every=1),
+            run(0.1, kl_every=10, kl_budget=0.05, kl_tasks="piqa")]
+    sweeps = figures.lambda_sweeps(runs, [None] * len(runs))
+    assert sorted(len(s.members) for s in sweeps) == [1, 3]
