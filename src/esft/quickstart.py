@@ -201,8 +201,7 @@ def _report(histories: dict[str, list[dict[str, Any]]], seconds: dict[str, float
         "Training reward: the mean over the perturbed population on the training prompts, a noisy view of "
         "learning. Held-out reward: the at-rest weights' greedy completions of the first "
         f"{_heldout_count(heldout, heldout_limit)} test examples, which no run trained on; the change carries a 95% "
-        "paired-bootstrap "
-        "interval over those examples (* = the interval excludes 0). "
+        "paired-bootstrap interval over those examples (* = the interval excludes 0). "
         + (f"({heldout}.) " if isinstance(heldout, str) else "")
         + ("Conciseness reward: −|len(answer) − len(target)| in characters." if a.task == "conciseness" else ""),
         "", "![curves](curves.png)", "",
