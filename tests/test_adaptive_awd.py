@@ -12,7 +12,13 @@ import pytest
 import yaml
 from helpers import TINY, assert_bitwise_equal, copy_run
 
-from esft.anchor import drift_target_for_kl, expected_update_sq, l2_step_for_target
+from esft.anchor import (
+    drift_target_for_kl,
+    expected_update_sq,
+    l2_drift_after,
+    l2_step_for_horizon,
+    l2_step_for_target,
+)
 from esft.config import ESConfig
 from esft.io import read_jsonl
 from esft.seedlog import SEEDLOG, SeedLog, load_checkpoint_tensors, replay
@@ -29,6 +35,34 @@ def test_the_l2_step_brings_the_expected_drift_to_the_target() -> None:
     s = l2_step_for_target(3.0, 16.0, 2.5)  # ‖d + u‖ ≈ √(9 + 16) = 5
     assert s == pytest.approx(0.5) and (1 - s) * 5.0 == pytest.approx(2.5)
     assert l2_step_for_target(100.0, 0.0, 1.0) == 0.5, "one step never removes more than half"
+
+
+def _iterate_drift(drift: float, update_sq: float, step: float, iterations: int) -> list[float]:
+    """The recursion D² ← (1 − s)²(D² + ‖u‖²) one iteration at a time."""
+    out = []
+    for _ in range(iterations):
+        drift = (1.0 - step) * math.sqrt(drift * drift + update_sq)
+        out.append(drift)
+    return out
+
+
+def test_the_closed_form_drift_equals_the_recursion() -> None:
+    assert l2_drift_after(3.0, 4.0, 0.0, 5) == pytest.approx(math.sqrt(9.0 + 5 * 4.0))
+    assert l2_drift_after(3.0, 4.0, 0.1, 7) == pytest.approx(_iterate_drift(3.0, 4.0, 0.1, 7)[-1])
+    assert l2_drift_after(3.0, 4.0, 0.1, 0) == 3.0
+
+
+def test_the_planned_step_reaches_the_target_at_the_horizon_and_not_before() -> None:
+    drift, update_sq, target, horizon = 2.0, 1.0, 3.5, 19  # plain ES would end at √23 ≈ 4.8
+    s = l2_step_for_horizon(drift, update_sq, target, horizon)
+    path = _iterate_drift(drift, update_sq, s, horizon)
+    assert 0.0 < s < 0.5
+    assert path[-1] == pytest.approx(target, rel=1e-9)
+    assert all(a < b for a, b in zip(path, path[1:])), "the drift climbs to the target, never past it"
+    assert l2_step_for_horizon(drift, update_sq, 5.0, horizon) == 0.0, "plain ES stays under: no AWD"
+    assert l2_step_for_horizon(drift, update_sq, target, 0) == 0.0, "nothing left to plan"
+    assert l2_step_for_horizon(drift, update_sq, math.inf, horizon) == 0.0
+    assert l2_step_for_horizon(100.0, 1.0, 0.1, 2) == 0.5, "out of reach: the largest step"
 
 
 def test_the_target_drift_scales_the_drift_by_the_root_of_budget_over_kl() -> None:

@@ -194,6 +194,46 @@ def l2_step_for_target(drift: float, update_sq: float, target: float, max_step: 
     return min(max_step, 1.0 - target / expected)
 
 
+def l2_drift_after(drift: float, update_sq: float, step: float, iterations: int) -> float:
+    """The expected drift after `iterations` updates of E‖u‖² = `update_sq`, each followed by
+    the L2 step s: D² ← (1 − s)²(D² + ‖u‖²), summed in closed form (a geometric series)."""
+    if iterations <= 0:
+        return drift
+    keep = (1.0 - step) ** 2
+    if keep == 1.0:
+        return math.sqrt(drift * drift + iterations * update_sq)
+    decay = keep**iterations
+    return math.sqrt(decay * drift * drift + update_sq * keep * (1.0 - decay) / (1.0 - keep))
+
+
+def l2_step_for_horizon(drift: float, update_sq: float, target: float, iterations: int,
+                        max_step: float = 0.5) -> float:
+    """The one L2 step s that, applied after each of the next `iterations` updates, brings
+    the expected drift to `target` at their end (`l2_drift_after`).
+
+    Spread over the horizon rather than saved for when the drift reaches the target: a
+    constant s damps every update a little, as a fixed λ does, and a fixed λ ending at the
+    same KL kept more of the target gain than a cap that let plain ES run until the budget
+    bound (README, "Fixed λ, auto or a KL budget"). 0 when plain ES stays under the target;
+    `max_step` when even it cannot. The drift is monotone in s, so bisection finds it
+    (to float precision, and deterministically: replay and Ray see the same step).
+    """
+    if not math.isfinite(target) or iterations <= 0:
+        return 0.0
+    if l2_drift_after(drift, update_sq, 0.0, iterations) <= target:
+        return 0.0
+    if l2_drift_after(drift, update_sq, max_step, iterations) >= target:
+        return max_step
+    low, high = 0.0, max_step
+    for _ in range(60):
+        mid = 0.5 * (low + high)
+        if l2_drift_after(drift, update_sq, mid, iterations) > target:
+            low = mid
+        else:
+            high = mid
+    return high
+
+
 def drift_target_for_kl(drift: float, kl: float, budget: float, margin: float = 0.9) -> float:
     """The drift ‖θ − θ₀‖ at which the KL would sit at margin·budget.
 

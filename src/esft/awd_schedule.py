@@ -13,7 +13,12 @@ import math
 import time
 from typing import Any, Protocol
 
-from esft.anchor import drift_target_for_kl, expected_update_sq, l2_step_for_target
+from esft.anchor import (
+    drift_target_for_kl,
+    expected_update_sq,
+    l2_step_for_horizon,
+    l2_step_for_target,
+)
 from esft.config import ESConfig
 from esft.seedlog import AWD_STEP_KEY, IterationRecord
 
@@ -60,18 +65,22 @@ class KLBudget:
     """Holds KL(base ‖ model) on the KL prompts at or under `kl_budget` with the L2 step.
 
     After iteration 1 and every `kl_every` iterations the measured KL recalibrates a target
-    drift ‖θ − θ₀‖ (`drift_target_for_kl`: the KL grows like the squared distance near θ₀);
-    each iteration's step is the one that brings the drift to that target after its update
-    (`l2_step_for_target`), 0 while the drift is under it. So the target learns as fast as
-    plain ES until the budget binds, then AWD holds the distance the budget allows. Between
-    measurements the drift cap holds the KL near where the last one put it, which is why the
-    KL need not be measured every iteration (it costs forward passes over every KL prompt).
+    drift ‖θ − θ₀‖ (`drift_target_for_kl`: the KL grows like the squared distance near θ₀)
+    and plans one constant step for the rest of the run: the s whose expected drift at
+    `max_steps` equals that target (`l2_step_for_horizon`). Damping every update a little,
+    as a fixed λ does, kept more target gain than letting plain ES run until the budget
+    binds and then capping (measured, README). Each iteration applies the planned step, or
+    the larger one that brings the drift back to the target (`l2_step_for_target`) should
+    it run ahead of the plan between measurements. The KL is measured only every
+    `kl_every` iterations (forward passes over every KL prompt): KL/‖θ − θ₀‖² changes
+    slowly, so the drift target stays good in between.
     """
 
     def __init__(self, cfg: ESConfig, monitor: Any, num_params: int) -> None:
         self.cfg, self.monitor, self.num_params = cfg, monitor, num_params
         self.drift = 0.0
         self.target = math.inf
+        self.planned = 0.0
 
     def measures_after(self, iteration: int) -> bool:
         """Whether the KL is measured once `iteration` is applied: the first one calibrates."""
@@ -82,16 +91,18 @@ class KLBudget:
         self.drift = float(last.extra.get(DRIFT_KEY) or 0.0)
         target = last.extra.get(TARGET_KEY)
         self.target = math.inf if target is None else float(target)
-        if last.extra.get(KL_KEY) is not None:
-            # The uninterrupted run measured here: the recorded KL sets the same target.
-            self._calibrate(float(last.extra[KL_KEY]))
-        elif self.measures_after(last.iteration):
-            self._measure()  # a log without the KL: the weights are restored bitwise, so is it
+        measured = [r for r in records if r.extra.get(KL_KEY) is not None]
+        if measured:
+            # The plan and target of the uninterrupted run, from its last measurement.
+            at = measured[-1]
+            self._calibrate(float(at.extra[KL_KEY]), float(at.extra.get(DRIFT_KEY) or 0.0), at)
+        else:
+            self._measure(last)  # a log from before `awd_kl` was kept: measure here once
 
     def record_fields(self, coefficients: list[float] | None) -> dict[str, Any]:
         cfg = self.cfg
         update_sq = expected_update_sq(coefficients, cfg.learning_rate, cfg.population_size, self.num_params)
-        step = l2_step_for_target(self.drift, update_sq, self.target)
+        step = max(self.planned, l2_step_for_target(self.drift, update_sq, self.target))
         return {AWD_STEP_KEY: step, TARGET_KEY: None if math.isinf(self.target) else self.target}
 
     def after_update(self, record: IterationRecord, drift: float) -> dict[str, Any]:
@@ -105,20 +116,27 @@ class KLBudget:
             "awd/target_drift": self.target if math.isfinite(self.target) else None,
         }
         if self.measures_after(record.iteration):
-            kl, seconds = self._measure()
+            kl, seconds = self._measure(record)
             record.extra[KL_KEY] = kl
             metrics["kl/measured"] = kl
             metrics["time/kl"] = seconds
         return metrics
 
-    def _measure(self) -> tuple[float, float]:
+    def _measure(self, record: IterationRecord) -> tuple[float, float]:
         t0 = time.perf_counter()
         kl = self.monitor.measure()
-        self._calibrate(kl)
+        self._calibrate(kl, self.drift, record)
         return kl, time.perf_counter() - t0
 
-    def _calibrate(self, kl: float) -> None:
-        self.target = drift_target_for_kl(self.drift, kl, self.cfg.kl_budget)
+    def _calibrate(self, kl: float, drift: float, record: IterationRecord) -> None:
+        """Target and plan from the KL measured at `drift` after `record`'s iteration; the
+        coming updates are expected as large as that iteration's (as Eq. 2's α²·d/N if it
+        skipped its update)."""
+        cfg = self.cfg
+        self.target = drift_target_for_kl(drift, kl, cfg.kl_budget)
+        coefficients = record.coefficients or [1.0] * cfg.population_size
+        update_sq = expected_update_sq(coefficients, cfg.learning_rate, cfg.population_size, self.num_params)
+        self.planned = l2_step_for_horizon(drift, update_sq, self.target, cfg.max_steps - record.iteration)
 
 
 __all__ = ["AWDSchedule", "DRIFT_KEY", "FixedStep", "KLBudget", "KL_KEY", "TARGET_KEY"]
