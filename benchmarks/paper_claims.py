@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from esft.report.evals import choose_settings, group_rows, task_change
+
 BOOTSTRAP = 10_000
 
 
@@ -53,10 +55,15 @@ def load(run: Path) -> dict[str, Any]:
 def target_rewards(run: dict[str, Any]) -> tuple[list[float], list[float]] | None:
     """Per-example held-out target rewards at iteration 0 and at the last evaluated iteration."""
     task = run["config"]["task"]
-    rows = {r["iteration"]: r for r in run["evals"] if r["task"] == task and "rewards" in r}
-    if 0 not in rows or len(rows) < 2:
+    evals = group_rows(r for r in run["evals"] if r["task"] == task and "rewards" in r)
+    if task not in evals:
         return None
-    return rows[0]["rewards"], rows[max(rows)]["rewards"]
+    # A run evaluated twice (e.g. before and after the test split grew) keeps both settings:
+    # the report's choice (the usable one with the larger n) decides, never a mix.
+    change = task_change(evals, task, choose_settings([evals])[task])
+    if change is None:
+        return None
+    return list(change[0].rewards or ()), list(change[1].rewards or ())
 
 
 def paired_gain(before: list[float], after: list[float], seed: int = 0) -> tuple[float, float, float]:

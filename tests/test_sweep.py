@@ -78,6 +78,14 @@ def test_eval_defaults_to_the_training_task_with_drift_every_as_every() -> None:
     assert (ev.tasks, ev.every, ev.drift_every, ev.limit, ev.kl_tasks) == (("conciseness",), 5, 5, None, ())
 
 
+def test_eval_limits_override_the_limit_per_task_and_group_the_calls() -> None:
+    spec = {"base": BASE, "variants": [{"name": "es"}],
+            "eval": {"tasks": ["conciseness", "gsm8k", "countdown"], "limit": 50, "limits": {"gsm8k": None}}}
+    ev = parse_spec(spec).eval
+    assert [ev.limit_for(t) for t in ev.tasks] == [50, None, 50]
+    assert ev.task_groups() == [(50, ["conciseness", "countdown"]), (None, ["gsm8k"])]
+
+
 # ------------------------------------------------------------------ bad specs
 ES = {"name": "es"}
 BAD_SPECS = {
@@ -117,6 +125,13 @@ BAD_SPECS = {
     "unknown eval task": ({"base": BASE, "variants": [ES], "eval": {"tasks": ["conciseness", "piqaa"]}}, ["eval: tasks: unknown task 'piqaa'"]),
     "unknown KL task": ({"base": BASE, "variants": [ES], "eval": {"kl_tasks": ["hellaswg"]}}, ["eval: kl_tasks: unknown task 'hellaswg'"]),
     "eval every 0": ({"base": BASE, "variants": [ES], "eval": {"every": 0}}, ["eval: every: expected an integer >= 1"]),
+    "a limit for a task not evaluated": (
+        {"base": BASE, "variants": [ES], "eval": {"limits": {"piqa": 5}}}, ["eval: limits: 'piqa' is not one of eval.tasks"],
+    ),
+    "a per-task limit of 0": (
+        {"base": BASE, "variants": [ES], "eval": {"limits": {"conciseness": 0}}},
+        ["eval: limits.conciseness: expected an integer >= 1 or null"],
+    ),
     "unknown training task": ({"base": {**BASE, "task": "cuntdown"}, "variants": [ES]}, ["base: task: unknown task 'cuntdown'"]),
     "no runs": ({"base": BASE}, ["no runs"]),
 }
@@ -223,8 +238,8 @@ def tiny_spec() -> dict[str, Any]:
         "base": base,
         "variants": [{"name": "es"}],
         "grid": {"awd": ["l2"], "awd_lambda": [10]},
-        "eval": {"tasks": tasks, "every": 1, "limit": 2, "max_new_tokens": 6, "batch_size": 4,
-                 "kl_tasks": tasks[-1:], "kl_prompts": 2, "kl_max_tokens": 4},
+        "eval": {"tasks": tasks, "every": 1, "limit": 2, "limits": {"conciseness": 3}, "max_new_tokens": 6,
+                 "batch_size": 4, "kl_tasks": tasks[-1:], "kl_prompts": 2, "kl_max_tokens": 4},
     }
 
 
@@ -276,6 +291,8 @@ def test_tiny_sweep_writes_every_run_its_evaluation_and_the_report_with_figures(
         assert (run / "final").is_dir() and (run / "config.yaml").exists(), name
         rows = read_jsonl(run / "eval" / "forgetting.jsonl")
         assert sorted((r["iteration"], r["task"]) for r in rows) == sorted((k, t) for k in (0, 1, 2) for t in tasks), name
+        assert {(r["task"], r["n"]) for r in rows} == {(t, 3 if t == "conciseness" else 2) for t in tasks}, \
+            "eval.limits overrides eval.limit for its task only"
         kl = json.loads((run / "kl.json").read_text())
         assert sorted((r["iteration"], r["task"]) for r in kl) == sorted((k, t) for k in (0, 1, 2) for t in kl_tasks), name
         assert [r["iteration"] for r in json.loads((run / "drift.json").read_text())] == [0, 1, 2], name

@@ -37,9 +37,9 @@ def test_is_correct_is_case_insensitive_exact_match_after_strip(task) -> None:
     assert not task.is_correct("Lyon!", EX)
 
 
-def test_splits_have_48_train_and_24_test_disjoint(task) -> None:
+def test_splits_have_48_train_and_128_test_disjoint(task) -> None:
     train, test = task.load("train"), task.load("test")
-    assert len(train) == 48 and len(test) == 24
+    assert len(train) == 48 and len(test) == 128
     assert {e["prompt"] for e in train}.isdisjoint(e["prompt"] for e in test)
     assert len({e["prompt"] for e in train}) == 48
     assert task.load("test", limit=3) == test[:3]

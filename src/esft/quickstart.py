@@ -49,14 +49,15 @@ def parse_args(argv: list[str]) -> tuple[ESConfig, argparse.Namespace]:
     parser = dataclass_parser([ESConfig], "esft quickstart", "ES vs ES+AWD on the embedded model (CPU, minutes).")
     parser.add_argument("--prior_tasks", default="hellaswag,piqa,arc_challenge")
     parser.add_argument("--prior_limit", type=int, default=20, help="eval examples per prior task")
-    parser.add_argument("--heldout_limit", type=int, default=50,
-                        help="held-out (test) examples of the training task, scored greedily before and after")
+    parser.add_argument("--heldout_limit", type=int, default=None,
+                        help="held-out (test) examples of the training task, scored greedily before and after "
+                             "(default: all of them)")
     values = {**QUICKSTART_DEFAULTS, **config_file_values(argv, field_names([ESConfig]))}
     cfg, extra = parse_dataclass_flags(parser, argv, values)
     if cfg.awd == "none":
         parser.error("the quickstart compares ES with ES + AWD: --awd must be l2, l1 or huber")
     for name in ("prior_limit", "heldout_limit"):
-        if getattr(extra, name) < 1:
+        if getattr(extra, name) is not None and getattr(extra, name) < 1:
             parser.error(f"--{name} must be at least 1")
     return cfg, extra
 
@@ -119,7 +120,7 @@ def _heldout_rewards(cfg: ESConfig, a: argparse.Namespace, runs: dict[str, Path]
         return reason
     out: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
     for label, run_dir in runs.items():
-        print(f"\n=== held-out {cfg.task} for {label}: {a.heldout_limit} test examples, greedy")
+        print(f"\n=== held-out {cfg.task} for {label}: {a.heldout_limit or 'all'} test examples, greedy")
         borrow_base_rows(run_dir)  # iteration 0 is the base model in both runs: scored once
         rows = evaluate_run(run_dir, [cfg.task], iterations=[0, cfg.max_steps], limit=a.heldout_limit,
                             max_new_tokens=cfg.max_new_tokens, data_dir=cfg.data_dir, device=cfg.device,
@@ -148,10 +149,10 @@ def _heldout_change(base: dict[str, Any], final: dict[str, Any]) -> Estimate:
     return paired_bootstrap_mean_difference(base["rewards"], final["rewards"])
 
 
-def _heldout_count(heldout: HeldOut, limit: int) -> int:
+def _heldout_count(heldout: HeldOut, limit: int | None) -> int | str:
     """Examples actually scored: the split may hold fewer than the limit."""
     if isinstance(heldout, str) or not heldout:
-        return limit
+        return "all" if limit is None else limit
     return int(next(iter(heldout.values()))[1]["n"])
 
 
@@ -169,7 +170,7 @@ def _heldout_points(heldout: HeldOut, last: int) -> dict[str, dict[int, tuple[fl
 
 
 def _report(histories: dict[str, list[dict[str, Any]]], seconds: dict[str, float], a: ESConfig, heldout: HeldOut,
-            heldout_limit: int) -> str:
+            heldout_limit: int | None) -> str:
     lines = [
         "# esft quickstart",
         "",

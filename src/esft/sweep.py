@@ -119,12 +119,25 @@ class EvalSpec:
     tasks: tuple[str, ...] = ()
     every: int | None = None
     limit: int | None = None
+    # Per-task exceptions to `limit` (null: every example), e.g. the whole held-out split of
+    # the training task while the prior tasks keep a cheaper cap.
+    limits: tuple[tuple[str, int | None], ...] = ()
     max_new_tokens: int = 1024
     batch_size: int = 32
     kl_tasks: tuple[str, ...] = ()
     kl_prompts: int = 50
     kl_max_tokens: int = 256
     drift_every: int | None = None
+
+    def limit_for(self, task: str) -> int | None:
+        return dict(self.limits).get(task, self.limit)
+
+    def task_groups(self) -> list[tuple[int | None, list[str]]]:
+        """The tasks grouped by their limit (evaluate_run takes one limit per call), in order."""
+        groups: dict[int | None, list[str]] = {}
+        for task in self.tasks:
+            groups.setdefault(self.limit_for(task), []).append(task)
+        return list(groups.items())
 
 
 @dataclass(frozen=True)
@@ -474,12 +487,27 @@ def _eval_spec(value: Any, trained: list[str], base: dict[str, Any]) -> EvalSpec
         builtin = [t for t in dict.fromkeys(trained) if isinstance(t, str) and ":" not in t]
         tasks = _task_list(builtin, "base", "task", data_dir)
     kl_tasks = _task_list(values.pop("kl_tasks", None) or [], "eval", "kl_tasks", data_dir)
+    limits = _limits(values.pop("limits", None) or {}, tasks)
     for key, v in values.items():
         optional = key in ("every", "limit", "drift_every")
         if not (optional and v is None) and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise _fail("eval", f"{key}: expected an integer >= 1{' or null' if optional else ''}, got {v!r}")
     values.setdefault("drift_every", values.get("every"))
-    return EvalSpec(tasks=tasks, kl_tasks=kl_tasks, **values)
+    return EvalSpec(tasks=tasks, kl_tasks=kl_tasks, limits=limits, **values)
+
+
+def _limits(value: Any, tasks: tuple[str, ...]) -> tuple[tuple[str, int | None], ...]:
+    """`eval.limits`: {task: examples or null}, each task one of `eval.tasks`."""
+    if not isinstance(value, dict):
+        raise _fail("eval", f"limits: expected a mapping of task names to example counts, got {value!r}")
+    out = []
+    for task, n in value.items():
+        if task not in tasks:
+            raise _fail("eval", f"limits: {task!r} is not one of eval.tasks ({', '.join(tasks)})")
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise _fail("eval", f"limits.{task}: expected an integer >= 1 or null, got {n!r}")
+        out.append((task, n))
+    return tuple(out)
 
 
 def _task_list(value: Any, where: str, key: str, data_dir: str | None) -> tuple[str, ...]:
@@ -598,7 +626,8 @@ def _measure(stage: Stage, run_dir: Path, ev: EvalSpec, data_dir: str | None) ->
     # ES stages replay the seed log up to the last iteration; GRPO stages load checkpoints.
     load = (_REPLAY * max(its, default=0) if not run.is_grpo else _REPLAY * len(its)) * step
     if kind == "eval":
-        row = (ev.limit or _UNKNOWN_EVAL_EXAMPLES) * ev.max_new_tokens
+        # One unit per example and token; rows of different limits weigh differently.
+        row = sum(ev.limit_for(t) or _UNKNOWN_EVAL_EXAMPLES for t in ev.tasks) / len(ev.tasks) * ev.max_new_tokens
         done = _eval_rows_done(run_dir, ev, its, data_dir)
         total_rows = len(its) * len(ev.tasks)
         stage.units = load + total_rows * row
@@ -633,8 +662,11 @@ def _eval_rows_done(run_dir: Path, ev: EvalSpec, its: Sequence[int], data_dir: s
     rows = read_jsonl(run_dir / "eval" / FORGETTING_FILE)
     if not rows:
         return 0
-    tasks = load_tasks(ev.tasks, data_dir)
-    return sum(len(tasks) - len(pending_tasks(rows, k, tasks, ev.limit, ev.max_new_tokens)) for k in its)
+    done = 0
+    for limit, names in ev.task_groups():
+        tasks = load_tasks(names, data_dir)
+        done += sum(len(tasks) - len(pending_tasks(rows, k, tasks, limit, ev.max_new_tokens)) for k in its)
+    return done
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
@@ -886,8 +918,9 @@ def _evaluate(stage: Stage, run_dir: Path, spec: SweepSpec, progress: _Progress)
     with _run_output(run_dir / LOG_FILE, f"eval {run.name}"), _RowWatcher(
         lambda: _eval_rows_done(run_dir, ev, its, spec.data_dir), progress, per_row, f"{run.name}: eval rows"
     ):
-        evaluate_run(run_dir, list(ev.tasks), iterations=its, limit=ev.limit, max_new_tokens=ev.max_new_tokens,
-                     batch_size=ev.batch_size, data_dir=spec.data_dir, device=spec.device, progress=False)
+        for limit, tasks in ev.task_groups():
+            evaluate_run(run_dir, tasks, iterations=its, limit=limit, max_new_tokens=ev.max_new_tokens,
+                         batch_size=ev.batch_size, data_dir=spec.data_dir, device=spec.device, progress=False)
     return f"{run.name}: evaluated {', '.join(ev.tasks)} at iterations {_iters(its)} in {_seconds(t0)}"
 
 
@@ -1008,7 +1041,8 @@ def describe(spec: SweepSpec) -> str:
     ev = spec.eval
     every = f"every {ev.every} iterations and the last" if ev.every else "iterations 0 and last"
     kl = f"; KL on {', '.join(ev.kl_tasks)} ({ev.kl_prompts} prompts x {ev.kl_max_tokens} tokens)" if ev.kl_tasks else ""
-    lines.append(f"eval: {', '.join(ev.tasks)} at {every}, limit {ev.limit or 'all'}{kl}; "
+    exceptions = "".join(f", {t} {n or 'all'}" for t, n in ev.limits)
+    lines.append(f"eval: {', '.join(ev.tasks)} at {every}, limit {ev.limit or 'all'}{exceptions}{kl}; "
                  f"drift {'every ' + str(ev.drift_every) if ev.drift_every else 'at 0 and last'}")
     return "\n".join(lines)
 

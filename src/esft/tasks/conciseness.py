@@ -22,13 +22,16 @@ def _read_rows() -> list[dict[str, str]]:
 
 
 class ConcisenessTask(BaseTask):
-    """Built-in question/answer pairs (48 train, 24 test, disjoint).
+    """Built-in question/answer pairs (48 train, 128 test, disjoint).
 
     Examples: `{"prompt": str, "target": str}`. No system prompt and no prefill: the
     model is asked the bare question, as in the original setup.
     """
 
     name = "conciseness"
+    # 2: the test split grew from 24 to 128 questions (the first 24 unchanged), so held-out
+    # changes carry intervals about 2.3x narrower; rows of version 1 are never compared with it.
+    version = "2"
     primary_metric = "reward"  # exact matches are rare; the length gap is what it measures
 
     def __init__(self) -> None:
