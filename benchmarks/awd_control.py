@@ -56,7 +56,7 @@ def budget_row(run: dict[str, Any], ladder: list[dict[str, Any]], ref: dict[str,
     kl_s = sum(float(m.get("time/kl", 0.0)) for m in metrics)
     s = summary(run, ref["gain"][0] if ref["gain"] else None, ref["kl"])
     return {
-        **s, "budget": budget, "kl_final_train": measured[-1] if measured else None,
+        **s, "budget": budget, "seed": int(run["config"].get("seed", 0)), "kl_final_train": measured[-1] if measured else None,
         "kl_max": max(measured) if measured else None,
         "max_over_budget": max(measured) / budget if measured else None,
         "measured_at": [int(m["iteration"]) for m in metrics if "kl/measured" in m],
@@ -67,12 +67,44 @@ def budget_row(run: dict[str, Any], ladder: list[dict[str, Any]], ref: dict[str,
     }
 
 
+def seed_pairs(runs: list[dict[str, Any]], budget: float, lam: float) -> dict[str, Any]:
+    """The budget against the fixed λ, training seed by training seed: each pair saw the same
+    seeds, and their final rewards are paired over the same held-out questions. Intervals over
+    questions cannot show the spread between ES runs; the spread over seeds does."""
+    def by_seed(keep: Any) -> dict[int, dict[str, Any]]:
+        return {int(r["config"].get("seed", 0)): r for r in runs if keep(r["config"])}
+
+    budgets = by_seed(lambda c: c.get("kl_budget") is not None and float(c["kl_budget"]) == budget)
+    fixed = by_seed(lambda c: c.get("awd") == "l2" and c.get("kl_budget") is None
+                    and isinstance(c.get("awd_lambda"), (int, float)) and float(c["awd_lambda"]) == lam)
+    rows = []
+    for seed in sorted(set(budgets) & set(fixed)):
+        b, f = budgets[seed], fixed[seed]
+        pb, pf = target_rewards(b), target_rewards(f)
+        if not pb or not pf:
+            continue
+        rows.append({
+            "seed": seed, "budget_run": b["name"], "fixed_run": f["name"],
+            "budget_gain": paired_gain(*pb), "fixed_gain": paired_gain(*pf),
+            "budget_kl": mean_kl(b), "fixed_kl": mean_kl(f),
+            "difference": paired_gain(pf[1], pb[1]),  # budget − fixed, final rewards on the same questions
+        })
+    diffs = [r["difference"][0] for r in rows]
+    return {
+        "budget": budget, "lambda": lam, "rows": rows,
+        "mean_difference": float(np.mean(diffs)) if diffs else None,
+        "sd_difference": float(np.std(diffs, ddof=1)) if len(diffs) > 1 else None,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("claims_dir")
     ap.add_argument("control_dir")
     ap.add_argument("--reference", default="es-n8")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--pair_budget", type=float, default=0.1, help="the budget compared seed by seed ...")
+    ap.add_argument("--pair_lambda", type=float, default=10.0, help="... with the fixed L2 λ that ends at its KL")
     a = ap.parse_args()
     claims = {p.name: load(p) for p in sorted(Path(a.claims_dir).iterdir()) if (p / "config.yaml").exists()}
     control = {p.name: load(p) for p in sorted(Path(a.control_dir).iterdir()) if (p / "config.yaml").exists()}
@@ -86,6 +118,7 @@ def main() -> None:
         evidence = json.loads((Path(a.control_dir) / "auto" / "auto_lambda.json").read_text())
         result["auto"] = {**summary(control["auto"], ref_gain, ref["kl"]), "evidence": evidence}
     result["budgets"] = [budget_row(r, ladder, ref) for r in control.values() if r["config"].get("kl_budget")]
+    result["seeds"] = seed_pairs([*claims.values(), *control.values()], a.pair_budget, a.pair_lambda)
     print(markdown(result))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
@@ -125,6 +158,17 @@ def markdown(result: dict[str, Any]) -> str:
             f"{_num(b['kl_max'], '.4f')} ({', '.join(map(str, b['measured_at']))}) | {_num(b['max_over_budget'], '.2f')} | "
             f"{_gain(b)} | {_num(b['retention'], '.0%')} | {_num(b['fixed_lambda_gain_at_same_kl'], '+.2f')} | "
             f"{_num(b['kl_measurement_share'], '.1%')} | {_num(b['kl_overhead'], '.1%')} |")
+    sp = result.get("seeds") or {}
+    if sp.get("rows"):
+        lines += ["", f"### `--kl_budget {sp['budget']:g}` against fixed λ={sp['lambda']:g}, seed by seed", "",
+                  "| seed | fixed λ: gain [95%] | its KL | budget: gain [95%] | its KL | budget − fixed [95%, over questions] |",
+                  "|---:|---|---:|---|---:|---|"]
+        for r in sp["rows"]:
+            lines.append(f"| {r['seed']} | {_gain({'gain': r['fixed_gain']})} | {_num(r['fixed_kl'], '.4f')} | "
+                         f"{_gain({'gain': r['budget_gain']})} | {_num(r['budget_kl'], '.4f')} | "
+                         f"{_gain({'gain': r['difference']})} |")
+        lines += ["", f"Mean difference over {len(sp['rows'])} seeds: {_num(sp['mean_difference'], '+.2f')} "
+                  f"(sd over seeds {_num(sp['sd_difference'], '.2f')})."]
     return "\n".join(lines)
 
 

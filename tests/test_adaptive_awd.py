@@ -65,6 +65,67 @@ def test_the_planned_step_reaches_the_target_at_the_horizon_and_not_before() -> 
     assert l2_step_for_horizon(100.0, 1.0, 0.1, 2) == 0.5, "out of reach: the largest step"
 
 
+class _FakeMonitor:
+    """KL = c·‖θ − θ₀‖², the quadratic law the controller assumes, read from the schedule."""
+
+    def __init__(self, scale: float) -> None:
+        self.scale, self.schedule, self.calls = scale, None, 0
+
+    def measure(self) -> float:
+        self.calls += 1
+        return self.scale * self.schedule.drift**2
+
+
+def _drive_budget(cfg: ESConfig, iterations: int, monitor: _FakeMonitor, records=None, start_drift: float = 0.0):
+    """Run the KL-budget schedule on the expected drift recursion, as the trainer calls it."""
+    from esft.awd_schedule import KLBudget
+    from esft.seedlog import IterationRecord
+
+    num_params = 1_000_000
+    schedule = KLBudget(cfg, monitor, num_params)
+    monitor.schedule = schedule
+    records = list(records or [])
+    if records:
+        schedule.resume(records)
+    drift = start_drift
+    coefficients = [1.0] * cfg.population_size
+    update_sq = expected_update_sq(coefficients, cfg.learning_rate, cfg.population_size, num_params)
+    for k in range(len(records) + 1, iterations + 1):
+        fields = schedule.record_fields(coefficients)
+        drift = (1.0 - fields["awd_step"]) * math.sqrt(drift * drift + update_sq)
+        record = IterationRecord(k, [k] * cfg.population_size, [0.0] * cfg.population_size, coefficients, dict(fields))
+        schedule.after_update(record, drift)
+        records.append(record)
+    return records
+
+
+def test_the_budget_plans_one_step_that_ends_the_run_at_the_budget() -> None:
+    cfg = ESConfig(kl_budget=0.1, kl_tasks="conciseness", kl_every=5, max_steps=20, population_size=4,
+                   learning_rate=0.01)
+    monitor = _FakeMonitor(scale=0.1 / 15.0**2)  # the budget is reached at a drift of 15; plain ES ends at √20·5
+    records = _drive_budget(cfg, 20, monitor)
+    steps = [r.extra["awd_step"] for r in records]
+    assert steps[0] == 0.0, "nothing measured before the first update"
+    assert len(set(steps[1:5])) == 1 and steps[1] > 0, "one planned step between measurements"
+    kls = [r.extra["awd_kl"] for r in records if "awd_kl" in r.extra]
+    assert [r.iteration for r in records if "awd_kl" in r.extra] == [1, 5, 10, 15, 20]
+    assert max(kls) <= 0.1 and kls[-1] == pytest.approx(0.9 * 0.1, rel=1e-6), "at the budget's margin at the end"
+    assert kls == sorted(kls), "the KL climbs to it rather than overshooting and being pulled back"
+    assert monitor.calls == 5
+
+
+@pytest.mark.parametrize("kept", [5, 7], ids=["after-a-measurement", "between-measurements"])
+def test_a_resumed_budget_plans_the_same_steps_without_measuring(kept: int) -> None:
+    cfg = ESConfig(kl_budget=0.1, kl_tasks="conciseness", kl_every=5, max_steps=12, population_size=4,
+                   learning_rate=0.01)
+    whole = _drive_budget(cfg, 12, _FakeMonitor(0.1 / 12.0**2))
+    assert all(r.extra["awd_step"] > 0 for r in whole[1:]), "the budget binds: an empty check otherwise"
+    monitor = _FakeMonitor(0.1 / 12.0**2)
+    resumed = _drive_budget(cfg, 12, monitor, records=whole[:kept], start_drift=whole[kept - 1].extra["awd_drift"])
+    assert [r.extra for r in resumed] == [r.extra for r in whole]
+    assert monitor.calls == 1, "only iteration 10's own measurement"
+
+
 def test_the_target_drift_scales_the_drift_by_the_root_of_budget_over_kl() -> None:
     assert drift_target_for_kl(2.0, 0.04, 0.01, margin=1.0) == pytest.approx(1.0)
     assert drift_target_for_kl(0.0, 0.1, 0.01) == math.inf

@@ -273,6 +273,14 @@ def test_the_quickstart_table_shows_the_held_out_change_with_its_interval() -> N
     assert "-10.00 → -5.00" in row and f"+5.00 [{change.lo:+.2f}, {change.hi:+.2f}] *" in row, row
     assert "first 4 test examples" in report, "the examples scored, not the limit asked for"
     assert "no held-out" in _report({"ES": history}, {"ES": 7.0}, cfg, "no held-out evaluation: x", 50)
+    assert "kept" not in report, "one run: nothing to compare"
+    awd_final = {"reward": -6.0, "rewards": [-5.0, -7.0, -6.0, -6.0], "n": 4}
+    both = _report({"ES": history, "AWD": history}, {"ES": 7.0, "AWD": 7.0}, cfg,
+                   {"ES": (base, final), "AWD": (base, awd_final)}, 50)
+    gap = paired_bootstrap_mean_difference(final["rewards"], awd_final["rewards"])
+    assert gap.value == -1.0
+    assert f"AWD kept 80% of plain ES's held-out gain; its final held-out reward minus ES's on the same examples: " \
+           f"-1.00 [{gap.lo:+.2f}, {gap.hi:+.2f}] (the interval excludes 0)" in both
     with pytest.raises(SystemExit):
         parse_args(["--heldout_limit", "0"])
 

@@ -4,10 +4,10 @@
 user's own): at the start, continuations of those prompts are sampled once from the base
 model and cached (the `esft kl` machinery and cache files); after iteration 1 and every
 `--kl_every` iterations the exact per-position KL(base ‖ current), token-weighted, is
-measured on them with forward passes only. The trainer turns each measurement into a target drift ‖θ − θ₀‖
-(`anchor.drift_target_for_kl`) and each iteration's AWD L2 step into the one that holds
-the drift at that target (`anchor.l2_step_for_target`); the step applied is part of the
-iteration's seed-log record, so replay, resume and Ray actors apply exactly it.
+measured on them with forward passes only. `awd_schedule.KLBudget` turns each measurement
+into a target drift ‖θ − θ₀‖ (`anchor.drift_target_for_kl`) and a constant AWD L2 step that
+reaches it at the end of the run (`anchor.l2_step_for_horizon`); the step applied is part of
+the iteration's seed-log record, so replay, resume and Ray actors apply exactly it.
 
 The base model is never held twice: its log-probabilities are computed by pointing the
 trainable tensors at θ₀ (`WeightState.weights_from`), and cached when they fit in memory
