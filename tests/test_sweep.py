@@ -310,6 +310,18 @@ def test_tiny_sweep_writes_every_run_its_evaluation_and_the_report_with_figures(
 
 
 @pytest.mark.slow
+def test_a_variant_edited_after_its_run_is_refused_before_anything_runs(killed_sweep: dict[str, Any]) -> None:
+    out = killed_sweep["out"]
+    spec = tiny_spec()
+    spec["grid"] = {"awd": ["l2"], "awd_lambda": [10]}
+    spec["variants"] = [{"name": "es", "sigma": 0.05}]  # es was trained with base's sigma
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"es \(variants\[0\] \('es'\)\): sigma: 0.05 != "):
+        run_sweep(spec, out, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps, "nothing touched"
+
+
+@pytest.mark.slow
 def test_rerunning_a_finished_sweep_redoes_nothing(killed_sweep: dict[str, Any], capsys) -> None:
     out = killed_sweep["out"]
     run_files = [p for p in out.glob("*/**/*")

@@ -557,6 +557,26 @@ def _grpo_steps(cfg: Any) -> int:
     return max(1, math.ceil(cfg.num_train_epochs * _UNKNOWN_TRAIN_PROMPTS / per_step))
 
 
+def _check_existing_runs(spec: SweepSpec, out: Path) -> None:
+    """Refuse, before anything runs, an ES run directory made with other settings than its
+    variant now names: a finished one would be skipped and reported under the new settings,
+    an unfinished one would be refused by its resume only after the runs before it."""
+    stale = []
+    for run in spec.runs:
+        saved = out / run.name / "config.yaml"
+        if run.is_grpo or not saved.exists():
+            continue
+        diffs = run.config.differences(ESConfig.from_yaml(saved))
+        if diffs:
+            stale.append(f"{run.name} ({run.where}): " + "; ".join(diffs))
+    if stale:
+        raise ValueError(
+            f"sweep {out}: these runs were made with other settings than the spec now gives them:\n  "
+            + "\n  ".join(stale)
+            + "\nmove or delete those run directories, or use another --output_dir"
+        )
+
+
 def _is_trained(run: RunSpec, run_dir: Path) -> bool:
     if not (run_dir / "final").is_dir():
         return False
@@ -984,6 +1004,7 @@ def run_sweep(spec: SweepSpec | Mapping[str, Any] | str | Path, output_dir: str 
     """
     spec = _as_spec(spec)
     out = Path(output_dir)
+    _check_existing_runs(spec, out)
     out.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(spec.data, sort_keys=False, allow_unicode=True)
     if not (out / SPEC_FILE).exists() or (out / SPEC_FILE).read_text() != text:
