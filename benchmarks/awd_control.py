@@ -149,12 +149,12 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", f"The auto run: held-out gain {_gain(au)} ({_num(au['retention'], '.0%')} of ES's), mean prior KL "
                   f"{_num(au['kl'], '.4f')} ({_num(au['kl_cut'], '.2f')}× under ES)."]
     lines += ["", "### KL budgets", "",
-              "| budget X | KL at the end (training / report) | max KL (measured at) | max / X | held-out gain [95%] | "
+              "| budget X | seed | KL at the end (training / report) | max KL (measured at) | max / X | held-out gain [95%] | "
               "share of ES's gain | fixed-λ gain at the same KL | one measurement / its iteration | all KL time / the rest of training |",
-              "|---:|---|---:|---:|---|---:|---:|---:|---:|"]
+              "|---:|---:|---|---:|---:|---|---:|---:|---:|---:|"]
     for b in result["budgets"]:
         lines.append(
-            f"| {b['budget']:g} | {_num(b['kl_final_train'], '.4f')} / {_num(b['kl'], '.4f')} | "
+            f"| {b['budget']:g} | {b['seed']} | {_num(b['kl_final_train'], '.4f')} / {_num(b['kl'], '.4f')} | "
             f"{_num(b['kl_max'], '.4f')} ({', '.join(map(str, b['measured_at']))}) | {_num(b['max_over_budget'], '.2f')} | "
             f"{_gain(b)} | {_num(b['retention'], '.0%')} | {_num(b['fixed_lambda_gain_at_same_kl'], '+.2f')} | "
             f"{_num(b['kl_measurement_share'], '.1%')} | {_num(b['kl_overhead'], '.1%')} |")
