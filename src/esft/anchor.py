@@ -214,7 +214,7 @@ def l2_step_for_horizon(drift: float, update_sq: float, target: float, iteration
     Spread over the horizon rather than saved for when the drift reaches the target: a
     constant s damps every update a little, as a fixed λ does, and a fixed λ ending at the
     same KL kept more of the target gain than a cap that let plain ES run until the budget
-    bound (README, "Fixed λ, auto or a KL budget"). 0 when plain ES stays under the target;
+    bound (README, "Choosing the AWD strength"). 0 when plain ES stays under the target;
     `max_step` when even it cannot. The drift is monotone in s, so bisection finds it
     (to float precision, and deterministically: replay and Ray see the same step).
     """
