@@ -313,10 +313,9 @@ def test_tiny_sweep_writes_every_run_its_evaluation_and_the_report_with_figures(
 def test_a_variant_edited_after_its_run_is_refused_before_anything_runs(killed_sweep: dict[str, Any]) -> None:
     out = killed_sweep["out"]
     spec = tiny_spec()
-    spec["grid"] = {"awd": ["l2"], "awd_lambda": [10]}
-    spec["variants"] = [{"name": "es", "sigma": 0.05}]  # es was trained with base's sigma
+    spec["variants"] = [{"name": "es", "sigma": 0.01}]  # es was trained with base's sigma (0.05)
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-    with pytest.raises(ValueError, match=r"es \(variants\[0\] \('es'\)\): sigma: 0.05 != "):
+    with pytest.raises(ValueError, match=r"es \(variants\[0\] \('es'\)\): sigma: 0.01 != 0.05"):
         run_sweep(spec, out, progress=False)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps, "nothing touched"
 
