@@ -81,8 +81,8 @@ def seed_pairs(runs: list[dict[str, Any]], budget: float, lam: float) -> dict[st
     for seed in sorted(set(budgets) & set(fixed)):
         b, f = budgets[seed], fixed[seed]
         pb, pf = target_rewards(b), target_rewards(f)
-        if not pb or not pf:
-            continue
+        if not pb or not pf or len(pb[1]) != len(pf[1]):
+            continue  # not evaluated, or on different question sets: nothing to pair
         rows.append({
             "seed": seed, "budget_run": b["name"], "fixed_run": f["name"],
             "budget_gain": paired_gain(*pb), "fixed_gain": paired_gain(*pf),

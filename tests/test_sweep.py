@@ -78,9 +78,26 @@ def test_eval_defaults_to_the_training_task_with_drift_every_as_every() -> None:
     assert (ev.tasks, ev.every, ev.drift_every, ev.limit, ev.kl_tasks) == (("conciseness",), 5, 5, None, ())
 
 
+def test_existing_run_dirs_are_checked_against_the_spec_before_anything_runs(tmp_path: Path) -> None:
+    from esft.config import ESConfig
+    from esft.sweep import _check_existing_runs
+
+    out = tmp_path / "sweep"
+    (out / "es").mkdir(parents=True)
+    (out / "es" / "config.yaml").write_text(yaml.safe_dump(ESConfig(**BASE).to_dict()))
+    (out / "es" / "seedlog.jsonl").write_text("")
+    edited = {"base": BASE, "variants": [{"name": "es", "sigma": 0.01}]}
+    _check_existing_runs(parse_spec(edited), out)  # no iteration logged: restarted afresh, nothing to protect
+    (out / "es" / "seedlog.jsonl").write_text('{"iteration": 1}\n')
+    with pytest.raises(ValueError, match=r"es \(variants\[0\] \('es'\)\): sigma: 0.01 != 0.05"):
+        _check_existing_runs(parse_spec(edited), out)
+    same = {"base": {**BASE, "task": "Conciseness"}, "variants": [{"name": "es"}]}
+    _check_existing_runs(parse_spec(same), out)  # the task as the trainer saves it: the same run
+
+
 def test_eval_limits_override_the_limit_per_task_and_group_the_calls() -> None:
     spec = {"base": BASE, "variants": [{"name": "es"}],
-            "eval": {"tasks": ["conciseness", "gsm8k", "countdown"], "limit": 50, "limits": {"gsm8k": None}}}
+            "eval": {"tasks": ["conciseness", "gsm8k", "countdown"], "limit": 50, "limits": {"GSM8K": None}}}
     ev = parse_spec(spec).eval
     assert [ev.limit_for(t) for t in ev.tasks] == [50, None, 50]
     assert ev.task_groups() == [(50, ["conciseness", "countdown"]), (None, ["gsm8k"])]

@@ -50,9 +50,9 @@ def parse_args(argv: list[str]) -> tuple[ESConfig, argparse.Namespace]:
     parser = dataclass_parser([ESConfig], "esft quickstart", "ES vs ES+AWD on the embedded model (CPU, minutes).")
     parser.add_argument("--prior_tasks", default="hellaswag,piqa,arc_challenge")
     parser.add_argument("--prior_limit", type=int, default=20, help="eval examples per prior task")
-    parser.add_argument("--heldout_limit", type=int, default=None,
+    parser.add_argument("--heldout_limit", type=int, default=128,
                         help="held-out (test) examples of the training task, scored greedily before and after "
-                             "(default: all of them)")
+                             "(128: all of conciseness's; a cap for tasks with thousands)")
     values = {**QUICKSTART_DEFAULTS, **config_file_values(argv, field_names([ESConfig]))}
     cfg, extra = parse_dataclass_flags(parser, argv, values)
     if cfg.awd == "none":

@@ -501,7 +501,8 @@ def _limits(value: Any, tasks: tuple[str, ...]) -> tuple[tuple[str, int | None],
     if not isinstance(value, dict):
         raise _fail("eval", f"limits: expected a mapping of task names to example counts, got {value!r}")
     out = []
-    for task, n in value.items():
+    for key, n in value.items():
+        task = str(key).strip().lower()
         if task not in tasks:
             raise _fail("eval", f"limits: {task!r} is not one of eval.tasks ({', '.join(tasks)})")
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
@@ -564,9 +565,12 @@ def _check_existing_runs(spec: SweepSpec, out: Path) -> None:
     stale = []
     for run in spec.runs:
         saved = out / run.name / "config.yaml"
-        if run.is_grpo or not saved.exists():
-            continue
-        diffs = run.config.differences(ESConfig.from_yaml(saved))
+        if run.is_grpo or not saved.exists() or _es_done(out / run.name) == 0:
+            continue  # a start that logged no iteration is restarted afresh: nothing to protect
+        made = ESConfig.from_yaml(saved)
+        # The trainer saves the task under its canonical name (`Conciseness` -> `conciseness`).
+        wanted = dataclasses.replace(run.config, task=made.task) if _same_task(run.config.task, made.task) else run.config
+        diffs = wanted.differences(made)
         if diffs:
             stale.append(f"{run.name} ({run.where}): " + "; ".join(diffs))
     if stale:
@@ -575,6 +579,17 @@ def _check_existing_runs(spec: SweepSpec, out: Path) -> None:
             + "\n  ".join(stale)
             + "\nmove or delete those run directories, or use another --output_dir"
         )
+
+
+def _same_task(spec_name: str, saved_name: str) -> bool:
+    from esft.tasks import get_task
+
+    if spec_name == saved_name or ":" in spec_name:
+        return spec_name == saved_name
+    try:
+        return get_task(spec_name).name == saved_name
+    except ValueError:
+        return False
 
 
 def _is_trained(run: RunSpec, run_dir: Path) -> bool:
@@ -647,7 +662,7 @@ def _measure(stage: Stage, run_dir: Path, ev: EvalSpec, data_dir: str | None) ->
     load = (_REPLAY * max(its, default=0) if not run.is_grpo else _REPLAY * len(its)) * step
     if kind == "eval":
         # One unit per example and token; rows of different limits weigh differently.
-        row = sum(ev.limit_for(t) or _UNKNOWN_EVAL_EXAMPLES for t in ev.tasks) / len(ev.tasks) * ev.max_new_tokens
+        row = sum(ev.limit_for(t) or _UNKNOWN_EVAL_EXAMPLES for t in ev.tasks) / max(1, len(ev.tasks)) * ev.max_new_tokens
         done = _eval_rows_done(run_dir, ev, its, data_dir)
         total_rows = len(its) * len(ev.tasks)
         stage.units = load + total_rows * row
