@@ -89,8 +89,6 @@ class KLBudget:
     def resume(self, records: list[IterationRecord]) -> None:
         last = records[-1]
         self.drift = float(last.extra.get(DRIFT_KEY) or 0.0)
-        target = last.extra.get(TARGET_KEY)
-        self.target = math.inf if target is None else float(target)
         measured = [r for r in records if r.extra.get(KL_KEY) is not None]
         if measured:
             # The plan and target of the uninterrupted run, from its last measurement.

@@ -24,6 +24,13 @@ INFO_KEYS = ("awd_lambda_chosen",)
 #: Fields that only matter with a KL budget: without one they never change the weights.
 KL_BUDGET_FIELDS = frozenset({"kl_tasks", "kl_prompts", "kl_every", "kl_num_prompts", "kl_max_tokens"})
 
+
+def unused_kl_fields(*kl_budgets: float | None) -> frozenset[str]:
+    """The KL fields to leave out when comparing configs with these budgets: all of them when
+    none has a budget (they never touched the weights, and runs made before a KL default
+    changed must still compare equal), none otherwise."""
+    return KL_BUDGET_FIELDS if all(b is None for b in kl_budgets) else frozenset()
+
 #: Per-penalty default λ (Schweighofer et al. 2026 use λ≈10 for L2 and λ≈0.01 for L1).
 DEFAULT_AWD_LAMBDA = {"l2": 10.0, "l1": 0.01, "huber": 0.01}
 
@@ -362,8 +369,7 @@ class ESConfig:
     def differences(self, other: ESConfig, ignore: frozenset[str] = RESUMABLE_FIELDS) -> list[str]:
         """Fields (outside `ignore`) whose values differ, as 'name: a != b' lines."""
         out = []
-        if self.kl_budget is None and other.kl_budget is None:
-            ignore = ignore | KL_BUDGET_FIELDS  # e.g. a run made before a KL field's default changed
+        ignore = ignore | unused_kl_fields(self.kl_budget, other.kl_budget)
         for f in fields(self):
             if f.name in ignore:
                 continue

@@ -385,6 +385,10 @@ def _es_run(name: str, where: str, values: dict[str, Any], base: dict[str, Any])
     if ":" not in config.task and config.task.strip().lower() not in _builtin_tasks():
         key = "task (set in base)" if "task" not in values else "task"
         raise _fail(where, f"{key}: unknown task {config.task!r}; available: {', '.join(_builtin_tasks())}")
+    if ":" not in config.task:
+        # The name the trainer saves in config.yaml (`Conciseness` -> `conciseness`), so a
+        # finished run compares equal to the variant that made it.
+        config = dataclasses.replace(config, task=config.task.strip().lower())
     changes = {k: v for k, v in values.items() if base.get(k, getattr(ESConfig, k, None)) != v}
     return RunSpec(name, where, changes, config=config)
 
@@ -567,10 +571,7 @@ def _check_existing_runs(spec: SweepSpec, out: Path) -> None:
         saved = out / run.name / "config.yaml"
         if run.is_grpo or not saved.exists() or _es_done(out / run.name) == 0:
             continue  # a start that logged no iteration is restarted afresh: nothing to protect
-        made = ESConfig.from_yaml(saved)
-        # The trainer saves the task under its canonical name (`Conciseness` -> `conciseness`).
-        wanted = dataclasses.replace(run.config, task=made.task) if _same_task(run.config.task, made.task) else run.config
-        diffs = wanted.differences(made)
+        diffs = run.config.differences(ESConfig.from_yaml(saved))
         if diffs:
             stale.append(f"{run.name} ({run.where}): " + "; ".join(diffs))
     if stale:
@@ -579,17 +580,6 @@ def _check_existing_runs(spec: SweepSpec, out: Path) -> None:
             + "\n  ".join(stale)
             + "\nmove or delete those run directories, or use another --output_dir"
         )
-
-
-def _same_task(spec_name: str, saved_name: str) -> bool:
-    from esft.tasks import get_task
-
-    if spec_name == saved_name or ":" in spec_name:
-        return spec_name == saved_name
-    try:
-        return get_task(spec_name).name == saved_name
-    except ValueError:
-        return False
 
 
 def _is_trained(run: RunSpec, run_dir: Path) -> bool:

@@ -24,7 +24,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator, NullLocator  # noqa: E402
 
-from esft.config import KL_BUDGET_FIELDS, RESUMABLE_FIELDS  # noqa: E402
+from esft.config import RESUMABLE_FIELDS, unused_kl_fields  # noqa: E402
 from esft.report.evals import (  # noqa: E402
     ACCURACY,
     REWARD,
@@ -255,9 +255,8 @@ class Sweep:
 
 
 def _comparable(config: dict[str, Any], free: frozenset[str] | set[str]) -> dict[str, Any]:
-    # Without a budget the KL fields never touched the weights (and runs made before a
-    # default changed would otherwise split one λ ladder in two).
-    ignored = set(free) | (KL_BUDGET_FIELDS if config.get("kl_budget") is None else set())
+    # Runs made before a KL default changed would otherwise split one λ ladder in two.
+    ignored = set(free) | unused_kl_fields(config.get("kl_budget"))
     return {k: v for k, v in config.items() if k not in ignored}
 
 
