@@ -114,6 +114,30 @@ def test_the_budget_plans_one_step_that_ends_the_run_at_the_budget() -> None:
     assert monitor.calls == 5
 
 
+def test_a_skipped_update_records_no_step_and_calibration_waits_for_a_move() -> None:
+    from esft.awd_schedule import KLBudget
+    from esft.seedlog import IterationRecord
+
+    cfg = ESConfig(kl_budget=0.1, kl_tasks="conciseness", kl_every=5, max_steps=20, population_size=4,
+                   learning_rate=0.01)
+    monitor = _FakeMonitor(0.1 / 15.0**2)
+    schedule = KLBudget(cfg, monitor, 1_000_000)
+    monitor.schedule = schedule
+    skipped = IterationRecord(1, [1] * 4, [0.0] * 4, None, dict(schedule.record_fields(None)))
+    schedule.after_update(skipped, 0.0)  # all rewards equal: no update, θ still at θ₀
+    assert skipped.extra["awd_step"] == 0.0 and monitor.calls == 1
+    assert not math.isfinite(schedule.target), "a KL of 0 at θ₀ calibrates nothing"
+    moved = IterationRecord(2, [2] * 4, [0.0] * 4, [1.0] * 4, dict(schedule.record_fields([1.0] * 4)))
+    schedule.after_update(moved, 5.0)
+    assert monitor.calls == 2 and "awd_kl" in moved.extra, "the first move calibrates, not iteration 5"
+    assert math.isfinite(schedule.target) and schedule.planned > 0
+    later = schedule.record_fields(None)
+    assert later["awd_step"] == 0.0, "a skipped update applies no AWD, whatever the plan"
+    resumed = KLBudget(cfg, monitor, 1_000_000)
+    resumed.resume([skipped, moved])
+    assert (resumed.target, resumed.planned) == (schedule.target, schedule.planned), "the log holds the state"
+
+
 @pytest.mark.parametrize("kept", [5, 7], ids=["after-a-measurement", "between-measurements"])
 def test_a_resumed_budget_plans_the_same_steps_without_measuring(kept: int) -> None:
     cfg = ESConfig(kl_budget=0.1, kl_tasks="conciseness", kl_every=5, max_steps=12, population_size=4,

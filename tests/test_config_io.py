@@ -61,6 +61,13 @@ def test_kl_fields_only_block_a_resume_when_a_kl_budget_reads_them() -> None:
     assert ESConfig(**budget, kl_every=5).differences(ESConfig(**budget, kl_every=1)) == ["kl_every: 5 != 1"]
 
 
+def test_a_budget_run_cannot_resume_for_another_length() -> None:
+    budget = dict(kl_budget=0.1, kl_tasks="piqa")
+    assert ESConfig(**budget, max_steps=20).differences(ESConfig(**budget, max_steps=30)) == [
+        "max_steps: 20 != 30"], "its step was planned for the run's length"
+    assert ESConfig(max_steps=20).differences(ESConfig(max_steps=30)) == [], "a fixed λ may be extended"
+
+
 def test_torn_last_line_is_ignored_and_repaired(tmp_path) -> None:
     path = tmp_path / "log.jsonl"
     append_jsonl(path, {"iteration": 1})

@@ -83,8 +83,11 @@ class KLBudget:
         self.planned = 0.0
 
     def measures_after(self, iteration: int) -> bool:
-        """Whether the KL is measured once `iteration` is applied: the first one calibrates."""
-        return iteration == 1 or iteration % self.cfg.kl_every == 0
+        """Whether the KL is measured once `iteration` is applied: the first one calibrates,
+        and so does the first to move θ while no target exists (iteration 1 skipped its
+        update: a KL at θ₀ calibrates nothing)."""
+        uncalibrated = not math.isfinite(self.target) and self.drift > 0.0
+        return iteration == 1 or iteration % self.cfg.kl_every == 0 or uncalibrated
 
     def resume(self, records: list[IterationRecord]) -> None:
         last = records[-1]
@@ -99,6 +102,9 @@ class KLBudget:
 
     def record_fields(self, coefficients: list[float] | None) -> dict[str, Any]:
         cfg = self.cfg
+        if coefficients is None:
+            # A skipped update applies no AWD either (`apply_record`): the record says so.
+            return {AWD_STEP_KEY: 0.0, TARGET_KEY: None if math.isinf(self.target) else self.target}
         update_sq = expected_update_sq(coefficients, cfg.learning_rate, cfg.population_size, self.num_params)
         step = max(self.planned, l2_step_for_target(self.drift, update_sq, self.target))
         return {AWD_STEP_KEY: step, TARGET_KEY: None if math.isinf(self.target) else self.target}

@@ -370,6 +370,9 @@ class ESConfig:
         """Fields (outside `ignore`) whose values differ, as 'name: a != b' lines."""
         out = []
         ignore = ignore | unused_kl_fields(self.kl_budget, other.kl_budget)
+        if self.kl_budget is not None or other.kl_budget is not None:
+            # A budget plans its step for the run's length: another max_steps is another run.
+            ignore = ignore - {"max_steps"}
         for f in fields(self):
             if f.name in ignore:
                 continue
