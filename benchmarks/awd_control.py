@@ -10,7 +10,9 @@ two `--kl_budget` values), and prints:
   measurement) against X, the held-out target gain against plain ES and against the
   fixed-λ trade-off at the same final KL (interpolated along the ladder in log KL), and the
   KL measurements' cost: one measurement against its iteration, and all of them against
-  the rest of the training time (what `--kl_every` amortises).
+  the rest of the training time (what `--kl_every` amortises);
+- one budget against one fixed λ, training seed by training seed (with each seed's plain ES
+  where it was run), and the mean difference with its 95% t-interval over seeds.
 
     python benchmarks/awd_control.py runs/paper-claims runs/awd-control [--json benchmarks/results/awd_control.json]
 """
@@ -83,18 +85,46 @@ def seed_pairs(runs: list[dict[str, Any]], budget: float, lam: float) -> dict[st
         pb, pf = target_rewards(b), target_rewards(f)
         if not pb or not pf or len(pb[1]) != len(pf[1]):
             continue  # not evaluated, or on different question sets: nothing to pair
+        population = b["config"].get("population_size")
+        plain = by_seed(lambda c, n=population: c.get("awd", "none") == "none" and c.get("kl_budget") is None
+                        and c.get("population_size") == n).get(seed)
+        pe = target_rewards(plain) if plain else None
         rows.append({
             "seed": seed, "budget_run": b["name"], "fixed_run": f["name"],
             "budget_gain": paired_gain(*pb), "fixed_gain": paired_gain(*pf),
             "budget_kl": mean_kl(b), "fixed_kl": mean_kl(f),
             "difference": paired_gain(pf[1], pb[1]),  # budget − fixed, final rewards on the same questions
+            # The same seed's plain ES, where one was run on the same questions.
+            "es_run": plain["name"] if pe and len(pe[1]) == len(pb[1]) else None,
+            "es_gain": paired_gain(*pe) if pe and len(pe[1]) == len(pb[1]) else None,
+            "es_kl": mean_kl(plain) if pe and len(pe[1]) == len(pb[1]) else None,
         })
     diffs = [r["difference"][0] for r in rows]
     return {
         "budget": budget, "lambda": lam, "rows": rows,
+        "mean_budget_gain": float(np.mean([r["budget_gain"][0] for r in rows])) if rows else None,
+        "mean_fixed_gain": float(np.mean([r["fixed_gain"][0] for r in rows])) if rows else None,
         "mean_difference": float(np.mean(diffs)) if diffs else None,
         "sd_difference": float(np.std(diffs, ddof=1)) if len(diffs) > 1 else None,
+        "difference_interval": mean_interval(diffs),
     }
+
+
+#: Two-sided 95% quantiles of Student's t by degrees of freedom (no scipy needed for a table).
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def mean_interval(values: list[float]) -> list[float] | None:
+    """The 95% t-interval of the mean over training seeds: the spread between ES runs,
+    which the intervals over questions do not show."""
+    n = len(values)
+    if n < 2:
+        return None
+    df = max(k for k in T_975 if k <= n - 1)  # the next smaller table entry: a slightly wider interval
+    half = T_975[df] * float(np.std(values, ddof=1)) / math.sqrt(n)
+    mean = float(np.mean(values))
+    return [mean - half, mean + half]
 
 
 def main() -> None:
@@ -161,14 +191,19 @@ def markdown(result: dict[str, Any]) -> str:
     sp = result.get("seeds") or {}
     if sp.get("rows"):
         lines += ["", f"### `--kl_budget {sp['budget']:g}` against fixed λ={sp['lambda']:g}, seed by seed", "",
-                  "| seed | fixed λ: gain [95%] | its KL | budget: gain [95%] | its KL | budget − fixed [95%, over questions] |",
-                  "|---:|---|---:|---|---:|---|"]
+                  "| seed | plain ES: gain (KL) | fixed λ: gain [95%] | its KL | budget: gain [95%] | its KL | "
+                  "budget − fixed [95%, over questions] |",
+                  "|---:|---|---|---:|---|---:|---|"]
         for r in sp["rows"]:
-            lines.append(f"| {r['seed']} | {_gain({'gain': r['fixed_gain']})} | {_num(r['fixed_kl'], '.4f')} | "
+            es = "–" if r["es_gain"] is None else f"{r['es_gain'][0]:+.1f} ({r['es_kl']:.3f})"
+            lines.append(f"| {r['seed']} | {es} | {_gain({'gain': r['fixed_gain']})} | {_num(r['fixed_kl'], '.4f')} | "
                          f"{_gain({'gain': r['budget_gain']})} | {_num(r['budget_kl'], '.4f')} | "
                          f"{_gain({'gain': r['difference']})} |")
-        lines += ["", f"Mean difference over {len(sp['rows'])} seeds: {_num(sp['mean_difference'], '+.2f')} "
-                  f"(sd over seeds {_num(sp['sd_difference'], '.2f')})."]
+        ci = sp["difference_interval"]
+        lines += ["", f"Over {len(sp['rows'])} seeds: fixed {_num(sp['mean_fixed_gain'], '+.2f')}, budget "
+                  f"{_num(sp['mean_budget_gain'], '+.2f')}; mean difference {_num(sp['mean_difference'], '+.2f')} "
+                  f"(sd over seeds {_num(sp['sd_difference'], '.2f')}"
+                  + ("" if ci is None else f"; 95% t-interval over seeds [{ci[0]:+.2f}, {ci[1]:+.2f}]") + ")."]
     return "\n".join(lines)
 
 
