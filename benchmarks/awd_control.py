@@ -89,15 +89,17 @@ def seed_pairs(runs: list[dict[str, Any]], budget: float, lam: float) -> dict[st
         plain = by_seed(lambda c, n=population: c.get("awd", "none") == "none" and c.get("kl_budget") is None
                         and c.get("population_size") == n).get(seed)
         pe = target_rewards(plain) if plain else None
+        if not pe or len(pe[1]) != len(pb[1]):
+            plain, pe = None, None  # none at this seed, or scored on other questions
         rows.append({
             "seed": seed, "budget_run": b["name"], "fixed_run": f["name"],
             "budget_gain": paired_gain(*pb), "fixed_gain": paired_gain(*pf),
             "budget_kl": mean_kl(b), "fixed_kl": mean_kl(f),
             "difference": paired_gain(pf[1], pb[1]),  # budget − fixed, final rewards on the same questions
             # The same seed's plain ES, where one was run on the same questions.
-            "es_run": plain["name"] if pe and len(pe[1]) == len(pb[1]) else None,
-            "es_gain": paired_gain(*pe) if pe and len(pe[1]) == len(pb[1]) else None,
-            "es_kl": mean_kl(plain) if pe and len(pe[1]) == len(pb[1]) else None,
+            "es_run": plain["name"] if plain else None,
+            "es_gain": paired_gain(*pe) if pe else None,
+            "es_kl": mean_kl(plain) if plain else None,
         })
     diffs = [r["difference"][0] for r in rows]
     return {

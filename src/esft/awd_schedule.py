@@ -103,10 +103,10 @@ class KLBudget:
     def record_fields(self, coefficients: list[float] | None) -> dict[str, Any]:
         cfg = self.cfg
         if coefficients is None:
-            # A skipped update applies no AWD either (`apply_record`): the record says so.
-            return {AWD_STEP_KEY: 0.0, TARGET_KEY: None if math.isinf(self.target) else self.target}
-        update_sq = expected_update_sq(coefficients, cfg.learning_rate, cfg.population_size, self.num_params)
-        step = max(self.planned, l2_step_for_target(self.drift, update_sq, self.target))
+            step = 0.0  # a skipped update applies no AWD either (`apply_record`): the record says so
+        else:
+            update_sq = expected_update_sq(coefficients, cfg.learning_rate, cfg.population_size, self.num_params)
+            step = max(self.planned, l2_step_for_target(self.drift, update_sq, self.target))
         return {AWD_STEP_KEY: step, TARGET_KEY: None if math.isinf(self.target) else self.target}
 
     def after_update(self, record: IterationRecord, drift: float) -> dict[str, Any]:

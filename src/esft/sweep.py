@@ -382,13 +382,14 @@ def _es_run(name: str, where: str, values: dict[str, Any], base: dict[str, Any])
     except ValueError as e:
         lines = [ln.strip().removeprefix("- ") for ln in str(e).splitlines()[1:]] or [str(e)]
         raise _fail(where, "; ".join(_locate(ln, values, base) for ln in lines)) from None
-    if ":" not in config.task and config.task.strip().lower() not in _builtin_tasks():
-        key = "task (set in base)" if "task" not in values else "task"
-        raise _fail(where, f"{key}: unknown task {config.task!r}; available: {', '.join(_builtin_tasks())}")
-    if ":" not in config.task:
+    if ":" not in config.task:  # a built-in task, not a `module:function` reward
+        task = config.task.strip().lower()
+        if task not in _builtin_tasks():
+            key = "task (set in base)" if "task" not in values else "task"
+            raise _fail(where, f"{key}: unknown task {config.task!r}; available: {', '.join(_builtin_tasks())}")
         # The name the trainer saves in config.yaml (`Conciseness` -> `conciseness`), so a
         # finished run compares equal to the variant that made it.
-        config = dataclasses.replace(config, task=config.task.strip().lower())
+        config = dataclasses.replace(config, task=task)
     changes = {k: v for k, v in values.items() if base.get(k, getattr(ESConfig, k, None)) != v}
     return RunSpec(name, where, changes, config=config)
 
