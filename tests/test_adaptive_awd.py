@@ -66,14 +66,19 @@ def test_the_planned_step_reaches_the_target_at_the_horizon_and_not_before() -> 
 
 
 class _FakeMonitor:
-    """KL = c·‖θ − θ₀‖², the quadratic law the controller assumes, read from the schedule."""
+    """KL = c·‖θ − θ₀‖², the quadratic law the controller assumes, read from the schedule
+    (displaced by σ·ε from θ₀: ‖σ·ε‖² = σ²·d)."""
 
     def __init__(self, scale: float) -> None:
-        self.scale, self.schedule, self.calls = scale, None, 0
+        self.scale, self.schedule, self.calls, self.probes = scale, None, 0, 0
 
-    def measure(self) -> float:
-        self.calls += 1
-        return self.scale * self.schedule.drift**2
+    def measure(self, displaced: tuple[int, float] | None = None) -> float:
+        if displaced is None:
+            self.calls += 1
+            return self.scale * self.schedule.drift**2
+        self.probes += 1
+        assert self.schedule.drift == 0.0, "the probe is taken at θ₀"
+        return self.scale * displaced[1] ** 2 * self.schedule.num_params
 
 
 def _drive_budget(cfg: ESConfig, iterations: int, monitor: _FakeMonitor, records=None, start_drift: float = 0.0):
@@ -105,13 +110,15 @@ def test_the_budget_plans_one_step_that_ends_the_run_at_the_budget() -> None:
     monitor = _FakeMonitor(scale=0.1 / 15.0**2)  # the budget is reached at a drift of 15; plain ES ends at √20·5
     records = _drive_budget(cfg, 20, monitor)
     steps = [r.extra["awd_step"] for r in records]
-    assert steps[0] == 0.0, "nothing measured before the first update"
-    assert len(set(steps[1:5])) == 1 and steps[1] > 0, "one planned step between measurements"
+    assert steps[0] > 0, "the probe at θ₀ plans the first update's step too"
+    assert steps == pytest.approx([steps[0]] * 20, rel=1e-9), "an exact quadratic law: one step, never replanned"
+    assert [r.iteration for r in records if "awd_probe_kl" in r.extra] == [1]
+    assert records[0].extra["awd_probe_drift"] == pytest.approx(5.0), "the update's expected norm, √(α²·d/N·Σc²)"
     kls = [r.extra["awd_kl"] for r in records if "awd_kl" in r.extra]
     assert [r.iteration for r in records if "awd_kl" in r.extra] == [1, 5, 10, 15, 20]
     assert max(kls) <= 0.1 and kls[-1] == pytest.approx(0.9 * 0.1, rel=1e-6), "at the budget's margin at the end"
     assert kls == sorted(kls), "the KL climbs to it rather than overshooting and being pulled back"
-    assert monitor.calls == 5
+    assert (monitor.probes, monitor.calls) == (1, 5)
 
 
 def test_a_skipped_update_records_no_step_and_calibration_waits_for_a_move() -> None:
@@ -125,11 +132,12 @@ def test_a_skipped_update_records_no_step_and_calibration_waits_for_a_move() -> 
     monitor.schedule = schedule
     skipped = IterationRecord(1, [1] * 4, [0.0] * 4, None, dict(schedule.record_fields(None)))
     schedule.after_update(skipped, 0.0)  # all rewards equal: no update, θ still at θ₀
-    assert skipped.extra["awd_step"] == 0.0 and monitor.calls == 1
+    assert skipped.extra["awd_step"] == 0.0 and (monitor.probes, monitor.calls) == (0, 1)
     assert not math.isfinite(schedule.target), "a KL of 0 at θ₀ calibrates nothing"
     moved = IterationRecord(2, [2] * 4, [0.0] * 4, [1.0] * 4, dict(schedule.record_fields([1.0] * 4)))
+    assert monitor.probes == 1 and moved.extra["awd_step"] > 0, "the first update to move θ is probed for"
     schedule.after_update(moved, 5.0)
-    assert monitor.calls == 2 and "awd_kl" in moved.extra, "the first move calibrates, not iteration 5"
+    assert monitor.calls == 1 and "awd_kl" not in moved.extra, "calibrated: the next measurement is iteration 5's"
     assert math.isfinite(schedule.target) and schedule.planned > 0
     later = schedule.record_fields(None)
     assert later["awd_step"] == 0.0, "a skipped update applies no AWD, whatever the plan"
@@ -226,10 +234,34 @@ def test_a_budget_run_logs_the_kl_and_the_step_it_applied(budget_run: Path) -> N
         "the seed log keeps each measured KL (a resume recalibrates from it)"
     steps = [r.extra["awd_step"] for r in records]
     assert steps == [m["awd/step"] for m in metrics]
-    assert steps[0] == 0.0, "no measurement before the first update: plain ES"
-    assert max(steps) > 0.0, "a budget this tight must switch AWD on"
+    first_move = next(r for r in records if r.coefficients is not None)
+    assert [r.iteration for r in records if "awd_probe_kl" in r.extra] == [first_move.iteration], \
+        "probed once, at θ₀, before the first update that moves θ"
+    assert first_move.extra["awd_probe_kl"] > 0 and first_move.extra["awd_step"] > 0, \
+        "a budget this tight damps the very first update"
+    assert metrics[first_move.iteration - 1]["kl/probe"] == first_move.extra["awd_probe_kl"]
+    assert all(r.extra["awd_step"] == 0.0 for r in records if r.coefficients is None), "no update, no AWD"
     assert [m["awd/lambda"] for m in metrics] == pytest.approx([s / TINY["learning_rate"] for s in steps])
     assert (budget_run / "kl_cache").is_dir(), "the base-model continuations are cached"
+
+
+@pytest.mark.slow
+def test_the_probe_measures_a_displaced_model_and_leaves_the_weights_bitwise(tmp_path, embedded_dir) -> None:
+    from esft.anchor import AnchorFile
+    from esft.kl_budget import KLMonitor
+    from esft.trainer import ESTrainer
+
+    trainer = ESTrainer(args=ESConfig(**{**TINY, **BUDGET}, output_dir=str(tmp_path / "run")))
+    state = trainer.state
+    anchor = AnchorFile.write(tmp_path / "anchor.safetensors", state.items())
+    monitor = KLMonitor(trainer.args, state, trainer.engine, anchor, tmp_path / "run")
+    before = state.checksum()
+    assert monitor.measure() == 0.0, "at θ₀ the model is the base model"
+    small, large = monitor.measure(displaced=(7, 1e-3)), monitor.measure(displaced=(7, 2e-3))
+    assert state.checksum() == before and not state.perturbed
+    assert small > 0 and large / small == pytest.approx(4.0, rel=0.15), "KL grows like the squared distance"
+    assert monitor.measure(displaced=(7, 1e-3)) == small, "the same seed, the same displacement"
+    assert monitor.measure() == 0.0, "the model computes with θ₀ again"
 
 
 @pytest.mark.slow
@@ -254,11 +286,11 @@ def test_a_resumed_budget_run_makes_the_same_decisions(tmp_path, budget_run: Pat
     (run / SEEDLOG).write_text("".join(lines[:kept]))  # as if killed during iteration kept + 1
     measured = []
     real_measure = KLMonitor.measure
-    monkeypatch.setattr(KLMonitor, "measure", lambda self: measured.append(1) or real_measure(self))
+    monkeypatch.setattr(KLMonitor, "measure", lambda self, **kw: measured.append(kw) or real_measure(self, **kw))
     ESTrainer(args=ESConfig(**{**TINY, **BUDGET}, output_dir=str(run), resume=True)).train()
     # The state comes from the log (iteration 2's KL, or iteration 3's target): the only
     # forward pass over the KL prompts is iteration 4's own measurement.
-    assert measured == [1]
+    assert measured == [{}], "no probe either: the log holds its calibration"
     assert (run / SEEDLOG).read_bytes() == (budget_run / SEEDLOG).read_bytes()
     assert_bitwise_equal(load_checkpoint_tensors(run / "final"), load_checkpoint_tensors(budget_run / "final"),
                          "resumed vs uninterrupted budget run")

@@ -20,6 +20,7 @@ from esft.anchor import (
     l2_step_for_target,
 )
 from esft.config import ESConfig
+from esft.noise import tensor_seed
 from esft.seedlog import AWD_STEP_KEY, IterationRecord
 
 #: Record keys of the KL-budget controller's state: the drift after the iteration's AWD,
@@ -28,6 +29,10 @@ from esft.seedlog import AWD_STEP_KEY, IterationRecord
 DRIFT_KEY = "awd_drift"
 TARGET_KEY = "awd_target_drift"
 KL_KEY = "awd_kl"
+#: The calibration before the first update: the KL at θ₀ + one random update-sized step
+#: (`PROBE_DRIFT_KEY` its norm), so that update is damped like the rest.
+PROBE_KL_KEY = "awd_probe_kl"
+PROBE_DRIFT_KEY = "awd_probe_drift"
 
 
 class AWDSchedule(Protocol):
@@ -64,53 +69,64 @@ class FixedStep:
 class KLBudget:
     """Holds KL(base ‖ model) on the KL prompts at or under `kl_budget` with the L2 step.
 
-    After iteration 1 and every `kl_every` iterations the measured KL recalibrates a target
-    drift ‖θ − θ₀‖ (`drift_target_for_kl`: the KL grows like the squared distance near θ₀)
-    and plans one constant step for the rest of the run: the s whose expected drift at
-    `max_steps` equals that target (`l2_step_for_horizon`). Damping every update a little,
-    as a fixed λ does, kept more target gain than letting plain ES run until the budget
-    binds and then capping (measured, README). Each iteration applies the planned step, or
-    the larger one that brings the drift back to the target (`l2_step_for_target`) should
-    it run ahead of the plan between measurements. The KL is measured only every
-    `kl_every` iterations (forward passes over every KL prompt): KL/‖θ − θ₀‖² changes
-    slowly, so the drift target stays good in between.
+    Each measured KL calibrates a target drift ‖θ − θ₀‖ (`drift_target_for_kl`: the KL grows
+    like the squared distance near θ₀) and plans one constant step for the rest of the run:
+    the s whose expected drift at `max_steps` equals that target (`l2_step_for_horizon`).
+    Damping every update a little, as a fixed λ does, kept more target gain than letting
+    plain ES run until the budget binds and then capping (measured, README). Each iteration
+    applies the planned step, or the larger one that brings the drift back to the target
+    (`l2_step_for_target`) should it run ahead of the plan between measurements.
+
+    The first update is planned too: before it, the KL is measured at θ₀ plus one random
+    step of the update's expected size (the members' own noise family), the probe. ES moves
+    θ in random directions mostly, so the curvature along one is what the drift will meet.
+    After iteration 1 and every `kl_every` iterations the KL is measured again: KL/‖θ − θ₀‖²
+    changes slowly, so the target stays good in between.
     """
 
     def __init__(self, cfg: ESConfig, monitor: Any, num_params: int) -> None:
         self.cfg, self.monitor, self.num_params = cfg, monitor, num_params
         self.drift = 0.0
+        self.done = 0  # iterations applied
         self.target = math.inf
         self.planned = 0.0
+        self._probe_seconds = 0.0
 
     def measures_after(self, iteration: int) -> bool:
-        """Whether the KL is measured once `iteration` is applied: the first one calibrates,
-        and so does the first to move θ while no target exists (iteration 1 skipped its
-        update: a KL at θ₀ calibrates nothing)."""
+        """Whether the KL is measured once `iteration` is applied: the first one (the probe's
+        check), every `kl_every`, and the first move while no target exists (the probe
+        found no KL to scale)."""
         uncalibrated = not math.isfinite(self.target) and self.drift > 0.0
         return iteration == 1 or iteration % self.cfg.kl_every == 0 or uncalibrated
 
     def resume(self, records: list[IterationRecord]) -> None:
-        last = records[-1]
-        self.drift = float(last.extra.get(DRIFT_KEY) or 0.0)
-        measured = [r for r in records if r.extra.get(KL_KEY) is not None]
-        if measured:
-            # The plan and target of the uninterrupted run, from its last measurement.
-            at = measured[-1]
-            self._calibrate(float(at.extra[KL_KEY]), float(at.extra.get(DRIFT_KEY) or 0.0), at)
-        else:
-            self._measure(last)  # a log from before `awd_kl` was kept: measure here once
+        self.drift = float(records[-1].extra.get(DRIFT_KEY) or 0.0)
+        self.done = records[-1].iteration
+        # The plan and target of the uninterrupted run, from its last calibration: a record's
+        # measurement after its update comes after its probe before it.
+        for at in reversed(records):
+            if at.extra.get(KL_KEY) is not None:
+                self._calibrate(float(at.extra[KL_KEY]), float(at.extra.get(DRIFT_KEY) or 0.0), at)
+                return
+            if at.extra.get(PROBE_KL_KEY) is not None:
+                self._calibrate(float(at.extra[PROBE_KL_KEY]), float(at.extra[PROBE_DRIFT_KEY]), at, before=True)
+                return
+        self._measure(records[-1])  # a log from before `awd_kl` was kept: measure here once
 
     def record_fields(self, coefficients: list[float] | None) -> dict[str, Any]:
         cfg = self.cfg
+        fields: dict[str, Any] = {}
         if coefficients is None:
             step = 0.0  # a skipped update applies no AWD either (`apply_record`): the record says so
         else:
             update_sq = expected_update_sq(coefficients, cfg.learning_rate, cfg.population_size, self.num_params)
+            if self.drift == 0.0 and not math.isfinite(self.target):
+                fields = self._probe(coefficients, update_sq)
             step = max(self.planned, l2_step_for_target(self.drift, update_sq, self.target))
-        return {AWD_STEP_KEY: step, TARGET_KEY: None if math.isinf(self.target) else self.target}
+        return {AWD_STEP_KEY: step, TARGET_KEY: None if math.isinf(self.target) else self.target, **fields}
 
     def after_update(self, record: IterationRecord, drift: float) -> dict[str, Any]:
-        self.drift = drift
+        self.drift, self.done = drift, record.iteration
         record.extra[DRIFT_KEY] = drift
         step = float(record.extra[AWD_STEP_KEY])  # what record_fields decided for this iteration
         metrics: dict[str, Any] = {
@@ -119,12 +135,29 @@ class KLBudget:
             "awd/lambda": self.cfg.lambda_for_step(step),
             "awd/target_drift": self.target if math.isfinite(self.target) else None,
         }
+        seconds = self._probe_seconds
+        if record.extra.get(PROBE_KL_KEY) is not None:
+            metrics["kl/probe"] = record.extra[PROBE_KL_KEY]
         if self.measures_after(record.iteration):
-            kl, seconds = self._measure(record)
+            kl, measured_seconds = self._measure(record)
             record.extra[KL_KEY] = kl
             metrics["kl/measured"] = kl
+            seconds += measured_seconds
+        if seconds:
             metrics["time/kl"] = seconds
+        self._probe_seconds = 0.0
         return metrics
+
+    def _probe(self, coefficients: list[float], update_sq: float) -> dict[str, Any]:
+        """Calibrate at θ₀ before the first update: the KL at θ₀ + σ·ε, ‖σ·ε‖ the update's
+        expected norm (a seed of its own: it moves no weights, so only the record keeps it)."""
+        t0 = time.perf_counter()
+        sigma = math.sqrt(update_sq / self.num_params)
+        kl = self.monitor.measure(displaced=(tensor_seed(self.cfg.seed, PROBE_KL_KEY), sigma))
+        self._probe_seconds = time.perf_counter() - t0
+        record = IterationRecord(self.done + 1, [], [], coefficients, {})  # the coming one
+        self._calibrate(kl, math.sqrt(update_sq), record, before=True)
+        return {PROBE_KL_KEY: kl, PROBE_DRIFT_KEY: math.sqrt(update_sq)}
 
     def _measure(self, record: IterationRecord) -> tuple[float, float]:
         t0 = time.perf_counter()
@@ -132,15 +165,16 @@ class KLBudget:
         self._calibrate(kl, self.drift, record)
         return kl, time.perf_counter() - t0
 
-    def _calibrate(self, kl: float, drift: float, record: IterationRecord) -> None:
-        """Target and plan from the KL measured at `drift` after `record`'s iteration; the
-        coming updates are expected as large as that iteration's (as Eq. 2's α²·d/N if it
-        skipped its update)."""
+    def _calibrate(self, kl: float, at_drift: float, record: IterationRecord, before: bool = False) -> None:
+        """Target and plan from the KL measured at drift `at_drift`: after `record`'s
+        iteration, or (`before`, the probe) ahead of its update, θ still at θ₀. The coming
+        updates are expected as large as that iteration's (as Eq. 2's α²·d/N if it skipped)."""
         cfg = self.cfg
-        self.target = drift_target_for_kl(drift, kl, cfg.kl_budget)
+        self.target = drift_target_for_kl(at_drift, kl, cfg.kl_budget)
         coefficients = record.coefficients or [1.0] * cfg.population_size
         update_sq = expected_update_sq(coefficients, cfg.learning_rate, cfg.population_size, self.num_params)
-        self.planned = l2_step_for_horizon(drift, update_sq, self.target, cfg.max_steps - record.iteration)
+        start, done = (0.0, record.iteration - 1) if before else (at_drift, record.iteration)
+        self.planned = l2_step_for_horizon(start, update_sq, self.target, cfg.max_steps - done)
 
 
-__all__ = ["AWDSchedule", "DRIFT_KEY", "FixedStep", "KLBudget", "KL_KEY", "TARGET_KEY"]
+__all__ = ["AWDSchedule", "DRIFT_KEY", "FixedStep", "KLBudget", "KL_KEY", "PROBE_DRIFT_KEY", "PROBE_KL_KEY", "TARGET_KEY"]

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,8 +130,11 @@ class KLMonitor:
         device = self.state.masters[0].device
         return self.state.weights_from(lambda name: self.anchor.get(name, device))
 
-    def measure(self) -> float:
-        """KL(base ‖ model) in nats per continuation token, exact per position, token-weighted."""
+    def measure(self, displaced: tuple[int, float] | None = None) -> float:
+        """KL(base ‖ model) in nats per continuation token, exact per position, token-weighted.
+
+        `displaced=(seed, σ)` measures it at θ + σ·ε(seed) instead (the weights come back bitwise).
+        """
         total = 0.0
         for i, batch in enumerate(self.batches):
             if self._base_lp is not None:
@@ -137,11 +142,24 @@ class KLMonitor:
             else:
                 with self._base_weights(), torch.inference_mode():
                     base_lp = batch_logprobs(self.state.model, batch)
-            with torch.inference_mode():
+            # Perturbed outside inference mode: the work buffers must stay ordinary tensors.
+            with self._displaced(displaced), torch.inference_mode():
                 model_lp = batch_logprobs(self.state.model, batch)
                 _, exact = batch_kl(batch, base_lp, model_lp)
             total += float(np.sum(exact))
         return total / self.n_tokens if self.n_tokens else 0.0
+
+    @contextmanager
+    def _displaced(self, displaced: tuple[int, float] | None) -> Iterator[None]:
+        if displaced is None:
+            yield
+            return
+        seed, sigma = displaced
+        self.state.perturb(seed, +1, sigma)  # the members' noise family (iid, shared or low-rank)
+        try:
+            yield
+        finally:
+            self.state.restore()
 
 
 __all__ = ["KLMonitor", "KLPromptSet", "prompt_sets", "read_prompt_file"]
