@@ -58,6 +58,21 @@ def test_samples_are_reproducible_and_end_at_eos(base, prompts, continuations) -
     assert short == [c[:3] for c in continuations]
 
 
+@torch.inference_mode()
+def test_samples_fed_through_the_kv_cache_equal_a_loop_without_it(base, prompts, continuations) -> None:
+    """Each prompt alone, the whole sequence recomputed every step: no cache to get wrong."""
+    model, _ = base
+    for i, prompt in enumerate(prompts):
+        gen, ids, drawn = kl._prompt_generator(0, i), list(prompt), []
+        for _ in continuations[i]:
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+            cdf = torch.softmax(logits.double(), dim=-1).cumsum(-1)
+            u = torch.rand((), generator=gen, dtype=torch.float64)
+            drawn.append(int(torch.searchsorted(cdf, (u * cdf[-1]).reshape(1), right=True).clamp(max=len(cdf) - 1)))
+            ids.append(drawn[-1])
+        assert drawn == continuations[i], f"prompt {i}"
+
+
 def test_kl_of_a_model_against_itself_is_exactly_zero(base, prompts, continuations) -> None:
     model = base[0]
     for other in (model, copy.deepcopy(model)):

@@ -68,6 +68,15 @@ def _supports_logits_to_keep(model: torch.nn.Module) -> bool:
         return False
 
 
+def _cache_argument(model: torch.nn.Module) -> str:
+    """The keyword that feeds the KV cache back: `cache` in recent transformers (which warn
+    on, and will drop, `past_key_values`), `past_key_values` in older ones (≥ 4.56 allowed)."""
+    try:
+        return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    except (TypeError, ValueError):
+        return "past_key_values"
+
+
 def _prompt_generator(seed: int, index: int) -> torch.Generator:
     """One stream per prompt, so a prompt's sample does not depend on how it was batched."""
     state = int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0])
@@ -119,6 +128,7 @@ def sample_continuations(
     eos = _eos_ids(model, tokenizer)
     pad = _pad_id(tokenizer, eos)
     keep_arg = {"logits_to_keep": 1} if _supports_logits_to_keep(model) else {}
+    cache_arg = _cache_argument(model)
     out: list[list[int]] = [[] for _ in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for start in range(0, len(order), batch_size):
@@ -146,10 +156,8 @@ def sample_continuations(
                 break
             feed = torch.where(done, torch.full_like(tok, pad), tok).unsqueeze(1).to(device)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            res = model(
-                input_ids=feed, attention_mask=mask, position_ids=next_pos,
-                past_key_values=res.past_key_values, use_cache=True,
-            )
+            cache = res.cache if cache_arg == "cache" else res.past_key_values
+            res = model(input_ids=feed, attention_mask=mask, position_ids=next_pos, use_cache=True, **{cache_arg: cache})
             next_pos = next_pos + 1
     return out
 
