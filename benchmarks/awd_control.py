@@ -15,6 +15,7 @@ two `--kl_budget` values), and prints:
   where it was run), and the mean difference with its 95% t-interval over seeds.
 
     python benchmarks/awd_control.py runs/paper-claims runs/awd-control [--json benchmarks/results/awd_control.json]
+    python benchmarks/awd_control.py - runs/budget-only --previous benchmarks/results/awd_control.json
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def budget_row(run: dict[str, Any], ladder: list[dict[str, Any]], ref: dict[str,
     measured = [float(m["kl/measured"]) for m in metrics if "kl/measured" in m]
     kl_share = [m["time/kl"] / m["time/iteration"] for m in metrics if "time/kl" in m and m.get("time/iteration")]
     total_s = sum(float(m.get("time/iteration", 0.0)) for m in metrics if m.get("iteration", 0) > 0)
-    kl_s = sum(float(m.get("time/kl", 0.0)) for m in metrics)
+    kl_s = sum(float(m.get("time/kl", 0.0)) + float(m.get("time/kl_probe", 0.0)) for m in metrics)
     s = summary(run, ref["gain"][0] if ref["gain"] else None, ref["kl"])
     return {
         **s, "budget": budget, "seed": int(run["config"].get("seed", 0)), "kl_final_train": measured[-1] if measured else None,
@@ -69,21 +70,37 @@ def budget_row(run: dict[str, Any], ladder: list[dict[str, Any]], ref: dict[str,
     }
 
 
-def seed_pairs(runs: list[dict[str, Any]], budget: float, lam: float) -> dict[str, Any]:
+def seed_pairs(runs: list[dict[str, Any]], budget: float, lam: float,
+               earlier_rows: list[dict[str, Any]] = ()) -> dict[str, Any]:
     """The budget against the fixed λ, training seed by training seed: each pair saw the same
     seeds, and their final rewards are paired over the same held-out questions. Intervals over
-    questions cannot show the spread between ES runs; the spread over seeds does."""
+    questions cannot show the spread between ES runs; the spread over seeds does.
+
+    A seed whose fixed-λ run is not among `runs` takes it (and its plain ES) from
+    `earlier_rows`, an earlier result's rows: its difference is then the difference of the
+    two gains, without an interval over questions."""
     def by_seed(keep: Any) -> dict[int, dict[str, Any]]:
         return {int(r["config"].get("seed", 0)): r for r in runs if keep(r["config"])}
 
     budgets = by_seed(lambda c: c.get("kl_budget") is not None and float(c["kl_budget"]) == budget)
     fixed = by_seed(lambda c: c.get("awd") == "l2" and c.get("kl_budget") is None
                     and isinstance(c.get("awd_lambda"), (int, float)) and float(c["awd_lambda"]) == lam)
+    earlier = {int(r["seed"]): r for r in earlier_rows}
     rows = []
-    for seed in sorted(set(budgets) & set(fixed)):
-        b, f = budgets[seed], fixed[seed]
-        pb, pf = target_rewards(b), target_rewards(f)
-        if not pb or not pf or len(pb[1]) != len(pf[1]):
+    for seed, b in sorted(budgets.items()):
+        pb = target_rewards(b)
+        if not pb:
+            continue  # not evaluated
+        budget_side = {"seed": seed, "budget_run": b["name"], "budget_gain": paired_gain(*pb), "budget_kl": mean_kl(b)}
+        if seed not in fixed:
+            if seed in earlier:
+                e = earlier[seed]
+                rows.append({**e, **budget_side,
+                             "difference": [budget_side["budget_gain"][0] - e["fixed_gain"][0], None, None]})
+            continue
+        f = fixed[seed]
+        pf = target_rewards(f)
+        if not pf or len(pb[1]) != len(pf[1]):
             continue  # not evaluated, or on different question sets: nothing to pair
         population = b["config"].get("population_size")
         plain = by_seed(lambda c, n=population: c.get("awd", "none") == "none" and c.get("kl_budget") is None
@@ -92,9 +109,7 @@ def seed_pairs(runs: list[dict[str, Any]], budget: float, lam: float) -> dict[st
         if not pe or len(pe[1]) != len(pb[1]):
             plain, pe = None, None  # none at this seed, or scored on other questions
         rows.append({
-            "seed": seed, "budget_run": b["name"], "fixed_run": f["name"],
-            "budget_gain": paired_gain(*pb), "fixed_gain": paired_gain(*pf),
-            "budget_kl": mean_kl(b), "fixed_kl": mean_kl(f),
+            **budget_side, "fixed_run": f["name"], "fixed_gain": paired_gain(*pf), "fixed_kl": mean_kl(f),
             "difference": paired_gain(pf[1], pb[1]),  # budget − fixed, final rewards on the same questions
             # The same seed's plain ES, where one was run on the same questions.
             "es_run": plain["name"] if plain else None,
@@ -131,34 +146,59 @@ def mean_interval(values: list[float]) -> list[float] | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("claims_dir")
+    ap.add_argument("claims_dir", help="the paper-claims sweep (plain ES and the λ ladder); '-' with --previous")
     ap.add_argument("control_dir")
     ap.add_argument("--reference", default="es-n8")
     ap.add_argument("--json", default=None)
     ap.add_argument("--pair_budget", type=float, default=0.1, help="the budget compared seed by seed ...")
     ap.add_argument("--pair_lambda", type=float, default=10.0, help="... with the fixed L2 λ that ends at its KL")
+    ap.add_argument("--previous", default=None,
+                    help="an earlier --json result: what the directories lack (the ladder, auto λ, the seed pairs' "
+                         "fixed-λ and plain-ES runs) is read from it, so budget runs can be re-run alone after a "
+                         "change to the budget controller (no other run uses it)")
     a = ap.parse_args()
-    claims = {p.name: load(p) for p in sorted(Path(a.claims_dir).iterdir()) if (p / "config.yaml").exists()}
-    control = {p.name: load(p) for p in sorted(Path(a.control_dir).iterdir()) if (p / "config.yaml").exists()}
-    ref = summary(claims[a.reference], None, None)
-    ref_gain = ref["gain"][0] if ref["gain"] else None
-    ladder = [summary(r, ref_gain, ref["kl"]) | {"lambda": r["config"].get("awd_lambda")}
-              for r in claims.values() if r["config"].get("awd") == "l2"]
-    ladder.append(ref | {"lambda": 0.0})
+    previous = json.loads(Path(a.previous).read_text()) if a.previous else {}
+    claims = _runs(a.claims_dir)
+    control = _runs(a.control_dir)
+    if a.reference in claims:
+        ref = summary(claims[a.reference], None, None)
+        ref_gain = ref["gain"][0] if ref["gain"] else None
+        ladder = [summary(r, ref_gain, ref["kl"]) | {"lambda": r["config"].get("awd_lambda")}
+                  for r in claims.values() if r["config"].get("awd") == "l2"]
+        ladder.append(ref | {"lambda": 0.0})
+    elif previous:
+        ref, ladder = previous["reference"], previous["ladder"]
+    else:
+        raise SystemExit(f"no run {a.reference!r} in {a.claims_dir}, and no --previous result to take it from")
     result: dict[str, Any] = {"reference": ref, "ladder": sorted(ladder, key=lambda p: p["lambda"])}
     if "auto" in control:
         evidence = json.loads((Path(a.control_dir) / "auto" / "auto_lambda.json").read_text())
-        result["auto"] = {**summary(control["auto"], ref_gain, ref["kl"]), "evidence": evidence}
+        result["auto"] = {**summary(control["auto"], ref["gain"][0] if ref["gain"] else None, ref["kl"]),
+                          "evidence": evidence}
+    elif "auto" in previous:
+        result["auto"] = previous["auto"]
     result["budgets"] = [budget_row(r, ladder, ref) for r in control.values() if r["config"].get("kl_budget")]
-    result["seeds"] = seed_pairs([*claims.values(), *control.values()], a.pair_budget, a.pair_lambda)
+    result["seeds"] = seed_pairs([*claims.values(), *control.values()], a.pair_budget, a.pair_lambda,
+                                 (previous.get("seeds") or {}).get("rows", []))
     print(markdown(result))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
 
 
+def _runs(directory: str) -> dict[str, dict[str, Any]]:
+    if directory == "-":
+        return {}
+    root = Path(directory)
+    if not root.is_dir():
+        raise SystemExit(f"{directory}: no such directory")
+    return {p.name: load(p) for p in sorted(root.iterdir()) if (p / "config.yaml").exists()}
+
+
 def _gain(s: dict[str, Any]) -> str:
     g = s.get("gain")
-    return "–" if not g else f"{g[0]:+.2f} [{g[1]:+.2f}, {g[2]:+.2f}]"
+    if not g:
+        return "–"
+    return f"{g[0]:+.2f}" if g[1] is None else f"{g[0]:+.2f} [{g[1]:+.2f}, {g[2]:+.2f}]"
 
 
 def _num(x: float | None, fmt: str) -> str:

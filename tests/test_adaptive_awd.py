@@ -240,6 +240,7 @@ def test_a_budget_run_logs_the_kl_and_the_step_it_applied(budget_run: Path) -> N
     assert first_move.extra["awd_probe_kl"] > 0 and first_move.extra["awd_step"] > 0, \
         "a budget this tight damps the very first update"
     assert metrics[first_move.iteration - 1]["kl/probe"] == first_move.extra["awd_probe_kl"]
+    assert metrics[first_move.iteration - 1]["time/kl_probe"] > 0
     assert all(r.extra["awd_step"] == 0.0 for r in records if r.coefficients is None), "no update, no AWD"
     assert [m["awd/lambda"] for m in metrics] == pytest.approx([s / TINY["learning_rate"] for s in steps])
     assert (budget_run / "kl_cache").is_dir(), "the base-model continuations are cached"

@@ -135,17 +135,14 @@ class KLBudget:
             "awd/lambda": self.cfg.lambda_for_step(step),
             "awd/target_drift": self.target if math.isfinite(self.target) else None,
         }
-        seconds = self._probe_seconds
         if record.extra.get(PROBE_KL_KEY) is not None:
             metrics["kl/probe"] = record.extra[PROBE_KL_KEY]
+            metrics["time/kl_probe"] = self._probe_seconds
         if self.measures_after(record.iteration):
-            kl, measured_seconds = self._measure(record)
+            kl, seconds = self._measure(record)
             record.extra[KL_KEY] = kl
             metrics["kl/measured"] = kl
-            seconds += measured_seconds
-        if seconds:
             metrics["time/kl"] = seconds
-        self._probe_seconds = 0.0
         return metrics
 
     def _probe(self, coefficients: list[float], update_sq: float) -> dict[str, Any]:

@@ -396,7 +396,7 @@ def _postfix(m: dict[str, Any], last_kl: float | None) -> dict[str, str]:
 def _log_kl_cost(m: dict[str, Any], every: int) -> None:
     """What the KL budget's measurements cost, once the first one is timed: so a user can
     pick `--kl_every` before the overhead adds up."""
-    rest = m["time/iteration"] - m["time/kl"]  # the iteration's own work, without the measurement
+    rest = m["time/iteration"] - m["time/kl"] - m.get("time/kl_probe", 0.0)  # the iteration's own work
     share = m["time/kl"] / rest if rest > 0 else 0.0
     log.info("KL measurement: %.1f s = %.0f%% of an iteration's own time; at --kl_every %d it adds about %.0f%% "
              "to training (each measurement is one forward pass over every KL prompt)", m["time/kl"], 100 * share,
