@@ -263,6 +263,9 @@ def test_the_probe_measures_a_displaced_model_and_leaves_the_weights_bitwise(tmp
     assert small > 0 and large / small == pytest.approx(4.0, rel=0.15), "KL grows like the squared distance"
     assert monitor.measure(displaced=(7, 1e-3)) == small, "the same seed, the same displacement"
     assert monitor.measure() == 0.0, "the model computes with θ₀ again"
+    cached, monitor._base_lp = monitor._base_lp, None  # as when the base log-probs do not fit in memory
+    assert monitor.measure(displaced=(7, 1e-3)) == small and state.checksum() == before
+    monitor._base_lp = cached
 
 
 @pytest.mark.slow

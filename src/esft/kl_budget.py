@@ -136,18 +136,22 @@ class KLMonitor:
 
         `displaced=(seed, σ)` measures it at θ + σ·ε(seed) instead (the weights come back bitwise).
         """
+        cached = self._base_lp is not None
         total = 0.0
-        for i, batch in enumerate(self.batches):
-            if self._base_lp is not None:
-                base_lp = self._base_lp[i]
-            else:
-                with self._base_weights(), torch.inference_mode():
-                    base_lp = batch_logprobs(self.state.model, batch)
-            # Perturbed outside inference mode: the work buffers must stay ordinary tensors.
-            with self._displaced(displaced), torch.inference_mode():
-                model_lp = batch_logprobs(self.state.model, batch)
-                _, exact = batch_kl(batch, base_lp, model_lp)
-            total += float(np.sum(exact))
+        # With the base log-probs cached, displace once for every batch; else once per batch,
+        # around the forward pass only (θ₀ takes the work buffers for the base side).
+        with self._displaced(displaced if cached else None):
+            for i, batch in enumerate(self.batches):
+                if cached:
+                    base_lp = self._base_lp[i]  # type: ignore[index]
+                else:
+                    with self._base_weights(), torch.inference_mode():
+                        base_lp = batch_logprobs(self.state.model, batch)
+                # Perturbed outside inference mode: the work buffers must stay ordinary tensors.
+                with self._displaced(None if cached else displaced), torch.inference_mode():
+                    model_lp = batch_logprobs(self.state.model, batch)
+                    _, exact = batch_kl(batch, base_lp, model_lp)
+                total += float(np.sum(exact))
         return total / self.n_tokens if self.n_tokens else 0.0
 
     @contextmanager
