@@ -106,10 +106,12 @@ class KLBudget:
         # measurement after its update comes after its probe before it.
         for at in reversed(records):
             if at.extra.get(KL_KEY) is not None:
-                self._calibrate(float(at.extra[KL_KEY]), float(at.extra.get(DRIFT_KEY) or 0.0), at)
+                drift = float(at.extra.get(DRIFT_KEY) or 0.0)
+                self._calibrate(float(at.extra[KL_KEY]), drift, at.coefficients, at.iteration, drift)
                 return
-            if at.extra.get(PROBE_KL_KEY) is not None:
-                self._calibrate(float(at.extra[PROBE_KL_KEY]), float(at.extra[PROBE_DRIFT_KEY]), at, before=True)
+            if at.extra.get(PROBE_KL_KEY) is not None:  # taken at θ₀, before `at`'s update
+                self._calibrate(float(at.extra[PROBE_KL_KEY]), float(at.extra[PROBE_DRIFT_KEY]), at.coefficients,
+                                at.iteration - 1, 0.0)
                 return
         self._measure(records[-1])  # a log from before `awd_kl` was kept: measure here once
 
@@ -152,26 +154,25 @@ class KLBudget:
         sigma = math.sqrt(update_sq / self.num_params)
         kl = self.monitor.measure(displaced=(tensor_seed(self.cfg.seed, PROBE_KL_KEY), sigma))
         self._probe_seconds = time.perf_counter() - t0
-        record = IterationRecord(self.done + 1, [], [], coefficients, {})  # the coming one
-        self._calibrate(kl, math.sqrt(update_sq), record, before=True)
+        self._calibrate(kl, math.sqrt(update_sq), coefficients, self.done, 0.0)
         return {PROBE_KL_KEY: kl, PROBE_DRIFT_KEY: math.sqrt(update_sq)}
 
     def _measure(self, record: IterationRecord) -> tuple[float, float]:
         t0 = time.perf_counter()
         kl = self.monitor.measure()
-        self._calibrate(kl, self.drift, record)
+        self._calibrate(kl, self.drift, record.coefficients, record.iteration, self.drift)
         return kl, time.perf_counter() - t0
 
-    def _calibrate(self, kl: float, at_drift: float, record: IterationRecord, before: bool = False) -> None:
-        """Target and plan from the KL measured at drift `at_drift`: after `record`'s
-        iteration, or (`before`, the probe) ahead of its update, θ still at θ₀. The coming
-        updates are expected as large as that iteration's (as Eq. 2's α²·d/N if it skipped)."""
+    def _calibrate(self, kl: float, at_drift: float, coefficients: list[float] | None, done: int,
+                   drift: float) -> None:
+        """Target and plan from the KL measured at drift `at_drift`, once `done` iterations are
+        applied and θ sits at `drift` from θ₀ (the probe: at θ₀, 0). The coming updates are
+        expected as large as one with `coefficients` (as Eq. 2's α²·d/N if it skipped)."""
         cfg = self.cfg
         self.target = drift_target_for_kl(at_drift, kl, cfg.kl_budget)
-        coefficients = record.coefficients or [1.0] * cfg.population_size
-        update_sq = expected_update_sq(coefficients, cfg.learning_rate, cfg.population_size, self.num_params)
-        start, done = (0.0, record.iteration - 1) if before else (at_drift, record.iteration)
-        self.planned = l2_step_for_horizon(start, update_sq, self.target, cfg.max_steps - done)
+        update_sq = expected_update_sq(coefficients or [1.0] * cfg.population_size, cfg.learning_rate,
+                                       cfg.population_size, self.num_params)
+        self.planned = l2_step_for_horizon(drift, update_sq, self.target, cfg.max_steps - done)
 
 
 __all__ = ["AWDSchedule", "DRIFT_KEY", "FixedStep", "KLBudget", "KL_KEY", "PROBE_DRIFT_KEY", "PROBE_KL_KEY", "TARGET_KEY"]
