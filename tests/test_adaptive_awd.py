@@ -23,7 +23,8 @@ from esft.config import ESConfig
 from esft.io import read_jsonl
 from esft.seedlog import SEEDLOG, SeedLog, load_checkpoint_tensors, replay
 
-# kl_every=2 over 4 iterations: the KL is measured after iterations 1 (calibration), 2 and 4, not 3.
+# kl_every=2 over 4 iterations: the KL is probed before iteration 1 and measured after 2, 3 (the
+# final check, halfway through the last 2) and 4, not after 1.
 BUDGET = dict(kl_budget=2e-4, kl_tasks="conciseness", kl_num_prompts=2, kl_max_tokens=4, kl_every=2, max_steps=4)
 AUTO = dict(awd="l2", awd_lambda="auto")
 
@@ -115,7 +116,7 @@ def test_the_budget_plans_one_step_that_ends_the_run_at_the_budget() -> None:
     assert [r.iteration for r in records if "awd_probe_kl" in r.extra] == [1]
     assert records[0].extra["awd_probe_drift"] == pytest.approx(5.0), "the update's expected norm, √(α²·d/N·Σc²)"
     kls = [r.extra["awd_kl"] for r in records if "awd_kl" in r.extra]
-    assert [r.iteration for r in records if "awd_kl" in r.extra] == [1, 5, 10, 15, 20]
+    assert [r.iteration for r in records if "awd_kl" in r.extra] == [5, 10, 15, 18, 20], "18: the final check"
     assert max(kls) <= 0.1 and kls[-1] == pytest.approx(0.9 * 0.1, rel=1e-6), "at the budget's margin at the end"
     assert kls == sorted(kls), "the KL climbs to it rather than overshooting and being pulled back"
     assert (monitor.probes, monitor.calls) == (1, 5)
@@ -132,12 +133,12 @@ def test_a_skipped_update_records_no_step_and_calibration_waits_for_a_move() -> 
     monitor.schedule = schedule
     skipped = IterationRecord(1, [1] * 4, [0.0] * 4, None, dict(schedule.record_fields(None)))
     schedule.after_update(skipped, 0.0)  # all rewards equal: no update, θ still at θ₀
-    assert skipped.extra["awd_step"] == 0.0 and (monitor.probes, monitor.calls) == (0, 1)
-    assert not math.isfinite(schedule.target), "a KL of 0 at θ₀ calibrates nothing"
+    assert skipped.extra["awd_step"] == 0.0 and (monitor.probes, monitor.calls) == (0, 0), "θ₀: nothing to measure"
+    assert not math.isfinite(schedule.target)
     moved = IterationRecord(2, [2] * 4, [0.0] * 4, [1.0] * 4, dict(schedule.record_fields([1.0] * 4)))
     assert monitor.probes == 1 and moved.extra["awd_step"] > 0, "the first update to move θ is probed for"
     schedule.after_update(moved, 5.0)
-    assert monitor.calls == 1 and "awd_kl" not in moved.extra, "calibrated: the next measurement is iteration 5's"
+    assert monitor.calls == 0 and "awd_kl" not in moved.extra, "calibrated: the next measurement is iteration 5's"
     assert math.isfinite(schedule.target) and schedule.planned > 0
     later = schedule.record_fields(None)
     assert later["awd_step"] == 0.0, "a skipped update applies no AWD, whatever the plan"
@@ -156,6 +157,23 @@ def test_a_resumed_budget_plans_the_same_steps_without_measuring(kept: int) -> N
     resumed = _drive_budget(cfg, 12, monitor, records=whole[:kept], start_drift=whole[kept - 1].extra["awd_drift"])
     assert [r.extra for r in resumed] == [r.extra for r in whole]
     assert monitor.calls == 1, "only iteration 10's own measurement"
+
+
+@pytest.mark.parametrize(
+    ("max_steps", "kl_every", "expected"),
+    [(20, 10, 15), (19, 10, 14), (22, 10, None), (25, 10, None), (15, 10, None), (5, 10, 1), (4, 2, 3),
+     (20, 5, 18), (12, 5, None), (7, 1, None), (1, 10, 1)],
+)
+def test_the_final_check_leaves_half_of_the_last_stretch_to_correct(max_steps, kl_every, expected) -> None:
+    from esft.awd_schedule import final_check
+
+    cfg = ESConfig(kl_budget=0.1, kl_tasks="piqa", kl_every=kl_every, max_steps=max_steps)
+    at = final_check(cfg)
+    assert at == expected
+    measured = [k for k in range(1, max_steps + 1) if k % kl_every == 0 or k == at]
+    last_before_end = max([k for k in measured if k < max_steps], default=0)
+    assert max_steps - last_before_end <= max(1, kl_every // 2), \
+        "the last measurement that can still steer leaves at most half of kl_every"
 
 
 def test_the_target_drift_scales_the_drift_by_the_root_of_budget_over_kl() -> None:
@@ -226,8 +244,8 @@ def test_a_budget_run_logs_the_kl_and_the_step_it_applied(budget_run: Path) -> N
     metrics = [m for m in read_jsonl(budget_run / "metrics.jsonl") if m["iteration"] > 0]
     assert all(m["kl/budget"] == BUDGET["kl_budget"] for m in metrics)
     measured = [m for m in metrics if "kl/measured" in m]
-    assert [m["iteration"] for m in measured] == [1, 2, 4], "after iteration 1, then every kl_every"
-    assert all(m["time/kl"] > 0 for m in measured) and "time/kl" not in metrics[2]
+    assert [m["iteration"] for m in measured] == [2, 3, 4], "every kl_every, and the final check"
+    assert all(m["time/kl"] > 0 for m in measured) and "time/kl" not in metrics[0]
     assert all((m["kl/measured"] > 0) == (m["drift/norm"] > 0) for m in measured), "KL > 0 exactly when θ moved"
     records = SeedLog(budget_run).records()
     assert [r.extra.get("awd_kl") for r in records] == [m.get("kl/measured") for m in metrics], \
@@ -277,7 +295,7 @@ def test_a_budget_run_replays_bitwise(budget_run: Path, k: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kept", [2, 3], ids=["after-a-measurement", "between-measurements"])
+@pytest.mark.parametrize("kept", [1, 2, 3])
 def test_a_resumed_budget_run_makes_the_same_decisions(tmp_path, budget_run: Path, monkeypatch, kept: int) -> None:
     from esft.kl_budget import KLMonitor
     from esft.trainer import ESTrainer
@@ -292,9 +310,13 @@ def test_a_resumed_budget_run_makes_the_same_decisions(tmp_path, budget_run: Pat
     real_measure = KLMonitor.measure
     monkeypatch.setattr(KLMonitor, "measure", lambda self, **kw: measured.append(kw) or real_measure(self, **kw))
     ESTrainer(args=ESConfig(**{**TINY, **BUDGET}, output_dir=str(run), resume=True)).train()
-    # The state comes from the log (iteration 2's KL, or iteration 3's target): the only
-    # forward pass over the KL prompts is iteration 4's own measurement.
-    assert measured == [{}], "no probe either: the log holds its calibration"
+    # The state comes from the log: the only forward passes over the KL prompts are the probe
+    # and measurements the uninterrupted run made after `kept` (its probe before its update).
+    still_to_come = [key for r in SeedLog(budget_run).records()[kept:] for key in ("awd_probe_kl", "awd_kl")
+                     if key in r.extra]
+    assert still_to_come, "an empty check otherwise"
+    assert [("awd_probe_kl" if kw else "awd_kl") for kw in measured] == still_to_come, \
+        "nothing measured again: the log holds the calibration"
     assert (run / SEEDLOG).read_bytes() == (budget_run / SEEDLOG).read_bytes()
     assert_bitwise_equal(load_checkpoint_tensors(run / "final"), load_checkpoint_tensors(budget_run / "final"),
                          "resumed vs uninterrupted budget run")

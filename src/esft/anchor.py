@@ -239,7 +239,8 @@ def drift_target_for_kl(drift: float, kl: float, budget: float, margin: float = 
 
     Near θ₀ the KL grows like the square of the distance (its Hessian is the Fisher), so
     one measurement (KL at `drift`) calibrates the scale: target = drift·√(margin·budget/KL).
-    Re-measured after iteration 1 and every `kl_every` iterations, this is a feedback loop on the target.
+    Re-measured every `kl_every` iterations (and once halfway through the last), this is a
+    feedback loop on the target.
     """
     if drift <= 0.0 or kl <= 1e-12:
         return math.inf

@@ -35,6 +35,15 @@ PROBE_KL_KEY = "awd_probe_kl"
 PROBE_DRIFT_KEY = "awd_probe_drift"
 
 
+def final_check(cfg: ESConfig) -> int | None:
+    """The iteration halfway through the run's last `kl_every` (`max_steps` − ⌊kl_every/2⌋, at
+    least 1) where the KL budget measures once more, so that half of that stretch is left to
+    correct; None when a `kl_every` measurement already leaves no more than that."""
+    at = max(1, cfg.max_steps - cfg.kl_every // 2)
+    last_regular = (cfg.max_steps - 1) // cfg.kl_every * cfg.kl_every  # before the end; 0: none
+    return at if at > last_regular and at % cfg.kl_every else None
+
+
 class AWDSchedule(Protocol):
     """Decides each iteration's AWD step and logs why."""
 
@@ -79,9 +88,12 @@ class KLBudget:
 
     The first update is planned too: before it, the KL is measured at θ₀ plus one random
     step of the update's expected size (the members' own noise family), the probe. ES moves
-    θ in random directions mostly, so the curvature along one is what the drift will meet.
-    After iteration 1 and every `kl_every` iterations the KL is measured again: KL/‖θ − θ₀‖²
-    changes slowly, so the target stays good in between.
+    θ in random directions mostly, so the curvature along one is what the drift will meet
+    (0.92–1.26 times the KL/‖θ − θ₀‖² after iteration 1, measured: that measurement was
+    dropped). Every `kl_every` iterations the KL is measured again, and once halfway
+    through the run's last stretch (`final_check`): KL/‖θ − θ₀‖² drifts as the update
+    directions stop being random (it rose 45% between iterations 10 and 20 of one run), and
+    a rise in the last `kl_every` iterations could not be corrected otherwise.
     """
 
     def __init__(self, cfg: ESConfig, monitor: Any, num_params: int) -> None:
@@ -93,11 +105,10 @@ class KLBudget:
         self._probe_seconds = 0.0
 
     def measures_after(self, iteration: int) -> bool:
-        """Whether the KL is measured once `iteration` is applied: the first one (the probe's
-        check), every `kl_every`, and the first move while no target exists (the probe
-        found no KL to scale)."""
+        """Whether the KL is measured once `iteration` is applied: every `kl_every`, the final
+        check, and the first move while no target exists (the probe found no KL to scale)."""
         uncalibrated = not math.isfinite(self.target) and self.drift > 0.0
-        return iteration == 1 or iteration % self.cfg.kl_every == 0 or uncalibrated
+        return iteration % self.cfg.kl_every == 0 or iteration == final_check(self.cfg) or uncalibrated
 
     def resume(self, records: list[IterationRecord]) -> None:
         self.drift = float(records[-1].extra.get(DRIFT_KEY) or 0.0)
@@ -113,7 +124,9 @@ class KLBudget:
                 self._calibrate(float(at.extra[PROBE_KL_KEY]), float(at.extra[PROBE_DRIFT_KEY]), at.coefficients,
                                 at.iteration - 1, 0.0)
                 return
-        self._measure(records[-1])  # a log from before `awd_kl` was kept: measure here once
+        if self.drift > 0.0:  # a log from before `awd_kl` was kept: measure here once
+            self._measure(records[-1])
+        # else θ never moved (every update skipped): the first one to move it is probed for
 
     def record_fields(self, coefficients: list[float] | None) -> dict[str, Any]:
         cfg = self.cfg
@@ -175,4 +188,5 @@ class KLBudget:
         self.planned = l2_step_for_horizon(drift, update_sq, self.target, cfg.max_steps - done)
 
 
-__all__ = ["AWDSchedule", "DRIFT_KEY", "FixedStep", "KLBudget", "KL_KEY", "PROBE_DRIFT_KEY", "PROBE_KL_KEY", "TARGET_KEY"]
+__all__ = ["AWDSchedule", "DRIFT_KEY", "FixedStep", "KLBudget", "KL_KEY", "PROBE_DRIFT_KEY", "PROBE_KL_KEY", "TARGET_KEY",
+           "final_check"]

@@ -102,7 +102,7 @@ class ESConfig:
         kl_tasks: comma-separated tasks whose evaluation prompts measure the KL.
         kl_prompts: a file of the user's own prompts (.txt: one per line; .jsonl/.json: a
             `prompt` field, a string or chat messages).
-        kl_every: measure the KL after iteration 1 (calibration) and every k iterations;
+        kl_every: measure the KL every k iterations (and once halfway through the last k);
             each measurement is a forward pass over every KL prompt, so k sets the overhead.
         kl_num_prompts, kl_max_tokens: prompts per task, tokens sampled per prompt.
 
@@ -168,7 +168,7 @@ class ESConfig:
     kl_budget: float | None = option("keep KL(base ‖ model) on the KL prompts at or under X nats/token", default=None)
     kl_tasks: str | None = option("comma-separated tasks whose eval prompts measure the KL budget", default=None)
     kl_prompts: str | None = option("file of prompts measuring the KL budget (.txt lines, .jsonl 'prompt')", default=None)
-    kl_every: int = option("measure the KL after iteration 1 and every k iterations", default=10)
+    kl_every: int = option("measure the KL every k iterations, and once halfway through the last k", default=10)
     kl_num_prompts: int = option("prompts per KL task", default=16)
     kl_max_tokens: int = option("tokens sampled from the base model per KL prompt", default=32)
 

@@ -3,9 +3,9 @@
 `--kl_budget X` with `--kl_tasks` (tasks' evaluation prompts) or `--kl_prompts FILE` (the
 user's own): at the start, continuations of those prompts are sampled once from the base
 model and cached (the `esft kl` machinery and cache files); once before the first update at
-θ₀ + one random update-sized step (the probe, `measure(displaced=...)`), then after
-iteration 1 and every `--kl_every` iterations, the exact per-position KL(base ‖ current),
-token-weighted, is measured on them with forward passes only. `awd_schedule.KLBudget` turns
+θ₀ + one random update-sized step (the probe, `measure(displaced=...)`), then every
+`--kl_every` iterations and once halfway through the last of them, the exact per-position
+KL(base ‖ current), token-weighted, is measured on them with forward passes only. `awd_schedule.KLBudget` turns
 each measurement into a target drift ‖θ − θ₀‖ (`anchor.drift_target_for_kl`) and a constant AWD L2 step that
 reaches it at the end of the run (`anchor.l2_step_for_horizon`); the step applied is part of
 the iteration's seed-log record, so replay, resume and Ray actors apply exactly it.

@@ -238,6 +238,7 @@ class ESTrainer:
             total=cfg.max_steps, initial=self.iteration, desc="ES", unit="it", disable=cfg.disable_tqdm,
             dynamic_ncols=True,
         )
+        kl_cost_logged = False  # said once, at the first KL measurement
         try:
             while self.iteration < cfg.max_steps:
                 metrics = self._iteration(self.iteration + 1)
@@ -247,8 +248,9 @@ class ESTrainer:
                 bar.update(1)
                 bar.set_postfix(_postfix(metrics, self._last_kl))
                 self._last_kl = metrics.get("kl/measured", self._last_kl)
-                if self.iteration == 1 and "time/kl" in metrics:
+                if "time/kl" in metrics and not kl_cost_logged:
                     _log_kl_cost(metrics, cfg.kl_every)
+                    kl_cost_logged = True
                 if cfg.logging_steps and self.iteration % cfg.logging_steps == 0:
                     bar.write(_format_metrics(metrics))
                 if cfg.save_steps and self.iteration % cfg.save_steps == 0:
