@@ -401,8 +401,8 @@ def _log_kl_cost(m: dict[str, Any], every: int) -> None:
     rest = m["time/iteration"] - m["time/kl"] - m.get("time/kl_probe", 0.0)  # the iteration's own work
     share = m["time/kl"] / rest if rest > 0 else 0.0
     log.info("KL measurement: %.1f s = %.0f%% of an iteration's own time; at --kl_every %d it adds about %.0f%% "
-             "to training (each measurement is one forward pass over every KL prompt)", m["time/kl"], 100 * share,
-             every, 100 * share / every)
+             "to training, and the probe and the final check one measurement each (each is one forward pass over "
+             "every KL prompt)", m["time/kl"], 100 * share, every, 100 * share / every)
 
 
 def _format_metrics(m: dict[str, Any]) -> str:
