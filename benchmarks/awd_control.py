@@ -57,7 +57,7 @@ def budget_row(run: dict[str, Any], ladder: list[dict[str, Any]], ref: dict[str,
     kl_share = [m["time/kl"] / m["time/iteration"] for m in metrics if "time/kl" in m and m.get("time/iteration")]
     total_s = sum(float(m.get("time/iteration", 0.0)) for m in metrics if m.get("iteration", 0) > 0)
     kl_s = sum(float(m.get("time/kl", 0.0)) + float(m.get("time/kl_probe", 0.0)) for m in metrics)
-    s = summary(run, ref["gain"][0] if ref["gain"] else None, ref["kl"])
+    s = summary(run, _first(ref["gain"]), ref["kl"])
     return {
         **s, "budget": budget, "seed": int(run["config"].get("seed", 0)), "kl_final_train": measured[-1] if measured else None,
         "kl_max": max(measured) if measured else None,
@@ -95,7 +95,8 @@ def seed_pairs(runs: list[dict[str, Any]], budget: float, lam: float,
         if seed not in fixed:
             if seed in earlier:
                 e = earlier[seed]
-                rows.append({**e, **budget_side,
+                # The earlier result's own budget run stays beside the new one: what the change did.
+                rows.append({**e, **budget_side, "earlier_budget_gain": e["budget_gain"], "earlier_budget_kl": e["budget_kl"],
                              "difference": [budget_side["budget_gain"][0] - e["fixed_gain"][0], None, None]})
             continue
         f = fixed[seed]
@@ -162,8 +163,7 @@ def main() -> None:
     control = _runs(a.control_dir)
     if a.reference in claims:
         ref = summary(claims[a.reference], None, None)
-        ref_gain = ref["gain"][0] if ref["gain"] else None
-        ladder = [summary(r, ref_gain, ref["kl"]) | {"lambda": r["config"].get("awd_lambda")}
+        ladder = [summary(r, _first(ref["gain"]), ref["kl"]) | {"lambda": r["config"].get("awd_lambda")}
                   for r in claims.values() if r["config"].get("awd") == "l2"]
         ladder.append(ref | {"lambda": 0.0})
     elif previous:
@@ -173,7 +173,7 @@ def main() -> None:
     result: dict[str, Any] = {"reference": ref, "ladder": sorted(ladder, key=lambda p: p["lambda"])}
     if "auto" in control:
         evidence = json.loads((Path(a.control_dir) / "auto" / "auto_lambda.json").read_text())
-        result["auto"] = {**summary(control["auto"], ref["gain"][0] if ref["gain"] else None, ref["kl"]),
+        result["auto"] = {**summary(control["auto"], _first(ref["gain"]), ref["kl"]),
                           "evidence": evidence}
     elif "auto" in previous:
         result["auto"] = previous["auto"]
@@ -183,6 +183,11 @@ def main() -> None:
     print(markdown(result))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
+
+
+def _first(interval: list[float] | None) -> float | None:
+    """The point estimate of a [estimate, low, high] gain, None when there is none."""
+    return interval[0] if interval else None
 
 
 def _runs(directory: str) -> dict[str, dict[str, Any]]:
