@@ -50,6 +50,8 @@ def metrics(cfg: dict[str, Any], T: int = 10, kl: bool = False) -> list[dict[str
         m = {"iteration": t, "reward/mean": 0.1 + 0.05 * t, "drift/norm": 1.1 * math.sqrt(x), "params/trainable": D}
         if s:
             m["awd/step"] = s
+        if kl and t == 1:
+            m["kl/probe"] = 0.0012
         if kl and t % 2 == 0:
             m |= {"kl/measured": 0.001 * t, "kl/budget": 0.006}
         out.append(m)

@@ -477,6 +477,9 @@ def plot_kl_budget(runs: Sequence[RunSummary], path: Path) -> Path | None:
         kl, budget, reward = r.series("kl/measured"), r.series("kl/budget"), r.series("reward/mean")
         its = sorted(kl)
         ax.plot(its, [kl[k] for k in its], color="C0", marker="o", markersize=3.5)
+        probe = r.series("kl/probe")  # at θ₀ + one random update-sized step, before the first update
+        ax.plot(sorted(probe), [probe[k] for k in sorted(probe)], color="C0", marker="o", markersize=4.5,
+                markerfacecolor="none", linestyle="none")
         if budget:
             b = sorted(budget)
             ax.plot(b, [budget[k] for k in b], color="C3", linestyle="--", drawstyle="steps-post")
@@ -491,8 +494,11 @@ def plot_kl_budget(runs: Sequence[RunSummary], path: Path) -> Path | None:
     for ax in list(axes.flat)[len(tracked):]:
         ax.axis("off")
     fig.suptitle("KL budget: measured KL to the base and the target reward")
-    _legend(fig, [Line2D([], [], color="C0", marker="o", markersize=4, label="measured KL (left axis)"),
-                  Line2D([], [], color="C3", linestyle="--", label="KL budget (left axis)"),
+    handles = [Line2D([], [], color="C0", marker="o", markersize=4, label="measured KL (left axis)")]
+    if any(r.series("kl/probe") for r in tracked):
+        handles.append(Line2D([], [], color="C0", marker="o", markersize=4.5, markerfacecolor="none", linestyle="none",
+                              label="the probe: θ₀ + one update-sized step (left axis)"))
+    _legend(fig, [*handles, Line2D([], [], color="C3", linestyle="--", label="KL budget (left axis)"),
                   Line2D([], [], color="0.45", label="target reward (right axis)")])
     return _save(fig, path)
 
