@@ -90,10 +90,11 @@ class KLBudget:
     step of the update's expected size (the members' own noise family), the probe. ES moves
     θ in random directions mostly, so the curvature along one is what the drift will meet
     (its KL/‖θ − θ₀‖² was 0.92–1.26 times the one measured after iteration 1 over nine runs,
-    so that measurement is no longer taken). Every `kl_every` iterations the KL is measured again, and once halfway
-    through the run's last stretch (`final_check`): KL/‖θ − θ₀‖² drifts as the update
-    directions stop being random (it rose 45% between iterations 10 and 20 of one run), and
-    a rise in the last `kl_every` iterations could not be corrected otherwise.
+    so that measurement is no longer taken). Every `kl_every` iterations the KL is measured
+    again, and once halfway through the run's last stretch (`final_check`): KL/‖θ − θ₀‖²
+    drifts as the update directions stop being random (it rose 45% between iterations 10 and
+    20 of one run), and a rise in the last `kl_every` iterations could not be corrected
+    otherwise.
     """
 
     def __init__(self, cfg: ESConfig, monitor: Any, num_params: int) -> None:

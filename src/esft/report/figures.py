@@ -473,13 +473,16 @@ def plot_kl_budget(runs: Sequence[RunSummary], path: Path) -> Path | None:
     cols = min(2, len(tracked))
     rows = -(-len(tracked) // cols)
     fig, axes = _subplots(rows, cols, (6.2 * cols, 3.6 * rows + 0.6))
+    probed = False
     for ax, r in zip(axes.flat, tracked):
         kl, budget, reward = r.series("kl/measured"), r.series("kl/budget"), r.series("reward/mean")
         its = sorted(kl)
         ax.plot(its, [kl[k] for k in its], color="C0", marker="o", markersize=3.5)
         probe = r.series("kl/probe")  # at θ₀ + one random update-sized step, before the first update
-        ax.plot(sorted(probe), [probe[k] for k in sorted(probe)], color="C0", marker="o", markersize=4.5,
-                markerfacecolor="none", linestyle="none")
+        if probe:
+            probed = True
+            ax.plot(list(probe), list(probe.values()), color="C0", marker="o", markersize=4.5,
+                    markerfacecolor="none", linestyle="none")
         if budget:
             b = sorted(budget)
             ax.plot(b, [budget[k] for k in b], color="C3", linestyle="--", drawstyle="steps-post")
@@ -495,7 +498,7 @@ def plot_kl_budget(runs: Sequence[RunSummary], path: Path) -> Path | None:
         ax.axis("off")
     fig.suptitle("KL budget: measured KL to the base and the target reward")
     handles = [Line2D([], [], color="C0", marker="o", markersize=4, label="measured KL (left axis)")]
-    if any(r.series("kl/probe") for r in tracked):
+    if probed:
         handles.append(Line2D([], [], color="C0", marker="o", markersize=4.5, markerfacecolor="none", linestyle="none",
                               label="the probe: θ₀ + one update-sized step (left axis)"))
     _legend(fig, [*handles, Line2D([], [], color="C3", linestyle="--", label="KL budget (left axis)"),
