@@ -96,7 +96,12 @@ def seed_pairs(runs: list[dict[str, Any]], budget: float, lam: float,
             if seed in earlier:
                 e = earlier[seed]
                 # The earlier result's own budget run stays beside the new one: what the change did.
-                rows.append({**e, **budget_side, "earlier_budget_gain": e["budget_gain"], "earlier_budget_kl": e["budget_kl"],
+                # The same run read again (more seeds added beside it) keeps the row's own earlier run.
+                again = (e.get("budget_run") == b["name"] and e["budget_gain"][0] == budget_side["budget_gain"][0]
+                         and e["budget_kl"] == budget_side["budget_kl"])
+                before = ({k: e.get(k) for k in ("earlier_budget_gain", "earlier_budget_kl")} if again
+                          else {"earlier_budget_gain": e["budget_gain"], "earlier_budget_kl": e["budget_kl"]})
+                rows.append({**e, **budget_side, **before,
                              "difference": [budget_side["budget_gain"][0] - e["fixed_gain"][0], None, None]})
             continue
         f = fixed[seed]
@@ -177,7 +182,8 @@ def main() -> None:
                           "evidence": evidence}
     elif "auto" in previous:
         result["auto"] = previous["auto"]
-    result["budgets"] = [budget_row(r, ladder, ref) for r in control.values() if r["config"].get("kl_budget")]
+    result["budgets"] = sorted((budget_row(r, ladder, ref) for r in control.values() if r["config"].get("kl_budget")),
+                               key=lambda row: (row["budget"], row["seed"]))
     result["seeds"] = seed_pairs([*claims.values(), *control.values()], a.pair_budget, a.pair_lambda,
                                  (previous.get("seeds") or {}).get("rows", []))
     print(markdown(result))
