@@ -465,6 +465,10 @@ def plot_kl_heatmap(runs: Sequence[RunSummary], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+#: The KL budget's probe: a hollow marker, on the axes and in the legend alike.
+PROBE_STYLE = dict(color="C0", marker="o", markersize=4.5, markerfacecolor="none", linestyle="none")
+
+
 def plot_kl_budget(runs: Sequence[RunSummary], path: Path) -> Path | None:
     """Per run with a KL budget: measured KL and the budget over iterations, reward on the right axis."""
     tracked = [r for r in runs if r.series("kl/measured")]
@@ -481,8 +485,7 @@ def plot_kl_budget(runs: Sequence[RunSummary], path: Path) -> Path | None:
         probe = r.series("kl/probe")  # at θ₀ + one random update-sized step, before the first update
         if probe:
             probed = True
-            ax.plot(list(probe), list(probe.values()), color="C0", marker="o", markersize=4.5,
-                    markerfacecolor="none", linestyle="none")
+            ax.plot(list(probe), list(probe.values()), **PROBE_STYLE)
         if budget:
             b = sorted(budget)
             ax.plot(b, [budget[k] for k in b], color="C3", linestyle="--", drawstyle="steps-post")
@@ -499,8 +502,7 @@ def plot_kl_budget(runs: Sequence[RunSummary], path: Path) -> Path | None:
     fig.suptitle("KL budget: measured KL to the base and the target reward")
     handles = [Line2D([], [], color="C0", marker="o", markersize=4, label="measured KL (left axis)")]
     if probed:
-        handles.append(Line2D([], [], color="C0", marker="o", markersize=4.5, markerfacecolor="none", linestyle="none",
-                              label="the probe: θ₀ + one update-sized step (left axis)"))
+        handles.append(Line2D([], [], **PROBE_STYLE, label="the probe: θ₀ + one update-sized step (left axis)"))
     _legend(fig, [*handles, Line2D([], [], color="C3", linestyle="--", label="KL budget (left axis)"),
                   Line2D([], [], color="0.45", label="target reward (right axis)")])
     return _save(fig, path)
