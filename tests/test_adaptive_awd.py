@@ -68,18 +68,24 @@ def test_the_planned_step_reaches_the_target_at_the_horizon_and_not_before() -> 
 
 class _FakeMonitor:
     """KL = c·‖θ − θ₀‖², the quadratic law the controller assumes, read from the schedule
-    (displaced by σ·ε from θ₀: ‖σ·ε‖² = σ²·d)."""
+    (displaced by σ·ε from θ₀: ‖σ·ε‖² = σ²·d). `scales`: a curvature c for each reading in
+    turn (the probe first), as when each reading sees other random directions."""
 
-    def __init__(self, scale: float) -> None:
-        self.scale, self.schedule, self.calls, self.probes = scale, None, 0, 0
+    def __init__(self, scale: float, scales: list[float] | None = None) -> None:
+        self.scale, self.scales, self.schedule, self.calls, self.probes = scale, scales, None, 0, 0
+
+    def _curvature(self) -> float:
+        reading = self.calls + self.probes
+        return self.scales[reading % len(self.scales)] if self.scales else self.scale
 
     def measure(self, displaced: tuple[int, float] | None = None) -> float:
+        c = self._curvature()
         if displaced is None:
             self.calls += 1
-            return self.scale * self.schedule.drift**2
+            return c * self.schedule.drift**2
         self.probes += 1
         assert self.schedule.drift == 0.0, "the probe is taken at θ₀"
-        return self.scale * displaced[1] ** 2 * self.schedule.num_params
+        return c * displaced[1] ** 2 * self.schedule.num_params
 
 
 def _drive_budget(cfg: ESConfig, iterations: int, monitor: _FakeMonitor, records=None, start_drift: float = 0.0):
@@ -122,6 +128,27 @@ def test_the_budget_plans_one_step_that_ends_the_run_at_the_budget() -> None:
     assert (monitor.probes, monitor.calls) == (1, 5)
 
 
+def test_the_plan_rests_on_the_mean_curvature_of_every_reading_so_far() -> None:
+    from esft.awd_schedule import pooled_curvature
+
+    cfg = ESConfig(kl_budget=0.1, kl_tasks="conciseness", kl_every=5, max_steps=20, population_size=4,
+                   learning_rate=0.01)
+    scales = [c / 15.0**2 for c in (0.1, 0.13, 0.08, 0.12, 0.1, 0.09)]  # a noisy curvature per reading
+    records = _drive_budget(cfg, 20, _FakeMonitor(0.0, scales))
+    readings = [(r.extra["awd_probe_kl"], r.extra["awd_probe_drift"]) for r in records if "awd_probe_kl" in r.extra]
+    readings += [(r.extra["awd_kl"], r.extra["awd_drift"]) for r in records if "awd_kl" in r.extra]
+    curvatures = [kl / drift**2 for kl, drift in readings]
+    assert curvatures == pytest.approx(scales), "each reading sees its own curvature"
+    targets = [r.extra["awd_target_drift"] for r in records]
+    for k, after in [(1, 1), (6, 2), (11, 3), (16, 4), (19, 5)]:  # readings: probe, 5, 10, 15, 18 (the final check)
+        pooled = sum(curvatures[:after]) / after
+        assert targets[k - 1] == pytest.approx(math.sqrt(0.9 * 0.1 / pooled), rel=1e-12), \
+            f"iteration {k} plans on the mean of the first {after} curvatures, not the latest alone"
+    assert pooled_curvature([]) == 0.0 and pooled_curvature([1.0, 2.0]) == 1.5
+    steps = [r.extra["awd_step"] for r in records]
+    assert len(set(steps[15:18])) == 1 and steps[15] != steps[14], "a reading replans the steps after it"
+
+
 def test_a_skipped_update_records_no_step_and_calibration_waits_for_a_move() -> None:
     from esft.awd_schedule import KLBudget
     from esft.seedlog import IterationRecord
@@ -147,16 +174,20 @@ def test_a_skipped_update_records_no_step_and_calibration_waits_for_a_move() -> 
     assert (resumed.target, resumed.planned) == (schedule.target, schedule.planned), "the log holds the state"
 
 
-@pytest.mark.parametrize("kept", [5, 7], ids=["after-a-measurement", "between-measurements"])
+@pytest.mark.parametrize("kept", [5, 7, 10, 11], ids=["after-a-reading", "between-readings", "after-two",
+                                                      "after-the-last"])
 def test_a_resumed_budget_plans_the_same_steps_without_measuring(kept: int) -> None:
     cfg = ESConfig(kl_budget=0.1, kl_tasks="conciseness", kl_every=5, max_steps=12, population_size=4,
                    learning_rate=0.01)
-    whole = _drive_budget(cfg, 12, _FakeMonitor(0.1 / 12.0**2))
+    scales = [c / 12.0**2 for c in (0.1, 0.14, 0.08)]  # the probe, 5 and 10 (none at 12, and no final check)
+    whole = _drive_budget(cfg, 12, _FakeMonitor(0.0, scales))
     assert all(r.extra["awd_step"] > 0 for r in whole[1:]), "the budget binds: an empty check otherwise"
-    monitor = _FakeMonitor(0.1 / 12.0**2)
+    assert len({r.extra["awd_target_drift"] for r in whole}) == 3, "each reading moved the target"
+    done = sum(1 for r in whole[:kept] for key in ("awd_probe_kl", "awd_kl") if key in r.extra)
+    monitor = _FakeMonitor(0.0, scales[done:])  # the readings still to come see the same curvatures
     resumed = _drive_budget(cfg, 12, monitor, records=whole[:kept], start_drift=whole[kept - 1].extra["awd_drift"])
-    assert [r.extra for r in resumed] == [r.extra for r in whole]
-    assert monitor.calls == 1, "only iteration 10's own measurement"
+    assert [r.extra for r in resumed] == [r.extra for r in whole], "the log holds every curvature the plan pools"
+    assert monitor.calls == len(scales) - done and monitor.probes == 0, "only the readings after the resume"
 
 
 @pytest.mark.parametrize(
@@ -177,10 +208,13 @@ def test_the_final_check_leaves_half_of_the_last_stretch_to_correct(max_steps, k
         "the last measurement that can still steer leaves at most half of kl_every"
 
 
-def test_the_target_drift_scales_the_drift_by_the_root_of_budget_over_kl() -> None:
-    assert drift_target_for_kl(2.0, 0.04, 0.01, margin=1.0) == pytest.approx(1.0)
-    assert drift_target_for_kl(0.0, 0.1, 0.01) == math.inf
-    assert drift_target_for_kl(1.0, 0.0, 0.01) == math.inf
+def test_the_target_drift_is_the_root_of_budget_over_curvature() -> None:
+    assert drift_target_for_kl(0.04 / 2.0**2, 0.01, margin=1.0) == pytest.approx(1.0)
+    assert drift_target_for_kl(0.01, 0.01) == pytest.approx(math.sqrt(0.9)), "the margin: 0.9 of the budget"
+    assert drift_target_for_kl(0.0, 0.01) == math.inf, "no curvature read yet: no target"
+    assert drift_target_for_kl(math.inf, 0.01) == math.inf
+    assert expected_update_sq([1.0, -1.0], learning_rate=0.1, population_size=2, num_params=10) == pytest.approx(0.05)
+    assert expected_update_sq(None, 0.1, 2, 10) == 0.0
     assert expected_update_sq([1.0, -1.0], learning_rate=0.1, population_size=2, num_params=10) == pytest.approx(0.05)
     assert expected_update_sq(None, 0.1, 2, 10) == 0.0
 

@@ -234,14 +234,16 @@ def l2_step_for_horizon(drift: float, update_sq: float, target: float, iteration
     return high
 
 
-def drift_target_for_kl(drift: float, kl: float, budget: float, margin: float = 0.9) -> float:
-    """The drift ‖θ − θ₀‖ at which the KL would sit at margin·budget.
+def drift_target_for_kl(curvature: float, budget: float, margin: float = 0.9) -> float:
+    """The drift ‖θ − θ₀‖ at which the KL would sit at margin·budget, given the curvature
+    KL/‖θ − θ₀‖² (nats per token per squared unit of drift).
 
-    Near θ₀ the KL grows like the square of the distance (its Hessian is the Fisher), so
-    one measurement (KL at `drift`) calibrates the scale: target = drift·√(margin·budget/KL).
-    Re-measured every `kl_every` iterations (and once halfway through the last), this is a
-    feedback loop on the target.
+    Near θ₀ the KL grows like the square of the distance (its Hessian is the Fisher), so the
+    curvature calibrates the scale: target = √(margin·budget/curvature). The KL budget pools
+    the curvature over its measurements (`awd_schedule.KLBudget`); re-measured every
+    `kl_every` iterations (and once halfway through the last), this is a feedback loop on the
+    target. inf while there is no curvature to scale (nothing measured, or a KL of 0).
     """
-    if drift <= 0.0 or kl <= 1e-12:
+    if curvature <= 0.0 or not math.isfinite(curvature):
         return math.inf
-    return drift * math.sqrt(margin * budget / kl)
+    return math.sqrt(margin * budget / curvature)

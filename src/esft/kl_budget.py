@@ -6,10 +6,10 @@ model and cached (the `esft kl` machinery and cache files); once before the firs
 θ₀ + one random update-sized step (the probe, `measure(displaced=...)`), then every
 `--kl_every` iterations and once halfway through the last of them, the exact per-position
 KL(base ‖ current), token-weighted, is measured on them with forward passes only.
-`awd_schedule.KLBudget` turns each measurement into a target drift ‖θ − θ₀‖
-(`anchor.drift_target_for_kl`) and a constant AWD L2 step that reaches it at the end of the
-run (`anchor.l2_step_for_horizon`); the step applied is part of the iteration's seed-log
-record, so replay, resume and Ray actors apply exactly it.
+`awd_schedule.KLBudget` turns each measurement into a curvature KL/‖θ − θ₀‖², their mean so
+far into a target drift (`anchor.drift_target_for_kl`) and that into a constant AWD L2 step
+that reaches it at the end of the run (`anchor.l2_step_for_horizon`); the step applied is part
+of the iteration's seed-log record, so replay, resume and Ray actors apply exactly it.
 
 The base model is never held twice: its log-probabilities are computed by pointing the
 trainable tensors at θ₀ (`WeightState.weights_from`), and cached when they fit in memory
