@@ -3,6 +3,7 @@ adapts to hold a measured KL); both stay a pure function of the seed log."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -302,7 +303,7 @@ def test_a_budget_run_logs_the_kl_and_the_step_it_applied(budget_run: Path) -> N
 @pytest.mark.slow
 def test_the_probe_measures_a_displaced_model_and_leaves_the_weights_bitwise(tmp_path, embedded_dir) -> None:
     from esft.anchor import AnchorFile
-    from esft.kl_budget import KLMonitor
+    from esft.kl_budget import CPU_SCORE_BATCH, KLMonitor
     from esft.trainer import ESTrainer
 
     trainer = ESTrainer(args=ESConfig(**{**TINY, **BUDGET}, output_dir=str(tmp_path / "run")))
@@ -319,6 +320,17 @@ def test_the_probe_measures_a_displaced_model_and_leaves_the_weights_bitwise(tmp
     cached, monitor._base_lp = monitor._base_lp, None  # as when the base log-probs do not fit in memory
     assert monitor.measure(displaced=(7, 1e-3)) == small and state.checksum() == before
     monitor._base_lp = cached
+    six = dataclasses.replace(trainer.args, kl_num_prompts=6)
+    narrow = KLMonitor(six, state, trainer.engine, anchor, tmp_path / "run")
+    wide = KLMonitor(six, state, trainer.engine, anchor, tmp_path / "run", score_batch_size=8)
+    assert [len(b.rows) for b in narrow.batches] == [CPU_SCORE_BATCH, 6 - CPU_SCORE_BATCH], "the CPU scores in small batches"
+    assert [len(b.rows) for b in wide.batches] == [6]
+    assert narrow.measure() == 0.0, "the base side is scored in the same batches"
+    # A KL of ~3e-4 nats is a difference of nearly equal log-probs: fp32 rounding moves it by
+    # ~1e-4 of itself, where a misplaced position or pad would move it entirely.
+    assert wide.measure(displaced=(7, 1e-3)) == pytest.approx(narrow.measure(displaced=(7, 1e-3)), rel=1e-3), \
+        "how the rows are batched changes only the rounding"
+    assert state.checksum() == before
 
 
 @pytest.mark.slow
