@@ -29,6 +29,9 @@ from typing import Any
 import numpy as np
 from paper_claims import load, mean_kl, paired_gain, target_rewards
 
+from esft.awd_schedule import DRIFT_KEY, KL_KEY, PROBE_DRIFT_KEY, PROBE_KL_KEY, pooled_curvature
+from esft.seedlog import SeedLog
+
 
 def summary(run: dict[str, Any], ref_gain: float | None, ref_kl: float | None) -> dict[str, Any]:
     pair = target_rewards(run)
@@ -50,6 +53,31 @@ def gain_at_kl(ladder: list[dict[str, Any]], kl: float) -> float | None:
     return float(np.interp(math.log(kl), xs, [g for _, g in points]))
 
 
+def curvature_readings(run_dir: Path) -> list[dict[str, Any]]:
+    """The budget's readings from the seed log, in the order the controller took them: the
+    probe (at θ₀ + one update-sized step, before its record's update) and each measurement,
+    with its curvature KL/‖θ − θ₀‖²."""
+    readings = []
+    for r in SeedLog(run_dir).records():
+        for kind, kl_key, drift_key, at in (("probe", PROBE_KL_KEY, PROBE_DRIFT_KEY, r.iteration - 1),
+                                            ("measured", KL_KEY, DRIFT_KEY, r.iteration)):
+            kl, drift = r.extra.get(kl_key), r.extra.get(drift_key)
+            if kl is not None and drift:
+                readings.append({"after": at, "kind": kind, "kl": float(kl), "drift": float(drift),
+                                 "curvature": float(kl) / float(drift) ** 2})
+    return readings
+
+
+def end_curvature_errors(readings: list[dict[str, Any]], max_steps: int) -> dict[str, float] | None:
+    """How well the readings before the end predicted the curvature at the end (the reading
+    after `max_steps`): the latest reading alone, and the mean of all of them (what the
+    controller plans on); relative errors, end / prediction − 1."""
+    if len(readings) < 2 or readings[-1]["after"] != max_steps:
+        return None
+    before, end = [r["curvature"] for r in readings[:-1]], readings[-1]["curvature"]
+    return {"latest": end / before[-1] - 1.0, "pooled": end / pooled_curvature(before) - 1.0}
+
+
 def budget_row(run: dict[str, Any], ladder: list[dict[str, Any]], ref: dict[str, Any]) -> dict[str, Any]:
     metrics = run["metrics"]
     budget = float(run["config"]["kl_budget"])
@@ -67,7 +95,16 @@ def budget_row(run: dict[str, Any], ladder: list[dict[str, Any]], ref: dict[str,
         "kl_measurement_share": float(np.median(kl_share)) if kl_share else None,
         "kl_overhead": kl_s / (total_s - kl_s) if total_s > kl_s else None,
         "steps": [m.get("awd/step") for m in metrics],
+        **_curvatures(run),
     }
+
+
+def _curvatures(run: dict[str, Any]) -> dict[str, Any]:
+    readings = curvature_readings(run["path"]) if run.get("path") else []
+    if not readings:
+        return {}
+    return {"curvatures": readings,
+            "end_curvature_error": end_curvature_errors(readings, int(run["config"]["max_steps"]))}
 
 
 def seed_pairs(runs: list[dict[str, Any]], budget: float, lam: float,
@@ -202,7 +239,7 @@ def _runs(directory: str) -> dict[str, dict[str, Any]]:
     root = Path(directory)
     if not root.is_dir():
         raise SystemExit(f"{directory}: no such directory")
-    return {p.name: load(p) for p in sorted(root.iterdir()) if (p / "config.yaml").exists()}
+    return {p.name: load(p) | {"path": p} for p in sorted(root.iterdir()) if (p / "config.yaml").exists()}
 
 
 def _gain(s: dict[str, Any]) -> str:
@@ -241,6 +278,16 @@ def markdown(result: dict[str, Any]) -> str:
             f"{_num(b['kl_max'], '.4f')} ({', '.join(map(str, b['measured_at']))}) | {_num(b['max_over_budget'], '.2f')} | "
             f"{_gain(b)} | {_num(b['retention'], '.0%')} | {_num(b['fixed_lambda_gain_at_same_kl'], '+.2f')} | "
             f"{_num(b['kl_measurement_share'], '.1%')} | {_num(b['kl_overhead'], '.1%')} |")
+    errors = [(b, b["end_curvature_error"]) for b in result["budgets"] if b.get("end_curvature_error")]
+    if errors:
+        lines += ["", "### The end's curvature (KL/‖θ − θ₀‖²) against what the readings before it predicted", "",
+                  "| budget X | seed | readings (after iteration: curvature × 10⁵) | latest alone | mean of all |",
+                  "|---:|---:|---|---:|---:|"]
+        for b, e in errors:
+            seen = ", ".join(f"{r['after']}: {r['curvature'] * 1e5:.2f}" for r in b["curvatures"])
+            lines.append(f"| {b['budget']:g} | {b['seed']} | {seen} | {e['latest']:+.1%} | {e['pooled']:+.1%} |")
+        lines += ["", "rms error: " + ", ".join(
+            f"{key} {math.sqrt(np.mean([e[key] ** 2 for _, e in errors])):.1%}" for key in ("latest", "pooled")) + "."]
     sp = result.get("seeds") or {}
     if sp.get("rows"):
         lines += ["", f"### `--kl_budget {sp['budget']:g}` against fixed λ={sp['lambda']:g}, seed by seed", "",
