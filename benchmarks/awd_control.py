@@ -187,12 +187,66 @@ def mean_interval(values: list[float]) -> list[float] | None:
     return [mean - half, mean + half]
 
 
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Two panels: each budget run's measured KL against its budget over the iterations (does
+    it hold?), and each seed's held-out gain under the budget against the fixed λ's and against
+    the previous budget controller's (is the spread the controller's or the runs'?)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (held, seeds) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colours: dict[float, str] = {}  # one colour per budget, named in the legend once
+    for b in result["budgets"]:
+        readings = [r for r in b.get("curvatures", []) if r["kind"] == "measured"]
+        if not readings:
+            continue
+        first = b["budget"] not in colours
+        colour = colours.setdefault(b["budget"], f"C{len(colours)}")
+        held.plot([r["after"] for r in readings], [r["kl"] / b["budget"] for r in readings], "o-", color=colour,
+                  alpha=0.6, ms=3, label=f"X = {b['budget']:g}" if first else None)
+    for level, style, text in ((1.0, "--", "the budget"), (1.2, ":", "1.2·X (the goal's limit)"),
+                               (0.9, "-.", "0.9·X (the plan's aim)")):
+        held.axhline(level, color="red" if level == 1.0 else "grey", ls=style, lw=1, label=text)
+    held.set_xlabel("iteration")
+    held.set_ylabel("KL measured during training / X")
+    held.set_title("the KL each budget run measured, against its budget", fontsize=10)
+    held.grid(alpha=0.3)
+    held.legend(fontsize=8, loc="lower right")
+
+    rows = (result.get("seeds") or {}).get("rows", [])
+    budget = [r["budget_gain"][0] for r in rows]
+    for key, label, marker, colour in (("fixed_gain", "fixed λ={lam:g}", "o", "C2"),
+                                       ("earlier_budget_gain", "previous budget run", "s", "C4")):
+        pairs = [(r[key][0], g) for r, g in zip(rows, budget) if r.get(key)]
+        if len(pairs) < 2:
+            continue
+        xs, ys = zip(*pairs)
+        r_xy = float(np.corrcoef(xs, ys)[0, 1])
+        seeds.scatter(xs, ys, marker=marker, color=colour, alpha=0.75,
+                      label=f"{label.format(lam=result['seeds']['lambda'])} (r = {r_xy:+.2f})")
+    if rows:
+        lo = min(min(budget), *(r["fixed_gain"][0] for r in rows)) - 2
+        hi = max(max(budget), *(r["fixed_gain"][0] for r in rows)) + 2
+        seeds.plot([lo, hi], [lo, hi], color="grey", lw=1, ls="--")
+    seeds.set_xlabel("held-out gain of the other run at the same seed")
+    seeds.set_ylabel(f"held-out gain under --kl_budget {(result.get('seeds') or {}).get('budget', '')}")
+    seeds.set_title("seed by seed: the budget against a fixed λ and against itself", fontsize=10)
+    seeds.grid(alpha=0.3)
+    seeds.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("claims_dir", help="the paper-claims sweep (plain ES and the λ ladder); '-' with --previous")
     ap.add_argument("control_dir")
     ap.add_argument("--reference", default="es-n8")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--figure", default=None, help="a PNG: the budgets' KL against X, and the seed pairs' gains")
     ap.add_argument("--pair_budget", type=float, default=0.1, help="the budget compared seed by seed ...")
     ap.add_argument("--pair_lambda", type=float, default=10.0, help="... with the fixed L2 λ that ends at its KL")
     ap.add_argument("--previous", default=None,
@@ -226,6 +280,8 @@ def main() -> None:
     print(markdown(result))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
+    if a.figure:
+        plot(result, Path(a.figure))
 
 
 def _first(interval: list[float] | None) -> float | None:
