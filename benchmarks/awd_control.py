@@ -62,7 +62,7 @@ def curvature_readings(run_dir: Path) -> list[dict[str, Any]]:
         for kind, kl_key, drift_key, at in (("probe", PROBE_KL_KEY, PROBE_DRIFT_KEY, r.iteration - 1),
                                             ("measured", KL_KEY, DRIFT_KEY, r.iteration)):
             kl, drift = r.extra.get(kl_key), r.extra.get(drift_key)
-            if kl is not None and drift:
+            if kl is not None and float(kl) > 1e-12 and drift:  # as the controller: a KL of 0 is no reading
                 readings.append({"after": at, "kind": kind, "kl": float(kl), "drift": float(drift),
                                  "curvature": float(kl) / float(drift) ** 2})
     return readings
@@ -215,7 +215,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     held.grid(alpha=0.3)
     held.legend(fontsize=8, loc="lower right")
 
-    rows = (result.get("seeds") or {}).get("rows", [])
+    rows = [r for r in (result.get("seeds") or {}).get("rows", []) if r.get("fixed_gain")]
     budget = [r["budget_gain"][0] for r in rows]
     for key, label, marker, colour in (("fixed_gain", "fixed λ={lam:g}", "o", "C2"),
                                        ("earlier_budget_gain", "previous budget run", "s", "C4")):
@@ -342,7 +342,7 @@ def markdown(result: dict[str, Any]) -> str:
         for b, e in errors:
             seen = ", ".join(f"{r['after']}: {r['curvature'] * 1e5:.2f}" for r in b["curvatures"])
             lines.append(f"| {b['budget']:g} | {b['seed']} | {seen} | {e['latest']:+.1%} | {e['pooled']:+.1%} |")
-        lines += ["", "rms error: " + ", ".join(
+        lines += ["", "rms error over these runs (every budget): " + ", ".join(
             f"{key} {math.sqrt(np.mean([e[key] ** 2 for _, e in errors])):.1%}" for key in ("latest", "pooled")) + "."]
     sp = result.get("seeds") or {}
     if sp.get("rows"):

@@ -191,6 +191,53 @@ def test_a_resumed_budget_plans_the_same_steps_without_measuring(kept: int) -> N
     assert monitor.calls == len(scales) - done and monitor.probes == 0, "only the readings after the resume"
 
 
+@pytest.mark.parametrize("kept", [1, 2, 3])
+def test_a_resume_replays_a_records_probe_before_its_measurement(kept: int) -> None:
+    cfg = ESConfig(kl_budget=0.1, kl_tasks="conciseness", kl_every=1, max_steps=5, population_size=4,
+                   learning_rate=0.01)
+    scales = [c / 6.0**2 for c in (0.1, 0.14, 0.08, 0.12, 0.09, 0.11)]  # the probe, then after 1, 2, ..., 5
+    whole = _drive_budget(cfg, 5, _FakeMonitor(0.0, scales))
+    assert {"awd_probe_kl", "awd_kl"} <= set(whole[0].extra), "iteration 1 holds both the probe and a measurement"
+    monitor = _FakeMonitor(0.0, scales[kept + 1:])
+    resumed = _drive_budget(cfg, 5, monitor, records=whole[:kept], start_drift=whole[kept - 1].extra["awd_drift"])
+    assert [r.extra for r in resumed] == [r.extra for r in whole], "the probe plans from θ₀, the measurement after it"
+
+
+def test_a_resume_warns_when_the_log_was_planned_otherwise(caplog) -> None:
+    from esft.awd_schedule import KLBudget
+
+    cfg = ESConfig(kl_budget=0.1, kl_tasks="conciseness", kl_every=5, max_steps=12, population_size=4,
+                   learning_rate=0.01)
+    records = _drive_budget(cfg, 7, _FakeMonitor(0.1 / 12.0**2))
+    with caplog.at_level("WARNING", logger="esft.awd_schedule"):
+        KLBudget(cfg, _FakeMonitor(0.0), 1_000_000).resume(records)
+    assert not caplog.records, "this controller's own log rebuilds exactly"
+    for r in records:  # as if an earlier version had planned on another target
+        if r.extra["awd_target_drift"] is not None:
+            r.extra["awd_target_drift"] *= 1.01
+    with caplog.at_level("WARNING", logger="esft.awd_schedule"):
+        KLBudget(cfg, _FakeMonitor(0.0), 1_000_000).resume(records)
+    assert "targets in this log differ" in caplog.text
+
+
+def test_a_log_without_kl_readings_is_measured_once_on_resume_and_kept_out_of_the_mean() -> None:
+    from esft.awd_schedule import KLBudget
+
+    cfg = ESConfig(kl_budget=0.1, kl_tasks="conciseness", kl_every=5, max_steps=12, population_size=4,
+                   learning_rate=0.01)
+    records = _drive_budget(cfg, 3, _FakeMonitor(0.1 / 12.0**2))
+    for r in records:  # a log from before the controller kept its readings
+        for key in ("awd_kl", "awd_probe_kl", "awd_probe_drift", "awd_target_drift"):
+            r.extra.pop(key, None)
+    monitor = _FakeMonitor(0.2 / 12.0**2)
+    schedule = KLBudget(cfg, monitor, 1_000_000)
+    monitor.schedule = schedule
+    schedule.resume(records)
+    assert (monitor.calls, monitor.probes) == (1, 0), "measured once, where θ is"
+    assert schedule.curvatures == [], "no record keeps that reading: a later resume could not pool it"
+    assert schedule.target == pytest.approx(drift_target_for_kl(0.2 / 12.0**2, 0.1)), "it plans until the next reading"
+
+
 @pytest.mark.parametrize(
     ("max_steps", "kl_every", "expected"),
     [(20, 10, 15), (19, 10, 14), (22, 10, None), (25, 10, None), (15, 10, None), (5, 10, 1), (4, 2, 3),
@@ -214,8 +261,6 @@ def test_the_target_drift_is_the_root_of_budget_over_curvature() -> None:
     assert drift_target_for_kl(0.01, 0.01) == pytest.approx(math.sqrt(0.9)), "the margin: 0.9 of the budget"
     assert drift_target_for_kl(0.0, 0.01) == math.inf, "no curvature read yet: no target"
     assert drift_target_for_kl(math.inf, 0.01) == math.inf
-    assert expected_update_sq([1.0, -1.0], learning_rate=0.1, population_size=2, num_params=10) == pytest.approx(0.05)
-    assert expected_update_sq(None, 0.1, 2, 10) == 0.0
     assert expected_update_sq([1.0, -1.0], learning_rate=0.1, population_size=2, num_params=10) == pytest.approx(0.05)
     assert expected_update_sq(None, 0.1, 2, 10) == 0.0
 

@@ -239,10 +239,10 @@ def drift_target_for_kl(curvature: float, budget: float, margin: float = 0.9) ->
     KL/‖θ − θ₀‖² (nats per token per squared unit of drift).
 
     Near θ₀ the KL grows like the square of the distance (its Hessian is the Fisher), so the
-    curvature calibrates the scale: target = √(margin·budget/curvature). The KL budget pools
-    the curvature over its measurements (`awd_schedule.KLBudget`); re-measured every
-    `kl_every` iterations (and once halfway through the last), this is a feedback loop on the
-    target. inf while there is no curvature to scale (nothing measured, or a KL of 0).
+    curvature calibrates the scale: target = √(margin·budget/curvature). The KL budget
+    passes the mean curvature of its measurements so far (`awd_schedule.KLBudget`), so each
+    new measurement moves the target by its share of that mean. inf while there is no
+    curvature to scale (nothing measured, or a KL of 0).
     """
     if curvature <= 0.0 or not math.isfinite(curvature):
         return math.inf
