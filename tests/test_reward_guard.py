@@ -1,23 +1,25 @@
-"""User reward functions: a time limit per call, errors that never crash a run, and
-per-function reward metrics (rewards/<name>/mean|std)."""
+"""User reward functions: worker processes under a time and a memory limit, errors that
+never crash a run, and per-function reward metrics (rewards/<name>/mean|std)."""
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import importlib
 import json
 import logging
 import math
 import os
+import re
+import subprocess
 import sys
-import threading
 import time
 from itertools import count
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import TINY
+from helpers import TINY, tiny_cli_args
 
 from esft import es
 from esft.config import ESConfig
@@ -25,9 +27,9 @@ from esft.engine import Generation
 from esft.io import read_jsonl
 from esft.population import PopulationResult, score_group
 from esft.rewards import (
+    RewardFailureError,
     RewardGuard,
     RewardStats,
-    RewardTimeoutError,
     function_metrics,
     score_completions,
 )
@@ -37,6 +39,7 @@ from esft.tasks.custom import CustomTask
 
 ROWS = [{"prompt": "Say hi."}, {"prompt": "Name a fruit."}]
 TEXTS = ["hello", "apple"]
+HANG = ["hang", "hang"]
 _names = count()
 
 
@@ -49,95 +52,137 @@ def lengths(prompts, completions, **kw):
     return [float(len(c)) for c in completions]
 
 
-def hangs_on_call(*which: int):
-    """A reward that sleeps 10**6 s on the given calls (1-based) and returns lengths otherwise."""
-    calls: list[int] = []
-
-    def stuck(prompts, completions, **kw):
-        calls.append(len(completions))
-        if len(calls) in which:
-            time.sleep(10**6)
-        return [float(len(c)) for c in completions]
-
-    return stuck, calls
+def stuck_on_hang(prompts, completions, **kw):
+    """Sleeps 10**6 s inside a C call (libc sleep: no bytecode to interrupt) when asked to."""
+    if completions[0] == "hang":
+        ctypes.CDLL(None).sleep(10**6)
+    return [float(len(c)) for c in completions]
 
 
-def reward_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("esft-reward-")]
+def calls_in(path: Path) -> int:
+    """Calls counted by `count_call` (a file, since worker processes share no memory)."""
+    return path.stat().st_size if path.exists() else 0
+
+
+def count_call(path: Path) -> int:
+    with open(path, "ab") as f:
+        f.write(b".")
+    return calls_in(path)
 
 
 # ------------------------------------------------------------------ time limit
-def test_a_hanging_call_is_abandoned_at_the_limit_and_its_completions_score_zero(caplog) -> None:
-    stuck, calls = hangs_on_call(1)
-    task, guard = CustomTask.from_functions([stuck], ROWS), RewardGuard(0.3)
-    stats = RewardStats()
-    t0 = time.perf_counter()
-    assert score_completions(task, TEXTS, ROWS, stats, guard) == [0.0, 0.0]
-    waited = time.perf_counter() - t0
-    assert 0.3 <= waited < 2.0, f"waited {waited:.2f} s for a 0.3 s limit"
-    assert stats.errors == 2
-    assert calls == [2], "a timed-out batch must not be retried completion by completion"
-    assert "reward 'stuck' did not return within 0.3 s" in caplog.text
-    # Training goes on: the next call finishes and resets the count of timeouts in a row.
-    assert score_completions(task, TEXTS, ROWS, RewardStats(), guard) == [5.0, 5.0]
-    assert guard.consecutive == 0 and guard.timeouts == 1
+def test_a_call_hanging_inside_c_is_cut_off_at_the_limit_and_its_completions_score_zero(caplog) -> None:
+    task = CustomTask.from_functions([stuck_on_hang], ROWS)
+    with RewardGuard(0.3) as guard:
+        stats = RewardStats()
+        t0 = time.perf_counter()
+        assert score_completions(task, HANG, ROWS, stats, guard) == [0.0, 0.0]
+        waited = time.perf_counter() - t0
+        assert 0.3 <= waited < 2.5, f"waited {waited:.2f} s for a 0.3 s limit"
+        assert stats.errors == 2, "a timed-out batch is counted once per completion, never retried one by one"
+        assert "reward 'stuck_on_hang' did not return within 0.3 s" in caplog.text
+        # Training goes on: the next call gets a new worker and resets the count of failures in a row.
+        assert score_completions(task, TEXTS, ROWS, RewardStats(), guard) == [5.0, 5.0]
+        assert guard.consecutive == 0 and guard.failures == 1
 
 
-def test_three_timeouts_in_a_row_stop_with_a_message_that_says_how_to_resume() -> None:
-    stuck, _ = hangs_on_call(1, 2, 4, 5, 6)
-    task, guard = CustomTask.from_functions([stuck], ROWS), RewardGuard(0.2)
-    for _ in range(4):  # hang, hang, a call that finishes (resets the count), hang
-        score_completions(task, TEXTS, ROWS, RewardStats(), guard)
-    score_completions(task, TEXTS, ROWS, RewardStats(), guard)  # the second in a row
-    with pytest.raises(RewardTimeoutError) as err:
-        score_completions(task, TEXTS, ROWS, RewardStats(), guard)
+def test_three_failures_in_a_row_stop_with_a_message_that_says_how_to_resume() -> None:
+    task = CustomTask.from_functions([stuck_on_hang], ROWS)
+    with RewardGuard(0.2) as guard:
+        for texts in (HANG, HANG, TEXTS, HANG, HANG):  # a call that returns resets the count
+            score_completions(task, texts, ROWS, RewardStats(), guard)
+        with pytest.raises(RewardFailureError) as err:
+            score_completions(task, HANG, ROWS, RewardStats(), guard)
     message = str(err.value)
-    for part in ("'stuck'", "0.2 s", "3 calls in a row", "--reward_timeout", "seed log is intact", "--resume"):
+    for part in ("'stuck_on_hang'", "0.2 s", "3 calls in a row", "--reward_timeout", "seed log is intact", "--resume"):
         assert part in message, f"{part!r} missing from: {message}"
 
 
-def test_an_abandoned_thread_spinning_in_python_is_stopped() -> None:
-    def spins(prompts, completions, **kw):
-        while True:
-            pass
-
-    guard = RewardGuard(0.2)
-    stats = RewardStats()
-    score_completions(CustomTask.from_functions([spins], ROWS), TEXTS, ROWS, stats, guard)
-    assert stats.errors == 2
-    deadline = time.time() + 5
-    while any(t.name == "esft-reward-spins" for t in reward_threads()) and time.time() < deadline:
-        time.sleep(0.01)
-    assert not [t for t in reward_threads() if t.name == "esft-reward-spins"], "the spinning thread kept running"
-    assert guard.running() == 0
+def test_the_number_of_failures_that_stops_the_run_is_configurable() -> None:
+    task = CustomTask.from_functions([stuck_on_hang], ROWS)
+    with RewardGuard(0.2, max_failures=1) as guard, pytest.raises(RewardFailureError, match="1 calls in a row"):
+        score_completions(task, HANG, ROWS, RewardStats(), guard)
 
 
-def test_calls_run_on_a_daemon_thread_under_a_limit_and_directly_without_one() -> None:
-    seen: list[threading.Thread] = []
+def test_a_busy_loop_in_c_is_cut_off_too() -> None:
+    def backtracks(prompts, completions, **kw):  # catastrophic backtracking: minutes inside the C regex engine
+        return [float(bool(re.match(r"(a+)+$", "a" * 40 + "b"))) for _ in completions]
 
-    def where(prompts, completions, **kw):
-        seen.append(threading.current_thread())
-        return [1.0] * len(completions)
-
-    task = CustomTask.from_functions([where], ROWS)
-    score_completions(task, TEXTS, ROWS, RewardStats(), RewardGuard(5))
-    score_completions(task, TEXTS, ROWS, RewardStats(), RewardGuard(0))
-    score_completions(task, TEXTS, ROWS, RewardStats())
-    assert seen[0] is not threading.current_thread() and seen[0].daemon
-    assert seen[1] is threading.current_thread() and seen[2] is threading.current_thread()
+    with RewardGuard(0.3) as guard:
+        stats = RewardStats()
+        t0 = time.perf_counter()
+        assert score_completions(CustomTask.from_functions([backtracks], ROWS), TEXTS, ROWS, stats, guard) == [0.0, 0.0]
+        assert time.perf_counter() - t0 < 2.5 and stats.errors == 2
 
 
-def test_builtin_task_rewards_never_start_a_thread() -> None:
+def _exits(prompts, completions, **kw):
+    os._exit(0)
+
+
+def _segfaults(prompts, completions, **kw):
+    ctypes.string_at(0)
+
+
+def _floods(prompts, completions, **kw):
+    hoard = []
+    while True:
+        hoard.append(bytearray(10**8))
+
+
+ENDINGS = [
+    (_exits, "ended its worker, which exited with code 0"),
+    (_segfaults, "ended its worker, which was killed by signal 11 (SIGSEGV)"),
+    (_floods, "ran out of memory (--reward_memory_gb 0.25)"),
+]
+
+
+@pytest.mark.parametrize(("func", "warning"), ENDINGS, ids=[e[0].__name__ for e in ENDINGS])
+def test_a_reward_that_ends_its_process_costs_only_its_call(caplog, func, warning) -> None:
+    task = CustomTask.from_functions([func, lengths], ROWS)
+    with RewardGuard(10, memory_gb=0.25) as guard:
+        stats = RewardStats()
+        # The other function still scores, and this process is untouched.
+        assert score_completions(task, TEXTS, ROWS, stats, guard) == [5.0, 5.0]
+        assert stats.errors == 2 and guard.failures == 1
+        assert f"reward '{func.__name__}' {warning}" in caplog.text, caplog.text
+        assert score_completions(CustomTask.from_functions([lengths], ROWS), TEXTS, ROWS, RewardStats(), guard) == [5.0, 5.0]
+
+
+def test_calls_run_in_a_worker_process_and_in_this_one_without_isolation() -> None:
+    def pid(prompts, completions, **kw):
+        return [float(os.getpid())] * len(completions)
+
+    task = CustomTask.from_functions([pid], ROWS)
+    with RewardGuard(5) as guarded, RewardGuard(5, isolation="none") as inline:
+        worker = score_completions(task, TEXTS, ROWS, RewardStats(), guarded)
+        assert worker[0] != os.getpid()
+        assert score_completions(task, TEXTS, ROWS, RewardStats(), guarded) == worker, "one worker serves every call"
+        assert score_completions(task, TEXTS, ROWS, RewardStats(), inline) == [float(os.getpid())] * 2
+    assert score_completions(task, TEXTS, ROWS, RewardStats()) == [float(os.getpid())] * 2
+
+
+def test_builtin_task_rewards_never_start_a_process() -> None:
     class Builtin(BaseTask):
         name = "builtin"
 
         def reward(self, completion, example):
-            seen.append(threading.current_thread())
-            return 1.0
+            return float(os.getpid())
 
-    seen: list[threading.Thread] = []
-    assert score_completions(Builtin(), TEXTS, ROWS, RewardStats(), RewardGuard(5)) == [1.0, 1.0]
-    assert seen == [threading.current_thread()] * 2
+    with RewardGuard(5) as guard:
+        guard.prepare(Builtin())
+        assert score_completions(Builtin(), TEXTS, ROWS, RewardStats(), guard) == [float(os.getpid())] * 2
+        assert not guard._processes
+
+
+def test_closing_the_guard_ends_its_processes() -> None:
+    task = CustomTask.from_functions([lengths], ROWS)
+    guard = RewardGuard(5)
+    guard.prepare(task)
+    (process,) = [p for _, p in guard._processes.values()]
+    pid = process._pid
+    guard.close()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
 
 
 # ---------------------------------------------------------- errors never crash
@@ -175,26 +220,28 @@ MISBEHAVIOURS = [
 ]
 
 
-@pytest.mark.parametrize("timeout", [0, 5], ids=["direct", "guarded"])
+@pytest.mark.parametrize("isolation", ["none", "process"])
 @pytest.mark.parametrize(("func", "warning", "calls"), MISBEHAVIOURS, ids=[m[0].__name__ for m in MISBEHAVIOURS])
-def test_a_misbehaving_reward_scores_zero_is_counted_and_warns_once(caplog, func, warning, calls, timeout) -> None:
-    made: list[int] = []
+def test_a_misbehaving_reward_scores_zero_is_counted_and_warns_once(caplog, tmp_path, func, warning, calls, isolation) -> None:
+    made = tmp_path / "calls"
 
     def counted(prompts, completions, **kw):
-        made.append(len(completions))
+        count_call(made)
         return func(prompts, completions, **kw)
 
     counted.__name__ = func.__name__
-    task, guard = CustomTask.from_functions([counted, lengths], ROWS), RewardGuard(timeout)
+    task = CustomTask.from_functions([counted, lengths], ROWS)
     warned: set[str] = set()
-    for _ in range(2):
-        stats = RewardStats(_seen=warned)
-        # The other function still scores: one broken function never zeroes the rest.
-        assert score_completions(task, TEXTS, ROWS, stats, guard) == [5.0, 5.0]
-        assert stats.errors + stats.nonfinite == 2
+    with RewardGuard(5, isolation=isolation) as guard:
+        for _ in range(2):
+            stats = RewardStats(_seen=warned)
+            # The other function still scores: one broken function never zeroes the rest.
+            assert score_completions(task, TEXTS, ROWS, stats, guard) == [5.0, 5.0]
+            assert stats.errors + stats.nonfinite == 2
+        assert guard.failures == 0, "an exception or a bad value is the function's answer, not a failure of its worker"
     assert caplog.text.count(warning) == 1, caplog.text
     # Wrong counts and types are bugs of the function: one call, no retry per completion.
-    assert len(made) == 2 * (1 + (len(TEXTS) if calls == 2 else 0))
+    assert calls_in(made) == 2 * (1 + (len(TEXTS) if calls == 2 else 0))
 
 
 def test_an_exception_costs_only_the_completion_it_came_from(caplog) -> None:
@@ -204,17 +251,29 @@ def test_an_exception_costs_only_the_completion_it_came_from(caplog) -> None:
         return [1.0] * len(completions)
 
     stats = RewardStats()
-    assert score_completions(CustomTask.from_functions([picky], ROWS), TEXTS, ROWS, stats, RewardGuard(5)) == [1.0, 0.0]
+    with RewardGuard(5) as guard:
+        assert score_completions(CustomTask.from_functions([picky], ROWS), TEXTS, ROWS, stats, guard) == [1.0, 0.0]
     assert stats.errors == 1 and "reward 'picky' raised ValueError: no fruit" in caplog.text
 
 
-@pytest.mark.parametrize("timeout", [0, 5], ids=["direct", "guarded"])
-def test_keyboard_interrupt_still_stops_the_run(timeout) -> None:
+@pytest.mark.parametrize("isolation", ["none", "process"])
+def test_keyboard_interrupt_still_stops_the_run(isolation) -> None:
     def interrupted(prompts, completions, **kw):
         raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        score_completions(CustomTask.from_functions([interrupted], ROWS), TEXTS, ROWS, RewardStats(), RewardGuard(timeout))
+    with RewardGuard(5, isolation=isolation) as guard, pytest.raises(KeyboardInterrupt):
+        score_completions(CustomTask.from_functions([interrupted], ROWS), TEXTS, ROWS, RewardStats(), guard)
+
+
+def test_huge_finite_values_of_several_functions_that_sum_past_the_float_range_score_zero(caplog) -> None:
+    def huge(prompts, completions, **kw):
+        return [1e308] * len(completions)
+
+    stats = RewardStats()
+    with RewardGuard(5) as guard:
+        values = score_completions(CustomTask.from_functions([huge, huge], ROWS), TEXTS, ROWS, stats, guard)
+    assert values == [0.0, 0.0] and stats.nonfinite == 2
+    assert "sum to inf" in caplog.text
 
 
 # ---------------------------------------------------------- per-function metrics
@@ -237,9 +296,10 @@ def test_population_metrics_hold_each_functions_mean_and_std_over_all_completion
     members = [["ab", "xyz", "abcd", "a"], ["abc", "b", "x", "abcdef"], ["x", "x", "x", "x"]]
     examples = task.load("train")
     results = []
-    for i, texts in enumerate(members):
-        per_member = [[Generation(t, 1) for t in texts]]
-        results += score_group(task, [i], per_member, examples, 0.0, 0.0, guard=RewardGuard(5))
+    with RewardGuard(5) as guard:
+        for i, texts in enumerate(members):
+            per_member = [[Generation(t, 1) for t in texts]]
+            results += score_group(task, [i], per_member, examples, 0.0, 0.0, guard=guard)
     metrics = PopulationResult.from_members(results).metrics
     # Against a direct computation over every completion of the iteration, NaN-aware, n-1 as TRL.
     values = {
@@ -292,16 +352,16 @@ def _fake_population(get_error: BaseException):
     return pop
 
 
-def test_a_reward_timeout_inside_a_ray_actor_reaches_the_driver_as_itself() -> None:
+def test_a_reward_failure_inside_a_ray_actor_reaches_the_driver_as_itself() -> None:
     ray = pytest.importorskip("ray")
-    cause = RewardTimeoutError("reward 'stuck' did not return within 1 s on 3 calls in a row")
+    cause = RewardFailureError("reward 'stuck' failed on 3 calls in a row")
     wrapped = ray.exceptions.RayTaskError(
         "ESWorker.run_members", "Traceback (most recent call last): ...", cause, proctitle="w", pid=1, ip="127.0.0.1",
     ).as_instanceof_cause()
     pop = _fake_population(wrapped)
-    with pytest.raises(RewardTimeoutError) as err:
+    with pytest.raises(RewardFailureError) as err:
         pop.score(es.plan_iteration(7, 2, 2, False, 2, None))
-    assert type(err.value) is RewardTimeoutError, "the driver should raise the actor's error, not Ray's wrapper"
+    assert type(err.value) is RewardFailureError, "the driver should raise the actor's error, not Ray's wrapper"
     assert str(err.value) == str(cause)
 
 
@@ -387,11 +447,12 @@ def test_ray_actors_time_out_too_and_log_the_same_seeds(hung_run, tmp_path) -> N
 
 
 HANGS_FROM_ITERATION_2 = """
-import time
-CALLS = []
+import os, time
+COUNTER = os.path.join(os.path.dirname(__file__), "calls")  # on disk: workers share no memory
 def reward(prompts, completions, **kw):
-    CALLS.append(1)
-    if len(CALLS) > 4:  # iteration 1's 4 members score; every call after that hangs
+    with open(COUNTER, "ab") as f:
+        f.write(b".")
+    if os.path.getsize(COUNTER) > 4:  # iteration 1's 4 members score; every call after that hangs
         time.sleep(10**6)
     return [float(len(c)) for c in completions]
 """
@@ -401,18 +462,23 @@ def reward(prompts, completions, **kw):
 """
 
 
+def _reward_module(tmp_path: Path, monkeypatch, source: str) -> str:
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)  # a rewritten module must not load a stale .pyc
+    monkeypatch.syspath_prepend(str(tmp_path))
+    name = f"user_rewards_{next(_names)}"
+    (tmp_path / f"{name}.py").write_text(source)
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return name
+
+
 @pytest.mark.slow
 def test_three_hangs_stop_the_run_and_resume_continues_with_the_fixed_function(tmp_path, monkeypatch, embedded_dir) -> None:
     from esft.trainer import ESTrainer
 
-    monkeypatch.setattr(sys, "dont_write_bytecode", True)  # the rewritten module must not load a stale .pyc
-    monkeypatch.syspath_prepend(str(tmp_path))
-    name = f"hanging_rewards_{next(_names)}"
-    (tmp_path / f"{name}.py").write_text(HANGS_FROM_ITERATION_2)
-    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    name = _reward_module(tmp_path, monkeypatch, HANGS_FROM_ITERATION_2)
     cfg = ESConfig(**{**TINY, "task": f"{name}:reward", "save_steps": 0, "reward_timeout": 1},
                    dataset=str(tmp_path / "data.jsonl"), output_dir=str(tmp_path / "run"))
-    with pytest.raises(RewardTimeoutError, match=r"'reward' did not return within 1 s on 3 calls in a row.*--resume"):
+    with pytest.raises(RewardFailureError, match=r"'reward' failed on 3 calls in a row \(the last did not return within 1 s.*--resume"):
         ESTrainer(args=cfg).train()
     assert len(SeedLog(tmp_path / "run").records()) == 1, "iteration 1 is committed, iteration 2 is not"
 
@@ -423,6 +489,71 @@ def test_three_hangs_stop_the_run_and_resume_continues_with_the_fixed_function(t
     records = SeedLog(tmp_path / "run").records()
     assert [r.iteration for r in records] == [1, 2, 3]
     assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 3
+
+
+HOSTILE = """
+import ctypes, os, sys
+COUNTER = os.path.join(os.path.dirname(__file__), "calls")
+def reward(prompts, completions, **kw):
+    with open(COUNTER, "ab") as f:
+        f.write(b".")
+    call = os.path.getsize(COUNTER)
+    if call == 1:
+        os._exit(0)                       # ends the worker without a word
+    if call == 3:
+        ctypes.CDLL(None).sleep(10**6)    # hangs inside C: only a kill stops it
+    if call == 5:
+        hoard = []
+        while True:                       # allocates without bound
+            hoard.append(bytearray(10**8))
+    if call == 7:
+        sys.exit(3)                       # would end an in-process run
+    if call == 8:
+        ctypes.string_at(0)               # segfaults
+    return [float(len(c)) for c in completions]
+"""
+
+
+@pytest.mark.slow
+def test_rewards_that_exit_hang_in_c_flood_memory_or_segfault_are_cut_off_and_the_run_finishes(
+    tmp_path, monkeypatch, embedded_dir, caplog,
+) -> None:
+    from esft.trainer import ESTrainer
+
+    name = _reward_module(tmp_path, monkeypatch, HOSTILE)
+    cfg = ESConfig(**{**TINY, "task": f"{name}:reward", "save_steps": 0, "reward_timeout": 3, "reward_memory_gb": 0.5},
+                   dataset=str(tmp_path / "data.jsonl"), output_dir=str(tmp_path / "run"))
+    history = ESTrainer(args=cfg).train()
+    assert [r.iteration for r in SeedLog(tmp_path / "run").records()] == [1, 2, 3]
+    assert (tmp_path / "run" / "final").is_dir()
+    # Calls 1 and 3 (iteration 1), 5, 7 and 8 (iteration 2) of 12 (4 members x 3 iterations) scored their 2
+    # completions 0.
+    assert [m["reward/errors"] for m in history] == [4, 6, 0], [m["reward/errors"] for m in history]
+    for said in ("exited with code 0", "did not return within 3 s", "ran out of memory", "raised SystemExit(3)",
+                 "signal 11 (SIGSEGV)"):
+        assert said in caplog.text, f"{said!r} not logged"
+
+
+ALWAYS_EXITS = """
+import os
+def reward(prompts, completions, **kw):
+    os._exit(0)
+"""
+
+
+@pytest.mark.slow
+def test_a_reward_that_always_exits_stops_the_cli_with_one_line_and_a_nonzero_code(tmp_path, monkeypatch, embedded_dir) -> None:
+    name = _reward_module(tmp_path, monkeypatch, ALWAYS_EXITS)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    args = tiny_cli_args(task=f"{name}:reward", dataset=str(tmp_path / "data.jsonl"), output_dir=str(tmp_path / "run"),
+                         save_steps=0)
+    proc = subprocess.run([sys.executable, "-m", "esft.cli", "train", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("esft train: error:")]
+    assert len(errors) == 1 and "failed on 3 calls in a row" in errors[0] and "exited with code 0" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / SEEDLOG).exists() or not SeedLog(tmp_path / "run").records()
 
 
 @pytest.mark.slow
@@ -443,7 +574,7 @@ def test_per_function_metrics_reach_metrics_jsonl_and_sys_exit_in_a_reward_score
     def constant(prompts, completions, **kw):
         return [2.0] * len(completions)
 
-    # reward_timeout=0: user code runs on the main thread, where SystemExit would end the process.
+    # reward_timeout=0: no time limit; sys.exit still only ends the call, in the worker process.
     cfg = ESConfig(**{**TINY, "max_steps": 1, "save_steps": 0, "reward_timeout": 0}, output_dir=str(tmp_path / "run"))
     ESTrainer(reward_funcs=[constant, alternating, exits_once], args=cfg, train_dataset=ROWS).train()
     (m,) = read_jsonl(tmp_path / "run" / "metrics.jsonl")

@@ -221,17 +221,13 @@ def test_wrong_length_message_names_the_function_and_both_counts(rewards_module,
     assert err.value.kind == "length"
 
 
-def test_call_function_runs_user_code_through_the_callers_hook(rewards_module, tmp_path) -> None:
+def test_run_function_takes_the_batch_kwargs_and_keeps_none_and_nan_for_the_caller(rewards_module, tmp_path) -> None:
     task = get_task(f"{rewards_module}:odd_values", dataset=jsonl(tmp_path))
-    seen = []
-
-    def hook(name, thunk):
-        seen.append(name)
-        return thunk()
-
-    values = task.call_function(0, ["a", "b"], task.load("train"), hook)
-    assert seen == ["odd_values"]
+    kwargs = task.function_kwargs(["a", "b"], task.load("train"))
+    assert kwargs["completions"] == ["a", "b"] and len(kwargs["prompts"]) == 2
+    values = task.run_function(0, kwargs)
     assert values[0] is None and math.isnan(values[1])  # None (not applicable) is kept for the caller
+    assert task.call_function(0, ["a", "b"], task.load("train"))[0] is None
 
 
 def test_non_number_return_is_a_value_error(rewards_module, tmp_path) -> None:

@@ -31,8 +31,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from esft import es
 from esft.config import ESConfig
 from esft.io import write_text_atomic
@@ -160,11 +158,13 @@ def _probe_config(cfg: ESConfig) -> ESConfig:
 
 def _greedy_reward(trainer: Any, idx: list[int]) -> float:
     """Mean task reward of the at-rest weights' greedy completions of the probe prompts."""
+    from esft.es import finite_mean
     from esft.rewards import RewardStats, score_completions
 
     gens = trainer.engine.generate_ids([trainer.prompts[i] for i in idx])
     examples = [trainer.train_examples[i] for i in idx]
-    return float(np.mean(score_completions(trainer.task, [g.text for g in gens], examples, RewardStats())))
+    rewards = score_completions(trainer.task, [g.text for g in gens], examples, RewardStats(), trainer.reward_guard)
+    return finite_mean(rewards)
 
 
 def _record_choice(trainer: Any, evidence: dict[str, Any]) -> None:

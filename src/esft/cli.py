@@ -54,6 +54,7 @@ def cmd_train(argv: list[str]) -> int:
 
 def cmd_replay(argv: list[str]) -> int:
     from esft.io import check_replaceable
+    from esft.runlock import writing_into
     from esft.seedlog import replay, save_hf_dir
 
     p = argparse.ArgumentParser(prog="esft replay", description="Rebuild the weights after iteration K from the seed log.")
@@ -65,9 +66,10 @@ def cmd_replay(argv: list[str]) -> int:
                    help="start from the latest good checkpoint instead of replaying every record from the base")
     a = p.parse_args(argv)
     check_replaceable(a.output)  # before the replay: never overwrite a run or a folder of the user's
-    state, tokenizer = replay(a.run_dir, a.iteration, device=a.device, use_checkpoints=a.use_checkpoints)
-    Path(a.output).parent.mkdir(parents=True, exist_ok=True)
-    save_hf_dir(a.output, state, tokenizer, {"iteration": a.iteration, "replayed_from": str(a.run_dir)})
+    with writing_into(a.run_dir, a.output, "replay"):  # into the run: one writer at a time
+        state, tokenizer = replay(a.run_dir, a.iteration, device=a.device, use_checkpoints=a.use_checkpoints)
+        Path(a.output).parent.mkdir(parents=True, exist_ok=True)
+        save_hf_dir(a.output, state, tokenizer, {"iteration": a.iteration, "replayed_from": str(a.run_dir)})
     print(f"weights after iteration {a.iteration} written to {a.output}")
     return 0
 
@@ -97,6 +99,10 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--output", default=None, help="output folder (--run default: RUN_DIR/eval)")
     p.add_argument("--data_dir", default=None)
     p.add_argument("--num_fewshot", type=int, default=None, help="mmlu_pro worked examples (validation split)")
+    p.add_argument("--dataset", default=None,
+                   help="data of a module:function task (a file or hub id with a 'prompt' column; --run: the run's own)")
+    p.add_argument("--reward_timeout", type=float, default=None,
+                   help="seconds per call of a module:function reward (default: the run's, else 60; 0: no limit)")
     p.add_argument("--device", default="auto")
     p.add_argument("--torch_dtype", default="auto")
     a = p.parse_args(argv)
@@ -105,22 +111,31 @@ def cmd_eval(argv: list[str]) -> int:
         value = getattr(a, flag)
         if value is not None and value < 1:
             p.error(f"--{flag} must be >= 1 (got {value})")
+    if a.reward_timeout is not None and not a.reward_timeout >= 0:
+        p.error(f"--reward_timeout must be >= 0 (got {a.reward_timeout})")
     if a.run:
         rows = accuracy.evaluate_run(a.run, tasks, a.every, a.iterations, a.limit, a.max_new_tokens,
-                                     a.batch_size, a.output, a.data_dir, a.device, num_fewshot=a.num_fewshot)
+                                     a.batch_size, a.output, a.data_dir, a.device, num_fewshot=a.num_fewshot,
+                                     dataset=a.dataset, reward_timeout=a.reward_timeout)
         print(accuracy.format_forgetting_table(rows))
         print(f"rows: {Path(a.output or Path(a.run) / 'eval') / accuracy.FORGETTING_FILE}")
         return 0
     if not a.output:
         p.error("--output is required with --model")
     from esft.models import load_model
+    from esft.rewards import RewardGuard
+    from esft.runlock import run_lock
 
-    task_objs = accuracy.load_tasks(tasks, a.data_dir, a.num_fewshot)
-    model, tokenizer = load_model(a.model, a.torch_dtype, a.device)
-    results = accuracy.evaluate_model(model, tokenizer, task_objs, a.limit, a.max_new_tokens, a.batch_size,
-                                      samples_dir=Path(a.output) / "samples")
-    path = accuracy.write_results(results, a.output, {"model": a.model, "limit": a.limit,
-                                                      "max_new_tokens": a.max_new_tokens})
+    task_objs = accuracy.load_tasks(tasks, a.data_dir, a.num_fewshot, a.dataset)
+    timeout = 60.0 if a.reward_timeout is None else a.reward_timeout
+    with run_lock(a.output, "evaluation"), RewardGuard(timeout) as guard:
+        for task in task_objs:
+            guard.prepare(task)  # user rewards' workers start before the model loads
+        model, tokenizer = load_model(a.model, a.torch_dtype, a.device)
+        results = accuracy.evaluate_model(model, tokenizer, task_objs, a.limit, a.max_new_tokens, a.batch_size,
+                                          samples_dir=Path(a.output) / "samples", guard=guard)
+        path = accuracy.write_results(results, a.output, {"model": a.model, "limit": a.limit,
+                                                          "max_new_tokens": a.max_new_tokens})
     print(accuracy.format_results_table(results))
     print(f"results: {path}")
     return 0

@@ -44,8 +44,11 @@ RESUMABLE_FIELDS = frozenset(
         "save_steps",
         "max_steps",
         "generation_batch_size",
-        # A limit on user reward calls; a fixed function under a new limit may resume.
+        # Limits on user reward calls; a fixed function under new limits may resume.
         "reward_timeout",
+        "reward_memory_gb",
+        "reward_max_failures",
+        "reward_isolation",
         # Full-rank members score bitwise the same batched or one at a time (on CPU);
         # low-rank ones agree up to the rounding of the shared matmul (README).
         "members_per_batch",
@@ -106,12 +109,18 @@ class ESConfig:
             each measurement is a forward pass over every KL prompt, so k sets the overhead.
         kl_num_prompts, kl_max_tokens: prompts per task, tokens sampled per prompt.
 
-    Parameters of the reward:
-        reward_timeout: seconds a user reward function (`module:function`, `reward_funcs`)
-            may take for one batch of completions; a call past it is abandoned, its
-            completions score 0 and count in `reward/errors`; 3 timed-out calls in a row
-            stop the run (the seed log stays intact: fix the function, then `--resume`).
-            0 disables the limit. Built-in task rewards are bounded and never timed.
+    Parameters of the reward (user functions: `module:function`, `reward_funcs`):
+        reward_timeout: seconds a user reward function may take for one batch of
+            completions (0: no limit). Each call runs in a worker process; a call past the
+            limit, or one that exits (`os._exit`), crashes (a segfault) or passes the
+            memory limit, costs its worker (killed and replaced): its completions score 0
+            and count in `reward/errors`. Built-in task rewards are bounded and run directly.
+        reward_memory_gb: memory a reward worker may allocate (0: no limit).
+        reward_max_failures: failed calls in a row that stop the run (the seed log stays
+            intact: fix the function, then `--resume`).
+        reward_isolation: "process" (the default) or "none": user functions run in the
+            trainer's process, without limits (a debugger; a reward that needs the
+            trainer's CUDA context).
 
     Parameters that control generation:
         max_new_tokens, max_train_samples, prompts_per_step, generation_batch_size,
@@ -174,6 +183,14 @@ class ESConfig:
 
     # Reward
     reward_timeout: float = option("seconds per call of a user reward function (0: no limit)", default=60.0)
+    reward_memory_gb: float = option("GB a user reward function's worker process may allocate (0: no limit)", default=8.0)
+    reward_max_failures: int = option(
+        "user reward calls in a row that time out, crash or run out of memory before the run stops", default=3
+    )
+    reward_isolation: Literal["process", "none"] = option(
+        "process: user rewards run in a worker process under the limits; none: in this process, no limits",
+        default="process",
+    )
 
     # Generation
     max_new_tokens: int = option("tokens generated per prompt (greedy)", default=1024)
@@ -278,6 +295,10 @@ class ESConfig:
             errors.append(f"sync_check_steps must be >= 0 (got {self.sync_check_steps})")
         if self.reward_timeout < 0:
             errors.append(f"reward_timeout must be >= 0 seconds (0: no limit; got {self.reward_timeout})")
+        if self.reward_memory_gb < 0:
+            errors.append(f"reward_memory_gb must be >= 0 (0: no limit; got {self.reward_memory_gb})")
+        if self.reward_max_failures < 1:
+            errors.append(f"reward_max_failures must be >= 1 (got {self.reward_max_failures})")
         if self.awd_lambda == AUTO and self.awd == "none":
             errors.append("awd_lambda auto picks the strength of AWD: choose --awd l2 (or l1, huber) too")
         if self.awd_lambda is not None and self.awd_lambda != AUTO and self.awd_lambda < 0:

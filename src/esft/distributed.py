@@ -41,7 +41,7 @@ from esft.population import (
     generate_group,
     score_group,
 )
-from esft.rewards import RewardGuard, RewardTimeoutError
+from esft.rewards import RewardFailureError, RewardGuard
 from esft.seedlog import IterationRecord, apply_record
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,10 @@ class ESWorker(BatcherOwner):
             torch.set_num_threads(threads)
         self.cfg = ESConfig.from_dict(cfg_dict)
         self.name = name
+        # The same limits on user rewards as in-process (failures in a row count per actor);
+        # its worker processes start before the model loads, so they never share its pages.
+        self.guard = RewardGuard.from_config(self.cfg)
+        self.guard.prepare(task)
         if isinstance(model, str):
             net, _ = load_model(model, self.cfg.torch_dtype, device)
         else:
@@ -105,8 +109,6 @@ class ESWorker(BatcherOwner):
         self._lock = threading.Lock()
         self._batcher = None
         self._warned: set[str] = set()
-        # The same time limit on user rewards as in-process; timeouts in a row count per actor.
-        self.guard = RewardGuard(self.cfg.reward_timeout)
 
     def _open_anchor(self, driver_path: str | None):
         """θ₀ for AWD: the driver's file when this node can see it intact, else written from
@@ -389,9 +391,9 @@ class RayPopulation:
             try:
                 batch_results: list[MemberResult] = ray.get(ref)
             except ray.exceptions.RayTaskError as e:
-                # The actor is fine but its call raised: a reward that keeps timing out
+                # The actor is fine but its call raised: a reward that keeps failing
                 # stops the run with its own message, not a Ray traceback.
-                if isinstance(getattr(e, "cause", None), RewardTimeoutError):
+                if isinstance(getattr(e, "cause", None), RewardFailureError):
                     raise e.cause from None
                 raise
             except ray.exceptions.RayActorError as e:

@@ -90,18 +90,51 @@ def plan_iteration(
     return IterationPlan(iteration, seeds, population, prompt_subset(run_seed, iteration, num_prompts, prompts_per_step), groups)
 
 
+#: Above this magnitude sums of rewards can overflow float64 (1e308 + 1e308 = inf); such
+#: rewards are divided by their largest magnitude first. Below it the arithmetic is the
+#: plain formula, bit for bit, so ordinary runs never change.
+_LARGE = 1e150
+
+
+def _scale_of(r: np.ndarray) -> float:
+    """1, or the largest |reward| when rewards are large enough that sums could overflow."""
+    top = float(np.max(np.abs(r))) if r.size else 0.0
+    return top if top > _LARGE else 1.0
+
+
+def finite_mean(values: list[float]) -> float:
+    """The mean of finite values, finite even when their sum is not (±1e308 rewards)."""
+    r = np.asarray(values, dtype=np.float64)
+    scale = _scale_of(r)
+    return float(np.mean(r / scale) * scale) if scale != 1.0 else float(np.mean(r))
+
+
+def reward_summary(values: list[float]) -> dict[str, float]:
+    """`reward/mean|std|min|max` of an iteration's member rewards, every one finite."""
+    r = np.asarray(values, dtype=np.float64)
+    scale = _scale_of(r)
+    mean, std = (float(np.mean(r)), float(np.std(r))) if scale == 1.0 else (
+        float(np.mean(r / scale) * scale), float(np.std(r / scale) * scale))
+    return {"reward/mean": mean, "reward/std": std, "reward/min": float(r.min()), "reward/max": float(r.max())}
+
+
 def normalize_rewards(rewards: list[float]) -> list[float] | None:
     """z = (R − mean) / (std + 1e-8) with the population std; None when all are equal.
 
     Equal rewards carry no signal; returning None (the caller skips the update) avoids
-    both a division by ~0 and a spurious step along the noise.
+    both a division by ~0 and a spurious step along the noise. Any finite rewards give
+    finite z-scores: rewards so large that their mean or std would overflow are divided
+    by their largest magnitude first (the 1e-8 with them), which is the same formula.
     """
     r = np.asarray(rewards, dtype=np.float64)
     if r.size == 0 or not np.all(np.isfinite(r)):
         raise ValueError("rewards must be finite (the trainer maps NaN/inf to 0 first)")
     if r.max() == r.min():
         return None
-    z = (r - r.mean()) / (r.std() + 1e-8)
+    scale = _scale_of(r)
+    if scale != 1.0:
+        r = r / scale
+    z = (r - r.mean()) / (r.std() + 1e-8 / scale)
     return [float(x) for x in z]
 
 

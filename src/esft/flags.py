@@ -98,11 +98,13 @@ def read_config_file(
     """
     import yaml
 
+    from esft.io import read_text
+
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{what} {path}: no such file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(read_text(path, what)) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""

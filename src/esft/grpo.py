@@ -24,6 +24,7 @@ machines without CUDA `use_cpu` with fp32 (no bf16 autocast).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -39,6 +40,7 @@ import yaml
 
 from esft.flags import option
 from esft.io import append_jsonl, ensure_writable_dir, read_jsonl, write_text_atomic
+from esft.runlock import run_lock
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,8 @@ class GRPOTaskArgs:
         max_train_samples: use only the first k training examples.
         assistant_prefill: start the answer with the task's prefill (countdown).
         num_threads: torch CPU threads.
+        reward_timeout, reward_memory_gb: limits of a `module:function` reward, which runs in
+            a worker process as in ES training (`esft.rewards.RewardGuard`).
     """
 
     model: str = option("'embedded', a hub id or a local HF directory", default="embedded")
@@ -94,6 +98,9 @@ class GRPOTaskArgs:
     max_train_samples: int | None = option("use only the first k training examples", default=None)
     assistant_prefill: bool = option("start the answer with the task's prefill", default=True)
     num_threads: int | None = option("torch CPU threads; unset: torch's choice", default=None)
+    reward_timeout: float = option("seconds per call of a module:function reward (0: no limit)", default=60.0)
+    reward_memory_gb: float = option("GB a module:function reward's worker process may allocate (0: no limit)",
+                                     default=8.0)
 
 
 # ------------------------------------------------------------------------ arguments
@@ -206,11 +213,12 @@ def task_dataset(task: Any, examples: list[dict[str, Any]], tokenizer: Any) -> A
     return Dataset.from_list(rows)
 
 
-def task_reward_func(task: Any) -> Any:
-    """The task's reward in TRL's signature, fed the examples stored in `EXAMPLE_COLUMN`."""
+def task_reward_func(task: Any, guard: Any = None) -> Any:
+    """The task's reward in TRL's signature, fed the examples stored in `EXAMPLE_COLUMN`;
+    user functions run through `guard` (`esft.rewards.RewardGuard`), as in ES training."""
     from esft.rewards import as_reward_func
 
-    adapter = as_reward_func(task)
+    adapter = as_reward_func(task, guard)
 
     def reward(prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
         examples = [json.loads(s) for s in kwargs[EXAMPLE_COLUMN]]
@@ -325,6 +333,33 @@ def _resume_step(resume: Any, run_dir: Path) -> int | None:
     return int(k)
 
 
+#: config.yaml keys that may change between a GRPO run and its resume: where and how often it
+#: logs and saves, how long it trains, how many threads; none of them changes a step's update.
+RESUMABLE_KEYS = frozenset({
+    "output_dir", "resume_from_checkpoint", "max_steps", "num_train_epochs", "logging_steps",
+    "logging_strategy", "logging_first_step", "logging_dir", "save_steps", "save_strategy", "save_total_limit",
+    "report_to", "run_name", "disable_tqdm", "num_threads", "dataloader_num_workers", "push_to_hub",
+    "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo", "hub_always_push", "log_level",
+    "log_level_replica", "log_on_each_node", "log_completions", "num_completions_to_print",
+    "wandb_log_unique_prompts", "eval_steps", "eval_strategy", "reward_timeout", "reward_memory_gb",
+})
+#: Keys transformers fills from the clock or the machine (logging_dir holds a timestamp).
+VOLATILE_KEYS = frozenset({"logging_dir", "run_name"})
+
+
+def resume_differences(saved: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """Every config.yaml key outside `RESUMABLE_KEYS` whose value differs, as 'key: a != b'
+    (a key only one side has counts: a field another TRL version added may change the run)."""
+    out = []
+    for key in sorted(set(saved) | set(config)):
+        if key in RESUMABLE_KEYS:
+            continue
+        a, b = saved.get(key, "<absent>"), config.get(key, "<absent>")
+        if a != b:
+            out.append(f"{key}: {a!r} != {b!r}")
+    return out
+
+
 def _prepare_run_dir(run_dir: Path, config: dict[str, Any], resume_step: int | None, is_main: bool) -> None:
     cfg_path = run_dir / CONFIG_FILE
     if resume_step is None:
@@ -335,9 +370,13 @@ def _prepare_run_dir(run_dir: Path, config: dict[str, Any], resume_step: int | N
             )
     else:
         saved = yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else {}
-        diffs = [f"{k}: {saved.get(k)!r} != {config[k]!r}" for k in ("trainer", "model", "task") if saved.get(k) != config[k]]
+        diffs = resume_differences(saved or {}, config)
         if saved and diffs:
-            raise ValueError("--resume_from_checkpoint refused: the run was made with\n  " + "\n  ".join(diffs))
+            raise ValueError(
+                "--resume_from_checkpoint refused: the config differs from the run's config.yaml in:\n  "
+                + "\n  ".join(diffs)
+                + f"\n(only {', '.join(sorted(RESUMABLE_KEYS - VOLATILE_KEYS))} may change on a resume)"
+            )
     if not is_main:
         return
     write_text_atomic(cfg_path, yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
@@ -353,7 +392,7 @@ def run_grpo(run: GRPOTaskArgs, cfg: Any, callbacks: Sequence[Any] = ()) -> Any:
     require_trl()
     import torch
 
-    from esft.models import load_tokenizer, resolve_model_path
+    from esft.rewards import RewardGuard
     from esft.tasks import get_task
 
     if run.num_threads:
@@ -367,6 +406,19 @@ def run_grpo(run: GRPOTaskArgs, cfg: Any, callbacks: Sequence[Any] = ()) -> Any:
     if not examples:
         raise ValueError(f"task {task.name!r} has no training examples")
     run_dir = ensure_writable_dir(cfg.output_dir)
+    # One writer per run; the other ranks of a multi-process run write through the main one.
+    lock = run_lock(run_dir, "GRPO training") if cfg.process_index == 0 else contextlib.nullcontext()
+    # User rewards run in worker processes forked before TRL loads the model.
+    with lock, RewardGuard(run.reward_timeout, memory_gb=run.reward_memory_gb) as guard:
+        guard.prepare(task)
+        return _train_in(run_dir, run, cfg, task, examples, callbacks, guard)
+
+
+def _train_in(
+    run_dir: Path, run: GRPOTaskArgs, cfg: Any, task: Any, examples: list[Any], callbacks: Sequence[Any], guard: Any,
+) -> Any:
+    from esft.models import load_tokenizer, resolve_model_path
+
     resume_step = _resume_step(cfg.resume_from_checkpoint, run_dir)
     config = run_config(run, cfg, task.name)
     _prepare_run_dir(run_dir, config, resume_step, cfg.process_index == 0)
@@ -375,7 +427,7 @@ def run_grpo(run: GRPOTaskArgs, cfg: Any, callbacks: Sequence[Any] = ()) -> Any:
     dataset = task_dataset(task, examples, tokenizer)
     trainer = trainer_class()(
         model=resolve_model_path(run.model),
-        reward_funcs=task_reward_func(task),
+        reward_funcs=task_reward_func(task, guard),
         args=cfg,
         train_dataset=dataset,
         processing_class=tokenizer,

@@ -145,13 +145,43 @@ def remove_temp_files(folder: str | Path) -> list[Path]:
     return removed
 
 
+def read_text(path: str | Path, what: str) -> str:
+    """A text file's contents; a file that is not UTF-8 is one line naming it and the byte."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{what} {path}: not UTF-8 text (byte {e.start}, 0x{e.object[e.start]:02x}, cannot be decoded): "
+            "is it the right file? save it as UTF-8"
+        ) from None
+
+
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
     """Append one JSON line and fsync; a torn last line is dropped by `read_jsonl`."""
-    line = json.dumps(record, allow_nan=False) + "\n"
+    try:
+        line = json.dumps(record, allow_nan=False) + "\n"
+    except ValueError:  # NaN/inf: JSON has none, and a resume must never read one back
+        raise ValueError(
+            f"{path}: not written, because {', '.join(_nonfinite_keys(record)) or 'a value'} is not a finite number"
+        ) from None
     with disk_errors(path), open(path, "a") as f:
         f.write(line)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _nonfinite_keys(value: Any, where: str = "") -> list[str]:
+    """Paths (`rewards[3]`, `awd_kl`) of the NaN/inf floats inside a JSON-like value."""
+    import math
+
+    if isinstance(value, float):
+        return [f"{where or 'the value'} ({value})"] if not math.isfinite(value) else []
+    if isinstance(value, dict):
+        return [k for key, v in value.items() for k in _nonfinite_keys(v, f"{where}.{key}" if where else str(key))]
+    if isinstance(value, (list, tuple)):
+        return [k for i, v in enumerate(value) for k in _nonfinite_keys(v, f"{where}[{i}]")]
+    return []
 
 
 def read_jsonl(path: str | Path, repair: bool = False) -> list[dict[str, Any]]:

@@ -32,6 +32,7 @@ from esft.anchor import AnchorFile
 from esft.config import ESConfig
 from esft.engine import HFEngine
 from esft.evaluation.kl import base_continuations, batch_kl, batch_logprobs, continuation_batches
+from esft.io import read_text
 from esft.params import WeightState
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,10 @@ def read_prompt_file(path: str | Path) -> list[list[dict[str, str]]]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--kl_prompts {path}: no such file")
+    text = read_text(path, "--kl_prompts")
+    if "\x00" in text:
+        raise ValueError(f"--kl_prompts {path}: a binary file (it holds NUL bytes), not prompts")
     if path.suffix.lower() not in (".jsonl", ".json"):
-        text = path.read_text(encoding="utf-8")
         conversations = [[{"role": "user", "content": line.strip()}] for line in text.splitlines() if line.strip()]
     else:
         from esft.tasks.custom import read_json_rows
@@ -72,33 +75,47 @@ def read_prompt_file(path: str | Path) -> list[list[dict[str, str]]]:
             raise ValueError(f"--kl_prompts {e}") from None
         for i, row in enumerate(rows):
             prompt = row.get("prompt") if isinstance(row, dict) else None
-            if isinstance(prompt, str):
+            if isinstance(prompt, str) and prompt.strip():
                 conversations.append([{"role": "user", "content": prompt}])
-            elif isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt):
+            elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "role" in m for m in prompt):
                 conversations.append([dict(m) for m in prompt])
             else:
                 raise ValueError(f"--kl_prompts {path}: row {i} needs a 'prompt' (a string or chat messages)")
     if not conversations:
-        raise ValueError(f"--kl_prompts {path}: no prompts in it")
+        raise ValueError(f"--kl_prompts {path}: no prompts in it (empty, or only blank lines)")
     return conversations
 
 
-def prompt_sets(cfg: ESConfig, engine: HFEngine) -> list[KLPromptSet]:
+#: The KL prompts of a run as chat conversations, under the names that key their cache files.
+KLConversations = list[tuple[str, list[list[dict[str, str]]]]]
+
+
+def kl_conversations(cfg: ESConfig) -> KLConversations:
     """The KL prompts of `--kl_tasks` (first `kl_num_prompts` evaluation examples each) and
-    of `--kl_prompts` (every prompt of the file)."""
+    of `--kl_prompts` (every prompt of the file), read and checked without a model: the
+    trainer calls this before it writes anything, so a bad entry leaves nothing behind."""
     from esft.tasks import get_task
 
-    sets = []
+    sets: KLConversations = []
     for name in [t.strip() for t in (cfg.kl_tasks or "").split(",") if t.strip()]:
-        task = get_task(name, data_dir=cfg.data_dir)
-        examples = task.load("test", limit=cfg.kl_num_prompts)
+        try:
+            task = get_task(name, data_dir=cfg.data_dir)
+            examples = task.load("test", limit=cfg.kl_num_prompts)
+        except (ValueError, OSError, ImportError) as e:  # unknown task, missing data file, no hub
+            raise ValueError(f"--kl_tasks {name!r}: {e}") from None
         if not examples:
             raise ValueError(f"--kl_tasks: task {name!r} has no evaluation examples")
-        sets.append(KLPromptSet(name, engine.encode([task.messages(e) for e in examples])))
+        sets.append((name, [task.messages(e) for e in examples]))
     if cfg.kl_prompts:
-        conversations = read_prompt_file(cfg.kl_prompts)
-        sets.append(KLPromptSet(f"prompts-{Path(cfg.kl_prompts).stem}", engine.encode(conversations)))
+        sets.append((f"prompts-{Path(cfg.kl_prompts).stem}", read_prompt_file(cfg.kl_prompts)))
     return sets
+
+
+def prompt_sets(cfg: ESConfig, engine: HFEngine, conversations: KLConversations | None = None) -> list[KLPromptSet]:
+    """The KL prompts tokenized (`conversations`: as `kl_conversations` read them before)."""
+    if conversations is None:
+        conversations = kl_conversations(cfg)
+    return [KLPromptSet(name, engine.encode(convs)) for name, convs in conversations]
 
 
 class KLMonitor:
@@ -107,12 +124,13 @@ class KLMonitor:
     def __init__(
         self, cfg: ESConfig, state: WeightState, engine: HFEngine, anchor: AnchorFile, run_dir: str | Path,
         batch_size: int = 8, seed: int = 0, score_batch_size: int | None = None,
+        conversations: KLConversations | None = None,
     ) -> None:
         """`batch_size`: rows per sampling batch (as `esft kl` samples, so cached continuations
         are the same); `score_batch_size`: rows per measurement forward pass (default
         `CPU_SCORE_BATCH` on the CPU, `batch_size` on an accelerator)."""
         self.state, self.anchor = state, anchor
-        sets = prompt_sets(cfg, engine)
+        sets = prompt_sets(cfg, engine, conversations)
         prompts: list[list[int]] = []
         continuations: list[list[int]] = []
         # The continuations are the base model's: sample (or read from cache) with θ₀ in place.

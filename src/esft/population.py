@@ -7,8 +7,8 @@ subset, groups of members); a population only scores that plan and returns one
 plan's prompts, restoring, then scoring the completions. `LocalPopulation` and the Ray
 actors (`esft.distributed`) both call `generate_group` and `score_group`, so a member gets
 the same reward, and reward errors are counted the same way, wherever it runs. Each
-population (and each actor) owns one `RewardGuard`, built from `cfg.reward_timeout`, that
-puts user reward functions under the time limit.
+population (and each actor) scores user reward functions through one `RewardGuard` (worker
+processes under a time and a memory limit, `esft.rewards`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from esft import es
@@ -157,7 +156,7 @@ def score_member(
     """
     stats = RewardStats(_seen=warned if warned is not None else set())
     rewards = score_completions(task, [g.text for g in gens], examples, stats, guard)
-    return float(np.mean(rewards)), stats
+    return es.finite_mean(rewards), stats
 
 
 def score_group(
@@ -207,12 +206,16 @@ class LocalPopulation(BatcherOwner):
     def __init__(
         self, cfg: ESConfig, state: WeightState, engine: HFEngine, task: Any,
         examples: list[Any], prompts: list[list[int]], batcher: PopulationBatcher | None = None,
+        guard: RewardGuard | None = None,
     ) -> None:
+        """`guard`: the trainer's (built before the model loaded); without one the
+        population builds its own from `cfg` and closes it with itself."""
         self.cfg, self.state, self.engine, self.task = cfg, state, engine, task
         self.examples, self.prompts = examples, prompts
         self._batcher = batcher
         self._warned: set[str] = set()
-        self.guard = RewardGuard(cfg.reward_timeout)
+        self._owns_guard = guard is None
+        self.guard = guard if guard is not None else RewardGuard.from_config(cfg)
 
     def score(self, plan: es.IterationPlan) -> PopulationResult:
         batch = [self.prompts[i] for i in plan.subset]
@@ -237,7 +240,9 @@ class LocalPopulation(BatcherOwner):
     def after_update(self, record: IterationRecord) -> dict[str, Any]:
         return {}
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        if self._owns_guard:
+            self.guard.close()
 
 
 __all__ = [

@@ -1,171 +1,188 @@
-"""Scoring completions safely, the time limit on user rewards, and the TRL reward adapter.
+"""Scoring completions safely, the limits on user rewards, and the TRL reward adapter.
 
 Model output is untrusted and a reward function is user code: a reward must never stop a
-run. ES training, evaluation and GRPO (through `as_reward_func`) all score with
-`score_completions`, so a misbehaving reward costs the same everywhere: the completions
-it failed on score 0 and are counted (`reward/errors`), with one warning per kind.
+run. ES training, evaluation, the `auto` probe and GRPO (through `as_reward_func`) all
+score with `score_completions`, so a misbehaving reward costs the same everywhere: the
+completions it failed on score 0 and are counted (`reward/errors`), with one warning per
+kind.
 
 User functions (a `CustomTask`: `module:function` or `ESTrainer(reward_funcs=...)`) are
 called one at a time, so one broken function never zeroes the others, and through a
-`RewardGuard`: each call runs in a daemon thread that is abandoned once it passes the
-time limit (`--reward_timeout`). Built-in task rewards are bounded pure functions and
-keep the direct, thread-free path.
+`RewardGuard`: each call runs in a worker process (`esft.reward_worker`) under a time limit
+(`--reward_timeout`) and a memory limit (`--reward_memory_gb`). A call that hangs (in Python
+or inside C), exits (`os._exit`), crashes (a segfault) or floods memory costs its worker,
+which is replaced; `--reward_max_failures` such calls in a row stop the run with one line.
+Built-in task rewards are bounded pure functions and keep the direct, process-free path.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
-import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from esft.tasks.base import Example, Task
 from esft.tasks.custom import CustomTask, RewardOutputError
 
 RewardFunc = Callable[..., list[float]]
-T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
-#: Timed-out calls in a row after which the run stops: one hang may be a network blip,
-#: three in a row is a broken function that would otherwise cost the limit on every call.
-MAX_CONSECUTIVE_TIMEOUTS = 3
+#: Failed calls (timed out, crashed, out of memory) in a row after which the run stops: one
+#: may be a network blip or one pathological completion, three in a row is a broken
+#: function that would otherwise cost the limit on every call.
+MAX_CONSECUTIVE_FAILURES = 3
+#: Memory a reward worker may allocate beyond what it holds when forked.
+DEFAULT_MEMORY_GB = 8.0
 
 
-class RewardTimeoutError(RuntimeError):
-    """User reward calls passed the time limit several times in a row: the run stops."""
+class RewardFailureError(RuntimeError):
+    """User reward calls failed (timed out, crashed, ran out of memory) several times in a
+    row: the run stops, the seed log intact."""
 
 
-class RewardCallTimeout(Exception):
-    """One call of a user reward function passed the time limit and was abandoned."""
+class RewardCallFailed(Exception):
+    """One call of a user reward function timed out, ended its worker or ran out of memory."""
 
-    def __init__(self, name: str, timeout: float, consecutive: int, limit: int, running: int) -> None:
-        self.name, self.timeout = name, timeout
+    def __init__(self, name: str, what: str, consecutive: int, limit: int) -> None:
+        self.name, self.what = name, what
         stop = limit - consecutive
-        still = f"; {_plural(running, 'abandoned call')} still running" if running else ""
         super().__init__(
-            f"reward {name!r} did not return within {timeout:g} s (--reward_timeout): the call "
-            f"is abandoned ({consecutive} in a row; {stop} more in a row {'stops' if stop == 1 else 'stop'} "
-            f"the run{still})"
+            f"reward {name!r} {what}: its worker process was replaced ({consecutive} in a row; {stop} more in a "
+            f"row {'stops' if stop == 1 else 'stop'} the run)"
         )
 
 
-class _Abandoned(BaseException):
-    """Raised inside an abandoned reward thread, so a pure-Python loop there stops."""
+class RewardRaised(Exception):
+    """The function raised in its worker: its type and message, re-raised here."""
+
+    def __init__(self, type_name: str, message: str, is_exception: bool) -> None:
+        self.type_name, self.message, self.is_exception = type_name, message, is_exception
+        super().__init__(f"{type_name}: {message}" if message else type_name)
 
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-# --------------------------------------------------------------------- time limit
-class _Call:
-    """One user call on its own thread; the caller reads the outcome if it finished in time."""
-
-    def __init__(self, thunk: Callable[[], Any]) -> None:
-        self.thunk = thunk
-        self.value: Any = None
-        self.error: BaseException | None = None
-        self.done = False
-        self.lock = threading.Lock()  # orders "finished" against "abandoned"
-
-    def run(self) -> None:
-        try:
-            try:
-                self.value = self.thunk()
-            except BaseException as e:  # noqa: BLE001 - handed to the caller, who decides
-                self.error = e
-            with self.lock:
-                self.done = True
-        except _Abandoned:  # the caller gave up on this call and asked it to stop
-            pass
-
-    def abandon(self, thread: threading.Thread) -> bool:
-        """Give up on the call, unless it has just finished (then False)."""
-        with self.lock:
-            if self.done:
-                return False
-            # Still inside `run` (we hold the lock `run` needs to finish), so the thread
-            # id is this thread's own: ask it to stop at its next bytecode. A loop in pure
-            # Python ends there; a call blocked in C (sleep, a socket) only sees it once
-            # that call returns, and until then costs no CPU.
-            _raise_in(thread, _Abandoned)
-        return True
-
-
-def _raise_in(thread: threading.Thread, exc: type[BaseException]) -> None:
-    if sys.implementation.name != "cpython" or thread.ident is None:
-        return
-    set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
-    tid = ctypes.c_ulong(thread.ident)
-    if set_async_exc(tid, ctypes.py_object(exc)) > 1:  # never expected: undo rather than guess
-        set_async_exc(tid, None)
-
-
+# ------------------------------------------------------------------------ limits
 class RewardGuard:
-    """Calls user reward functions under a time limit of `timeout` seconds per call.
+    """Runs user reward functions in worker processes under a time and a memory limit.
 
-    Each call runs on a fresh daemon thread (a ThreadPoolExecutor's workers are not
-    daemons and would keep a hung interpreter from exiting); past the limit the caller
-    stops waiting and the call raises `RewardCallTimeout`. A thread cannot be killed, so
-    the abandoned one is asked to stop (which ends pure-Python loops) and otherwise left to
-    finish on its own; its result is dropped. After `max_consecutive` timeouts in a row the
-    call raises `RewardTimeoutError` instead; any call that finishes resets the count.
-    `timeout` 0 calls directly, on the caller's thread. One guard per population (or Ray
-    actor); it is thread-safe.
+    `timeout` seconds per call (0: no limit), `memory_gb` beyond the worker's size at fork
+    (0: no limit); after `max_failures` failed calls in a row a call raises
+    `RewardFailureError`, and any call that returns resets the count. `isolation="none"`
+    calls in this process instead, with no limits (a debugger, or a reward that needs this
+    process's CUDA context). One supervisor process per task, started when the task is
+    first guarded (`prepare`): build the guard before loading the model, so that neither it
+    nor its workers share the model's pages. Thread-safe; `close()` ends the processes.
     """
 
-    def __init__(self, timeout: float, max_consecutive: int = MAX_CONSECUTIVE_TIMEOUTS) -> None:
+    def __init__(
+        self, timeout: float, max_failures: int = MAX_CONSECUTIVE_FAILURES, memory_gb: float = DEFAULT_MEMORY_GB,
+        isolation: str = "process",
+    ) -> None:
+        from esft.reward_worker import supported
+
         self.timeout = float(timeout or 0.0)
-        self.max_consecutive = max_consecutive
+        self.max_failures = max_failures
+        self.memory_bytes = int(memory_gb * 2**30) if memory_gb and memory_gb > 0 else 0
+        if isolation == "process" and not supported():
+            log.warning("this platform has no fork(): user reward functions run in the trainer's process, "
+                        "without a time or memory limit")
+            isolation = "none"
+        self.isolation = isolation
         self.consecutive = 0
-        self.timeouts = 0
-        self._abandoned: list[threading.Thread] = []
+        self.failures = 0
+        self._processes: dict[int, tuple[Any, Any]] = {}  # id(task) -> (task, RewardProcess)
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> RewardGuard:
+        """The guard an ESConfig (or anything with the same `reward_*` fields) asks for."""
+        return cls(getattr(cfg, "reward_timeout", 60.0), getattr(cfg, "reward_max_failures", MAX_CONSECUTIVE_FAILURES),
+                   getattr(cfg, "reward_memory_gb", DEFAULT_MEMORY_GB), getattr(cfg, "reward_isolation", "process"))
 
     @property
     def enabled(self) -> bool:
-        return 0.0 < self.timeout < math.inf
+        return self.isolation == "process"
 
-    def running(self) -> int:
-        """Abandoned calls whose threads have not ended yet."""
+    def prepare(self, task: Task) -> None:
+        """Start `task`'s supervisor now (custom tasks only): before the model is loaded."""
+        if self.enabled and isinstance(task, CustomTask):
+            self._process(task)
+
+    def _process(self, task: CustomTask) -> Any:
+        from esft.reward_worker import RewardProcess
+
         with self._lock:
-            self._abandoned = [t for t in self._abandoned if t.is_alive()]
-            return len(self._abandoned)
+            entry = self._processes.get(id(task))
+            if entry is None:
+                entry = (task, RewardProcess(task, self.memory_bytes))
+                self._processes[id(task)] = entry
+            return entry[1]
 
-    def __call__(self, name: str, thunk: Callable[[], T]) -> T:
+    def call(self, task: CustomTask, index: int, completions: list[str], examples: list[Example]) -> list[float | None]:
+        """One checked call of function `index`; raises what `score_completions` sorts out."""
         if not self.enabled:
-            return thunk()
-        call = _Call(thunk)
-        thread = threading.Thread(target=call.run, name=f"esft-reward-{name}", daemon=True)
-        thread.start()
-        thread.join(self.timeout)  # a Ctrl-C in the main thread interrupts this wait
-        if thread.is_alive() and call.abandon(thread):
-            with self._lock:
-                self.consecutive += 1
-                self.timeouts += 1
-                consecutive = self.consecutive
-                self._abandoned = [t for t in self._abandoned if t.is_alive()] + [thread]
-                running = len(self._abandoned)
-            if consecutive >= self.max_consecutive:
-                raise RewardTimeoutError(
-                    f"reward {name!r} did not return within {self.timeout:g} s on {consecutive} calls in a "
-                    f"row (--reward_timeout {self.timeout:g}), so the run stops: is it waiting on a judge "
-                    "model or an HTTP call that never answers, or stuck in a loop? The seed log is "
-                    "intact: fix the function (or raise --reward_timeout), then rerun the same command "
-                    "with --resume to continue."
-                )
-            raise RewardCallTimeout(name, self.timeout, consecutive, self.max_consecutive, running)
-        thread.join()  # finished: only the thread's last bytecodes are left
+            return _direct(task, index, completions, examples)
+        reply = self._process(task).call(index, task.function_kwargs(completions, examples), self.timeout)
+        kind = reply[0]
+        if kind == "ok":
+            self._returned()
+            return reply[1]
+        if kind == "output":
+            self._returned()
+            raise RewardOutputError(reply[1], reply[2])
+        if kind == "raised":
+            self._returned()
+            _, type_name, message, is_exception, interrupt = reply
+            if interrupt:
+                raise KeyboardInterrupt
+            raise RewardRaised(type_name, message, is_exception)
+        self._failed(task.func_names[index], self._describe(reply))
+
+    def _describe(self, reply: tuple) -> str:
+        from esft.reward_worker import describe_exit
+
+        if reply[0] == "timeout":
+            return f"did not return within {self.timeout:g} s (--reward_timeout)"
+        if reply[0] == "memory":
+            return f"ran out of memory (--reward_memory_gb {self.memory_bytes / 2**30:g})"
+        return f"ended its worker, which {describe_exit(reply[1])}"
+
+    def _returned(self) -> None:
         with self._lock:
             self.consecutive = 0
-        if call.error is not None:
-            raise call.error
-        return call.value
+
+    def _failed(self, name: str, what: str) -> None:
+        with self._lock:
+            self.consecutive += 1
+            self.failures += 1
+            consecutive = self.consecutive
+        if consecutive >= self.max_failures:
+            raise RewardFailureError(
+                f"reward {name!r} failed on {consecutive} calls in a row (the last {what}), so the run stops: "
+                "is it waiting on a judge model or an HTTP call that never answers, stuck in a loop, crashing "
+                "in a C library or allocating without bound? The seed log is intact: fix the function (or raise "
+                "--reward_timeout / --reward_memory_gb), then rerun the same command with --resume to continue."
+            )
+        raise RewardCallFailed(name, what, consecutive, self.max_failures)
+
+    def close(self) -> None:
+        with self._lock:
+            processes, self._processes = list(self._processes.values()), {}
+        for _, process in processes:
+            process.close()
+
+    def __enter__(self) -> RewardGuard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # ----------------------------------------------------------------------- counting
@@ -229,11 +246,11 @@ def score_completions(
 ) -> list[float]:
     """Rewards for a batch; whatever a reward does wrong scores the completions it hit 0.
 
-    User functions (a `CustomTask`) are called one by one, each through `guard` (no time
-    limit without one), and their values summed. Built-in tasks are tried as a batch
-    first; if that raises, each completion is scored alone so one bad completion costs
-    only itself. A Ctrl-C (KeyboardInterrupt) and `RewardTimeoutError` stop the run;
-    nothing else does, not even `sys.exit` inside a reward.
+    User functions (a `CustomTask`) are called one by one, each through `guard` (in this
+    process, with no limits, without one), and their values summed. Built-in tasks are
+    tried as a batch first; if that raises, each completion is scored alone so one bad
+    completion costs only itself. A Ctrl-C (KeyboardInterrupt) and `RewardFailureError`
+    stop the run; nothing else does, not even `sys.exit` inside a reward.
     """
     if isinstance(task, CustomTask):
         return _score_functions(task, completions, examples, stats, guard)
@@ -267,7 +284,24 @@ def _score_functions(
         values = _function_values(task, index, completions, examples, stats, guard)
         stats.record(name, (v for v in values if v is not None))
         total = [t + (0.0 if v is None else v) for t, v in zip(total, values)]
+    if len(task.func_names) > 1:
+        # Finite values can sum past the float range (1e308 + 1e308): that completion has no score.
+        for i, t in enumerate(total):
+            if not math.isfinite(t):
+                stats.nonfinite += 1
+                stats.warn_once("nonfinite:sum", f"the reward functions' values sum to {t} (beyond the float range)")
+                total[i] = 0.0
     return total
+
+
+def _direct(task: CustomTask, index: int, completions: list[str], examples: list[Example]) -> list[float | None]:
+    """An unguarded call, its exceptions reported as a worker would report them."""
+    try:
+        return task.call_function(index, completions, examples)
+    except (RewardOutputError, KeyboardInterrupt):
+        raise
+    except BaseException as e:  # noqa: BLE001 - sys.exit() and the like inside user code
+        raise RewardRaised(type(e).__name__, str(e), isinstance(e, Exception)) from e
 
 
 def _function_values(
@@ -278,31 +312,28 @@ def _function_values(
     nothing to say (TRL's None, not counted)."""
     name, n = task.func_names[index], len(completions)
     try:
-        values = task.call_function(index, completions, examples, guard)
-    except RewardCallTimeout as e:
-        # Waited the whole limit already: never retried completion by completion.
+        if guard is None:
+            values = _direct(task, index, completions, examples)
+        else:
+            values = guard.call(task, index, completions, examples)
+    except RewardCallFailed as e:
+        # A hang waited the whole limit and a crash may recur: never retried completion by completion.
         stats.errors += n
         log.warning("%s; its %s score 0", e, _plural(n, "completion"))
         return [None] * n
-    except RewardTimeoutError:
-        raise
     except RewardOutputError as e:
         # Wrong count or type of values: a bug of the function, not of one completion.
         stats.errors += n
         stats.warn_once(f"{e.kind}:{name}", str(e))
         return [None] * n
-    except KeyboardInterrupt:
-        raise
-    except Exception as e:
-        if n > 1:  # maybe one completion's fault: score each alone
+    except RewardRaised as e:
+        if e.is_exception and n > 1:  # maybe one completion's fault: score each alone
             return [v for i in range(n) for v in
                     _function_values(task, index, completions[i:i + 1], examples[i:i + 1], stats, guard)]
-        stats.errors += 1
-        stats.warn_once(f"exc:{name}:{type(e).__name__}", f"reward {name!r} raised {type(e).__name__}: {e}")
-        return [None]
-    except BaseException as e:  # noqa: BLE001 - sys.exit() and the like inside user code
+        # sys.exit() and the like: the whole call; an Exception: this one completion.
         stats.errors += n
-        stats.warn_once(f"exc:{name}:{type(e).__name__}", f"reward {name!r} raised {e!r}")
+        detail = f"{e.type_name}: {e.message}" if e.is_exception else f"{e.type_name}({e.message})"
+        stats.warn_once(f"exc:{name}:{e.type_name}", f"reward {name!r} raised {detail}")
         return [None] * n
     out: list[float | None] = []
     for v in values:
@@ -319,13 +350,14 @@ def _function_values(
 TRL_REWARD_EXTRAS = frozenset({"completion_ids", "trainer_state", "log_extra", "log_metric", "environments"})
 
 
-def as_reward_func(task: Task) -> RewardFunc:
+def as_reward_func(task: Task, guard: RewardGuard | None = None) -> RewardFunc:
     """Adapt a task to TRL's signature `f(prompts, completions, **columns) -> list[float]`.
 
     The dataset columns are the example's fields, so `columns[k][i]` is example i's field k.
     Completions may be strings or TRL's conversational form (a list of messages). Scoring
-    is ES training's own (`score_completions`): a reward that raises or returns NaN/inf
-    scores that completion 0 instead of stopping the run.
+    is ES training's own (`score_completions`, user functions through `guard`): a reward
+    that raises, hangs, crashes or returns NaN/inf scores that completion 0 instead of
+    stopping the run.
     """
     stats = RewardStats()
 
@@ -343,7 +375,7 @@ def as_reward_func(task: Task) -> RewardFunc:
                 completion = completion[-1]["content"] if completion else ""
             texts.append(completion)
         examples = [{k: v[i] for k, v in fields.items()} for i in range(n)]
-        return score_completions(task, texts, examples, stats)
+        return score_completions(task, texts, examples, stats, guard)
 
     reward_func.__name__ = f"{task.name}_reward"
     return reward_func

@@ -81,7 +81,8 @@ from tqdm.auto import tqdm
 
 from esft.config import ESConfig
 from esft.evaluation.sharing import borrow_base_rows, borrow_kl_cache
-from esft.io import read_jsonl, write_text_atomic
+from esft.io import read_jsonl, read_text, write_text_atomic
+from esft.runlock import run_lock
 
 TOP_LEVEL_KEYS = ("base", "variants", "grid", "grpo", "eval")
 GRPO_NAME = "grpo"
@@ -95,7 +96,10 @@ SWEEP_DECIDES = ("output_dir", "resume")
 #: Names that cannot be runs: they are other entries of DIR.
 RESERVED_NAMES = frozenset({REPORT_DIR, SPEC_FILE, LOG_FILE})
 #: ESConfig fields (besides `seed`) that also are GRPOTaskArgs fields: the GRPO arm inherits them.
-GRPO_INHERITS = ("model", "task", "dataset", "data_dir", "max_train_samples", "assistant_prefill", "num_threads", "seed")
+GRPO_INHERITS = (
+    "model", "task", "dataset", "data_dir", "max_train_samples", "assistant_prefill", "num_threads", "seed",
+    "reward_timeout", "reward_memory_gb",
+)
 #: Short prefixes of derived names; other fields use their own name.
 NAME_PREFIX = {
     "awd": "", "awd_lambda": "lambda", "population_size": "pop", "learning_rate": "lr",
@@ -186,7 +190,7 @@ def load_spec(path: str | Path) -> SweepSpec:
     if not path.is_file():
         raise FileNotFoundError(f"sweep spec {path}: no such file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(read_text(path, "sweep spec"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
@@ -928,6 +932,11 @@ def _train_grpo(run: RunSpec, run_dir: Path, progress: _Progress) -> int:
 
 
 def _evaluate(stage: Stage, run_dir: Path, spec: SweepSpec, progress: _Progress) -> str:
+    with run_lock(run_dir, "evaluation"):  # the borrowed base rows are written into the run too
+        return _evaluate_locked(stage, run_dir, spec, progress)
+
+
+def _evaluate_locked(stage: Stage, run_dir: Path, spec: SweepSpec, progress: _Progress) -> str:
     from esft.evaluation.accuracy import evaluate_run
 
     run, ev = stage.run, spec.eval
@@ -960,16 +969,17 @@ def _kl(stage: Stage, run_dir: Path, spec: SweepSpec, progress: _Progress) -> st
         return f"{run.name}: KL already in {KL_FILE}, skipped"
     t0 = time.perf_counter()
     progress.advance(0, f"{run.name}: KL")
-    borrow_kl_cache(run_dir)
-    with _run_output(run_dir / LOG_FILE, f"kl {run.name}"):
-        rows = kl_report(run_dir, list(ev.kl_tasks), iterations=missing, num_prompts=ev.kl_prompts,
-                         max_tokens=ev.kl_max_tokens, data_dir=spec.data_dir, device=spec.device)
-    # The settings travel with the rows, so a rerun with other settings recomputes them.
-    rows = [{**r, "num_prompts": ev.kl_prompts, "max_tokens": ev.kl_max_tokens} for r in rows]
-    fresh = {(r["iteration"], r["task"]) for r in rows}
-    kept = [r for r in _kl_rows(run_dir, ev) if (r.get("iteration"), r.get("task")) not in fresh]
-    merged = sorted(kept + rows, key=lambda r: (r["iteration"], str(r["task"])))
-    write_text_atomic(run_dir / KL_FILE, json.dumps(merged, indent=1) + "\n")
+    with run_lock(run_dir, "KL measurement"):
+        borrow_kl_cache(run_dir)
+        with _run_output(run_dir / LOG_FILE, f"kl {run.name}"):
+            rows = kl_report(run_dir, list(ev.kl_tasks), iterations=missing, num_prompts=ev.kl_prompts,
+                             max_tokens=ev.kl_max_tokens, data_dir=spec.data_dir, device=spec.device)
+        # The settings travel with the rows, so a rerun with other settings recomputes them.
+        rows = [{**r, "num_prompts": ev.kl_prompts, "max_tokens": ev.kl_max_tokens} for r in rows]
+        fresh = {(r["iteration"], r["task"]) for r in rows}
+        kept = [r for r in _kl_rows(run_dir, ev) if (r.get("iteration"), r.get("task")) not in fresh]
+        merged = sorted(kept + rows, key=lambda r: (r["iteration"], str(r["task"])))
+        write_text_atomic(run_dir / KL_FILE, json.dumps(merged, indent=1) + "\n")
     progress.advance(stage.units - stage.done)
     return f"{run.name}: KL on {', '.join(ev.kl_tasks)} at iterations {_iters(missing)} in {_seconds(t0)}"
 
@@ -984,11 +994,12 @@ def _drift(stage: Stage, run_dir: Path, spec: SweepSpec, progress: _Progress) ->
         return f"{run.name}: drift already in {DRIFT_FILE}, skipped"
     t0 = time.perf_counter()
     progress.advance(0, f"{run.name}: drift")
-    with _run_output(run_dir / LOG_FILE, f"drift {run.name}"):
-        rows = drift_report(run_dir, iterations=missing, device=spec.device)
-    kept = [r for r in _read_rows(run_dir / DRIFT_FILE) if r.get("iteration") not in missing]
-    merged = sorted(kept + rows, key=lambda r: r["iteration"])
-    write_text_atomic(run_dir / DRIFT_FILE, json.dumps(merged, indent=1) + "\n")
+    with run_lock(run_dir, "drift measurement"):
+        with _run_output(run_dir / LOG_FILE, f"drift {run.name}"):
+            rows = drift_report(run_dir, iterations=missing, device=spec.device)
+        kept = [r for r in _read_rows(run_dir / DRIFT_FILE) if r.get("iteration") not in missing]
+        merged = sorted(kept + rows, key=lambda r: r["iteration"])
+        write_text_atomic(run_dir / DRIFT_FILE, json.dumps(merged, indent=1) + "\n")
     progress.advance(stage.units - stage.done)
     return f"{run.name}: drift at iterations {_iters(missing)} in {_seconds(t0)}"
 
@@ -1011,7 +1022,11 @@ def run_sweep(spec: SweepSpec | Mapping[str, Any] | str | Path, output_dir: str 
     spec = _as_spec(spec)
     out = Path(output_dir)
     _check_existing_runs(spec, out)
-    out.mkdir(parents=True, exist_ok=True)
+    with run_lock(out, "sweep"):  # two sweeps on one DIR would train the same runs at once
+        return _run_sweep(spec, out, progress)
+
+
+def _run_sweep(spec: SweepSpec, out: Path, progress: bool) -> Path:
     text = yaml.safe_dump(spec.data, sort_keys=False, allow_unicode=True)
     if not (out / SPEC_FILE).exists() or (out / SPEC_FILE).read_text() != text:
         write_text_atomic(out / SPEC_FILE, text)

@@ -8,6 +8,7 @@ described by its seed log.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -15,7 +16,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from tqdm.auto import tqdm
@@ -30,6 +30,8 @@ from esft.io import ensure_writable_dir, read_jsonl, remove_temp_files, write_te
 from esft.metric_sinks import MetricsWriter
 from esft.params import WeightState
 from esft.population import LocalPopulation, Population
+from esft.rewards import RewardGuard
+from esft.runlock import run_lock
 from esft.seedlog import (
     ANCHOR_FILE,
     CONFIG_FILE,
@@ -65,13 +67,13 @@ class ESTrainer:
         processing_class: Any = None,
         callbacks: Sequence[TrainerCallback] = (),
     ) -> None:
-        from esft.models import load_model, load_tokenizer
-        from esft.tasks import get_task
-
         self.args = dataclasses.replace(args) if args is not None else ESConfig()
         cfg = self.args
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
+        # Inputs that need no model are checked before the run directory is created, so a
+        # bad KL prompt file or task leaves nothing behind (it once left 514 MB).
+        self._kl_conversations = self._checked_kl_inputs(cfg)
         self.callbacks = list(callbacks)
         if cfg.eval_tasks:
             self.callbacks.append(EvalCallback(
@@ -79,7 +81,22 @@ class ESTrainer:
                 cfg.eval_max_new_tokens, cfg.generation_batch_size, cfg.data_dir,
             ))
         self.run_dir = ensure_writable_dir(cfg.output_dir)
+        # One writer per run directory, from now (before the model loads, so a second process
+        # is refused at once) to the end of train().
+        self._held = contextlib.ExitStack()
+        self._held.enter_context(run_lock(self.run_dir, "training"))
+        self.reward_guard: RewardGuard | None = None
+        try:
+            self._build(model, reward_funcs, train_dataset, task, processing_class)
+        except BaseException:
+            self.close()
+            raise
 
+    def _build(self, model: Any, reward_funcs: Any, train_dataset: Any, task: Any, processing_class: Any) -> None:
+        from esft.models import load_model, load_tokenizer
+        from esft.tasks import get_task
+
+        cfg = self.args
         # The reward: a built-in/custom task, or TRL-style functions over a dataset.
         if reward_funcs is not None:
             from esft.tasks.custom import CustomTask
@@ -96,6 +113,10 @@ class ESTrainer:
             )
         else:
             self.task = task
+        # User reward functions run in worker processes forked now, before the model loads,
+        # so that they never hold a copy-on-write share of its pages.
+        self.reward_guard = RewardGuard.from_config(cfg)
+        self.reward_guard.prepare(self.task)
         self.train_examples = list(train_dataset) if train_dataset is not None else self.task.load("train")
         if cfg.max_train_samples is not None:
             self.train_examples = self.train_examples[: cfg.max_train_samples]
@@ -128,6 +149,17 @@ class ESTrainer:
         self.history: list[dict[str, Any]] = []
         self.schedule: AWDSchedule | None = None
         self._last_kl: float | None = None
+
+    @staticmethod
+    def _checked_kl_inputs(cfg: ESConfig) -> Any:
+        if cfg.kl_budget is None:
+            return None
+        from esft.kl_budget import kl_conversations
+
+        if cfg.awd == "none":
+            log.info("--kl_budget %g drives an AWD L2 step: the run applies L2 anchored weight decay "
+                     "(as --awd l2 would) with the step the budget plans", cfg.kl_budget)
+        return kl_conversations(cfg)
 
     # ------------------------------------------------------------- run directory
     def _prepare_run_dir(self) -> list[IterationRecord]:
@@ -200,12 +232,10 @@ class ESTrainer:
 
     def _rebuilt_metrics(self, rec: IterationRecord, update_norm: float, drift: float | None) -> dict[str, Any]:
         """What the seed log and a replay tell of an iteration whose metrics line was lost."""
-        r = np.asarray(rec.rewards)
         drift = float(drift or 0.0)
         return {
             "iteration": rec.iteration,
-            "reward/mean": float(r.mean()), "reward/std": float(r.std()),
-            "reward/min": float(r.min()), "reward/max": float(r.max()),
+            **es.reward_summary(rec.rewards),
             "es/skipped": rec.skipped, "es/update_norm": update_norm,
             "drift/norm": drift, "drift/relative": drift / self._theta0_norm if self._theta0_norm else 0.0,
             "params/trainable": self.state.num_parameters,
@@ -214,6 +244,23 @@ class ESTrainer:
 
     # --------------------------------------------------------------------- train
     def train(self) -> list[dict[str, Any]]:
+        """Run (or resume) to `max_steps`. The run directory is locked from the trainer's
+        construction to the end, so a second process writing into it is refused at once
+        instead of interleaving records."""
+        try:
+            with run_lock(self.run_dir, "training"):
+                return self._train()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """End the reward workers and release the run directory (train() does both when it
+        ends; call it for a trainer that is built and never trained)."""
+        if self.reward_guard is not None:
+            self.reward_guard.close()  # a later train() (or evaluation) starts new workers
+        self._held.close()
+
+    def _train(self) -> list[dict[str, Any]]:
         cfg = self.args
         self.prompts = self.engine.encode([self.task.messages(ex) for ex in self.train_examples])
         # Connect to Ray (if asked) before the run directory is written: a wrong address
@@ -275,7 +322,8 @@ class ESTrainer:
                 self.args, self.state, self.model_source, self.tokenizer, self.task, self.train_examples, prompts,
                 anchor_path=self.run_dir / ANCHOR_FILE,
             )
-        return LocalPopulation(self.args, self.state, self.engine, self.task, self.train_examples, prompts)
+        return LocalPopulation(self.args, self.state, self.engine, self.task, self.train_examples, prompts,
+                               guard=self.reward_guard)
 
     def plan(self, iteration: int, num_prompts: int, population: Population) -> es.IterationPlan:
         """The iteration's seeds, members, prompt subset and member groups, decided once."""
@@ -292,7 +340,8 @@ class ESTrainer:
 
         Returns (seeds, one mean reward per member, timing/throughput stats).
         """
-        population = LocalPopulation(self.args, self.state, self.engine, self.task, self.train_examples, prompts)
+        population = LocalPopulation(self.args, self.state, self.engine, self.task, self.train_examples, prompts,
+                                     guard=self.reward_guard)
         plan = self.plan(iteration, len(prompts), population)
         res = population.score(plan)
         return plan.seeds, res.rewards, {"subset": plan.subset, **res.stats}
@@ -320,14 +369,10 @@ class ESTrainer:
         self.seedlog.append(record)
         worker_metrics = self.population.after_update(record)
         t_total = time.perf_counter() - t_start
-        r = np.asarray(rewards)
         drift = float(drift or 0.0)
         return {
             "iteration": iteration,
-            "reward/mean": float(r.mean()),
-            "reward/std": float(r.std()),
-            "reward/min": float(r.min()),
-            "reward/max": float(r.max()),
+            **es.reward_summary(rewards),
             "reward/errors": res.reward_errors,
             "es/skipped": coeffs is None,
             "es/update_norm": update_norm,
@@ -354,7 +399,8 @@ class ESTrainer:
         if cfg.kl_budget is not None:
             from esft.kl_budget import KLMonitor
 
-            monitor = KLMonitor(cfg, self.state, self.engine, self.anchor, self.run_dir)
+            monitor = KLMonitor(cfg, self.state, self.engine, self.anchor, self.run_dir,
+                                conversations=self._kl_conversations)
             schedule = KLBudget(cfg, monitor, self.state.num_parameters)
         elif cfg.awd_lambda == AUTO:
             from esft.auto_lambda import choose_lambda

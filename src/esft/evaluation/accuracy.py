@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import json
 import time
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
 from esft.engine import HFEngine
 from esft.io import append_jsonl, read_jsonl, write_text_atomic
 from esft.tasks.base import Task
+
+if TYPE_CHECKING:
+    from esft.rewards import RewardGuard
 
 FORGETTING_FILE = "forgetting.jsonl"
 
@@ -78,18 +82,26 @@ def _safe(fn: Callable[..., Any], *args: Any) -> Any:
         return None
 
 
-def evaluate_task(engine: HFEngine, task: Task, examples: list[dict]) -> tuple[TaskResult, list[dict]]:
-    """Greedy completions for `examples`, scored with the task's `is_correct`."""
+def evaluate_task(
+    engine: HFEngine, task: Task, examples: list[dict], guard: RewardGuard | None = None,
+) -> tuple[TaskResult, list[dict]]:
+    """Greedy completions for `examples`, scored with the task's `is_correct` (a custom
+    task: reward > 0, its functions run through `guard` as in training)."""
+    from esft.rewards import RewardStats, score_completions
+    from esft.tasks.custom import CustomTask
+
     conversations = [task.messages(e) for e in examples]
     prompts = engine.encode(conversations)
     t0 = time.perf_counter()
     gens = engine.generate_ids(prompts)
     seconds = time.perf_counter() - t0
+    rewards = score_completions(task, [g.text for g in gens], examples, RewardStats(), guard)
+    custom = isinstance(task, CustomTask)  # its is_correct would call the user code again, unguarded
     samples = []
     correct = 0
     strict: list[bool] = []
-    for conv, ex, g in zip(conversations, examples, gens):
-        ok = bool(_safe(task.is_correct, g.text, ex))
+    for conv, ex, g, r in zip(conversations, examples, gens, rewards):
+        ok = r > 0 if custom else bool(_safe(task.is_correct, g.text, ex))
         correct += ok
         s = _safe(task.strict_format, g.text)
         if s is not None:
@@ -102,9 +114,6 @@ def evaluate_task(engine: HFEngine, task: Task, examples: list[dict]) -> tuple[T
             "correct": ok,
             "tokens": g.num_tokens,
         })
-    from esft.rewards import RewardStats, score_completions
-
-    rewards = score_completions(task, [g.text for g in gens], examples, RewardStats())
     for sample, r in zip(samples, rewards):
         sample["reward"] = r
     n = len(examples)
@@ -125,12 +134,15 @@ def evaluate_task(engine: HFEngine, task: Task, examples: list[dict]) -> tuple[T
     return result, samples
 
 
-def load_tasks(names: Sequence[str], data_dir: str | None = None, num_fewshot: int | None = None) -> list[Any]:
+def load_tasks(
+    names: Sequence[str], data_dir: str | None = None, num_fewshot: int | None = None, dataset: str | None = None,
+) -> list[Any]:
+    """Tasks by name; `dataset` is the data of `module:function` custom tasks."""
     from esft.tasks import get_task
 
     tasks = []
     for name in names:
-        task = get_task(name, data_dir=data_dir)
+        task = get_task(name, data_dir=data_dir, dataset=dataset)
         if num_fewshot is not None and hasattr(task, "num_fewshot"):
             task.num_fewshot = num_fewshot
         tasks.append(task)
@@ -140,15 +152,26 @@ def load_tasks(names: Sequence[str], data_dir: str | None = None, num_fewshot: i
 def evaluate_model(
     model: Any, tokenizer: Any, tasks: Sequence[Any], limit: int | None = None, max_new_tokens: int = 1024,
     batch_size: int = 32, samples_dir: str | Path | None = None, progress: bool = True,
+    guard: RewardGuard | None = None,
 ) -> list[TaskResult]:
-    """Accuracy of `model` on each task's evaluation split (first `limit` examples)."""
+    """Accuracy of `model` on each task's evaluation split (first `limit` examples).
+
+    User reward functions (custom tasks) run through `guard`, as in training; without one a
+    guard with the default limits is used for this call.
+    """
+    from esft.rewards import RewardGuard
+
+    if guard is None:
+        with RewardGuard.from_config(None) as own:
+            return evaluate_model(model, tokenizer, tasks, limit, max_new_tokens, batch_size, samples_dir,
+                                  progress, own)
     engine = HFEngine(model, tokenizer, max_new_tokens, batch_size)
     results = []
     for task in tqdm(tasks, desc="eval", disable=not progress or len(tasks) < 2, leave=False):
         examples = task.load("test", limit=limit)
         if not examples:
             raise ValueError(f"task {task.name!r} has no evaluation examples")
-        result, samples = evaluate_task(engine, task, examples)
+        result, samples = evaluate_task(engine, task, examples, guard)
         results.append(result)
         if samples_dir is not None:
             d = Path(samples_dir)
@@ -182,14 +205,35 @@ def evaluate_run(
     run_dir: str | Path, task_names: Sequence[str], every: int | None = None, iterations: list[int] | None = None,
     limit: int | None = None, max_new_tokens: int = 1024, batch_size: int = 32, output: str | Path | None = None,
     data_dir: str | None = None, device: str = "auto", progress: bool = True, num_fewshot: int | None = None,
+    dataset: str | None = None, reward_timeout: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Accuracy at iterations 0, K, 2K, ..., last; resumes from `forgetting.jsonl`."""
+    """Accuracy at iterations 0, K, 2K, ..., last; resumes from `forgetting.jsonl`.
+
+    A `module:function` task takes `dataset`, or the run's own when the run trained on it;
+    its functions run in worker processes (`reward_timeout`: the run's limit by default).
+    """
     from esft.evaluation.runs import RunView
+    from esft.rewards import RewardGuard
+    from esft.runlock import writing_into
 
     run = RunView.open(run_dir)
     chosen = run.select(iterations, every)
-    tasks = load_tasks(task_names, data_dir, num_fewshot)
+    if dataset is None and run.config.get("task") in task_names:
+        dataset = run.config.get("dataset")
+    tasks = load_tasks(task_names, data_dir, num_fewshot, dataset)
     out = Path(output) if output else Path(run_dir) / "eval"
+    limits = {**run.config, **({"reward_timeout": reward_timeout} if reward_timeout is not None else {})}
+    with writing_into(run_dir, out, "evaluation", output_is_dir=True), \
+            RewardGuard.from_config(types.SimpleNamespace(**limits)) as guard:
+        for task in tasks:
+            guard.prepare(task)  # before any model loads
+        return _evaluate_run_into(run, out, chosen, tasks, limit, max_new_tokens, batch_size, device, progress, guard)
+
+
+def _evaluate_run_into(
+    run: Any, out: Path, chosen: list[int], tasks: list[Any], limit: int | None, max_new_tokens: int,
+    batch_size: int, device: str, progress: bool, guard: RewardGuard,
+) -> list[dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
     path = out / FORGETTING_FILE
     rows = read_jsonl(path, repair=True)
@@ -198,7 +242,7 @@ def evaluate_run(
                                     disable=not progress or not todo):
         pending = pending_tasks(rows, k, tasks, limit, max_new_tokens)
         results = evaluate_model(model, tokenizer, pending, limit, max_new_tokens, batch_size,
-                                 samples_dir=out / "samples" / f"iteration-{k}", progress=progress)
+                                 samples_dir=out / "samples" / f"iteration-{k}", progress=progress, guard=guard)
         for task, r in zip(pending, results):
             row = forgetting_row(k, r, setting_of(task, limit, max_new_tokens))
             append_jsonl(path, row)

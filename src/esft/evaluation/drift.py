@@ -304,11 +304,14 @@ def main(argv: list[str]) -> int:
     if args.every is not None and args.every < 1:
         parser.error("--every must be ≥ 1")
 
-    report = drift_report(args.run, args.iterations, args.every, args.taus, args.device)
-    print(format_drift_table(report))
+    from esft.runlock import writing_into
+
     out = Path(args.output) if args.output else Path(args.run) / "drift.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out, json.dumps(report, indent=1) + "\n")
+    with writing_into(args.run, out, "drift measurement"):
+        report = drift_report(args.run, args.iterations, args.every, args.taus, args.device)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out, json.dumps(report, indent=1) + "\n")
+    print(format_drift_table(report))
     print(f"wrote {out}")
     return 0
 

@@ -348,8 +348,12 @@ def kl_report(
     data_dir: str | None = None,
     device: str = "cpu",
     progress: bool = False,
+    dataset: str | None = None,
 ) -> list[dict[str, Any]]:
     """One row per (iteration, task): KL of the iteration's model from the base model.
+
+    A `module:function` task's prompts come from `dataset`, or the run's own when the run
+    trained on that task.
 
     The base model is loaded once as its own instance (ES replay mutates the iteration
     model in place), in the run's dtype so that iteration 0 computes identical logits.
@@ -366,7 +370,9 @@ def kl_report(
     view = RunView.open(run_dir)
     chosen = view.select(iterations, every)
     # Build every task before loading any model, so a typo fails in a second.
-    task_objs = [get_task(name, data_dir=data_dir) for name in tasks]
+    if dataset is None and view.config.get("task") in tasks:
+        dataset = view.config.get("dataset")
+    task_objs = [get_task(name, data_dir=data_dir, dataset=dataset) for name in tasks]
     base, tokenizer = load_model(view.base_model, str(view.config.get("torch_dtype", "auto")), device)
     engine = HFEngine(base, tokenizer)
     pad = engine.pad_id
@@ -445,6 +451,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (part of the cache key)")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--data_dir", default=None, help="shared data folder (default: $ESFT_DATA_DIR or the hub)")
+    parser.add_argument("--dataset", default=None,
+                        help="prompts of a module:function task (a file or hub id with a 'prompt' column; default: the run's)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--output", default=None, help=f"JSON file (default: RUN/{KL_FILE})")
     args = parser.parse_args(argv)
@@ -453,14 +461,18 @@ def main(argv: list[str]) -> int:
         if value is not None and value < 1:
             parser.error(f"--{flag} must be ≥ 1")
 
-    rows = kl_report(
-        args.run, args.tasks, args.iterations, args.every, args.num_prompts, args.max_tokens,
-        args.seed, args.batch_size, args.data_dir, args.device, progress=True,
-    )
+    from esft.runlock import run_lock
+
+    # The base continuations are cached inside the run (kl_cache/): a writer of the run.
+    with run_lock(args.run, "KL measurement"):
+        rows = kl_report(
+            args.run, args.tasks, args.iterations, args.every, args.num_prompts, args.max_tokens,
+            args.seed, args.batch_size, args.data_dir, args.device, progress=True, dataset=args.dataset,
+        )
+        out = Path(args.output) if args.output else Path(args.run) / KL_FILE
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out, json.dumps(rows, indent=1) + "\n")
     print(format_kl_table(rows))
-    out = Path(args.output) if args.output else Path(args.run) / KL_FILE
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out, json.dumps(rows, indent=1) + "\n")
     print(f"wrote {out}")
     return 0
 

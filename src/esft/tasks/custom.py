@@ -16,13 +16,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from esft.io import read_text
 from esft.tasks.base import BaseTask, Example, Message
 from esft.tasks.sources import to_native
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
-
-#: How a caller runs one user function call: `call(function name, thunk) -> thunk()`.
-RewardCall = Callable[[str, Callable[[], Any]], Any]
 
 
 def load_reward_func(spec: str) -> Callable[..., Any]:
@@ -58,7 +56,7 @@ def load_reward_func(spec: str) -> Callable[..., Any]:
 def read_json_rows(path: Path) -> list[Any]:
     """Rows of a `.json` list or of JSON lines (a `.json` file may hold lines too); a bad
     line is an error naming it."""
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "dataset")
     if path.suffix == ".json":
         try:
             data = json.loads(text)
@@ -151,7 +149,7 @@ class CustomTask(BaseTask):
     with several functions the rewards are summed, as TRL does with unit weights. Each
     function has a name (`func_names`: its `__name__`, made unique) for its own metrics,
     `rewards/<name>/mean|std`. The task holds no limits: callers that must bound user
-    code pass a call hook to `call_function` (training: `esft.rewards.RewardGuard`).
+    code run `run_function` through `esft.rewards.RewardGuard` (a worker process).
     """
 
     def __init__(self, spec: str, dataset: str) -> None:
@@ -212,8 +210,8 @@ class CustomTask(BaseTask):
 
         NaN/inf pass through so the trainer can count them before zeroing them. A function
         that raises, or returns anything but one number per completion, raises here;
-        training scores through `call_function` instead (`esft.rewards`), which isolates
-        each function and puts every call under the reward time limit.
+        training scores through `esft.rewards.score_completions` instead, which isolates
+        each function and runs every call in a worker process under the reward limits.
         """
         total = [0.0] * len(completions)
         for index in range(len(self.funcs)):
@@ -221,17 +219,9 @@ class CustomTask(BaseTask):
             total = [t + (0.0 if v is None else v) for t, v in zip(total, values, strict=True)]
         return total
 
-    def call_function(
-        self, index: int, completions: list[str], examples: list[Example], call: RewardCall | None = None
-    ) -> list[float | None]:
-        """One batched call of function `index` (named `self.func_names[index]`), checked.
-
-        `call(name, thunk)` runs the user code (`thunk()`) on the caller's behalf, e.g.
-        under a time limit; without it the function is called directly. Returns one value
-        per completion: None where the function said "not applicable" (TRL), NaN/inf as
-        returned. Raises `RewardOutputError` for anything but one number per completion,
-        and whatever the function itself raises.
-        """
+    def function_kwargs(self, completions: list[str], examples: list[Example]) -> dict[str, Any]:
+        """The keyword arguments of one batched call, TRL's way: `prompts`, `completions`
+        (chat-shaped for conversational prompts) and every other column as a list."""
         if len(completions) != len(examples):
             raise ValueError("completions and examples must have the same length")
         prompts = [e.get("prompt") for e in examples]
@@ -240,13 +230,20 @@ class CustomTask(BaseTask):
             for c, p in zip(completions, prompts, strict=True)
         ]
         columns = {col: [e.get(col) for e in examples] for col in self.columns if col != "prompt"}
-        func, name = self.funcs[index], self.func_names[index]
+        return {"prompts": prompts, "completions": shaped, **columns}
 
-        def thunk() -> Any:
-            return func(prompts=prompts, completions=shaped, **columns)
+    def run_function(self, index: int, kwargs: dict[str, Any]) -> list[float | None]:
+        """Call function `index` with `kwargs` and check what it returned: one value per
+        completion, None where it said "not applicable" (TRL), NaN/inf as returned. Raises
+        `RewardOutputError` for anything but one number per completion, and whatever the
+        function itself raises. This is the user code: `esft.rewards.RewardGuard` runs it
+        in a worker process, under a time and a memory limit."""
+        out = self.funcs[index](**kwargs)
+        return _check_output(self.func_names[index], out, len(kwargs["completions"]))
 
-        out = thunk() if call is None else call(name, thunk)
-        return _check_output(name, out, len(completions))
+    def call_function(self, index: int, completions: list[str], examples: list[Example]) -> list[float | None]:
+        """One batched call of function `index` in this process (no limits)."""
+        return self.run_function(index, self.function_kwargs(completions, examples))
 
     def reward(self, completion: str, example: Example) -> float:
         return self.rewards([completion], [example])[0]
