@@ -177,3 +177,20 @@ def test_eval_kl_drift_and_report_take_a_grpo_run_beside_an_es_run(grpo_run: Pat
     header = (out / "report.csv").read_text().splitlines()[0]
     assert header == "run,Δ conciseness (reward),Δ conciseness (reward) lo95,Δ conciseness (reward) hi95,avg Δ prior,avg Δ prior lo95,avg Δ prior hi95"
     capsys.readouterr()
+
+
+def test_a_grpo_resume_compares_every_field_but_where_and_how_often_it_logs_and_saves(tmp_path) -> None:
+    from esft.grpo import _prepare_run_dir, parse_grpo_args, run_config
+
+    def config(*flags: str) -> dict:
+        run, cfg = parse_grpo_args(["--output_dir", str(tmp_path), "--max_steps", "2", *flags])
+        return run_config(run, cfg, "conciseness")
+
+    _prepare_run_dir(tmp_path, config(), None, True)
+    # Logging, saving, length and output place may change: the run's updates do not.
+    _prepare_run_dir(tmp_path, config("--logging_steps", "5", "--save_steps", "3", "--max_steps", "4"), 1, True)
+    with pytest.raises(ValueError, match=r"differs from the run's config.yaml in:\n  learning_rate: 1e-06 != 0.001") as err:
+        _prepare_run_dir(tmp_path, config("--learning_rate", "1e-3"), 1, True)
+    assert "beta" not in str(err.value).split("(only")[0], "only the changed field is listed"
+    with pytest.raises(ValueError, match=r"beta: 0.005 != 0.1"):
+        _prepare_run_dir(tmp_path, config("--beta", "0.1"), 1, True)

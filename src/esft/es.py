@@ -93,13 +93,13 @@ def plan_iteration(
 #: Above this magnitude sums of rewards can overflow float64 (1e308 + 1e308 = inf); such
 #: rewards are divided by their largest magnitude first. Below it the arithmetic is the
 #: plain formula, bit for bit, so ordinary runs never change.
-_LARGE = 1e150
+LARGE_REWARD = 1e150
 
 
 def _scale_of(r: np.ndarray) -> float:
     """1, or the largest |reward| when rewards are large enough that sums could overflow."""
     top = float(np.max(np.abs(r))) if r.size else 0.0
-    return top if top > _LARGE else 1.0
+    return top if top > LARGE_REWARD else 1.0
 
 
 def finite_mean(values: list[float]) -> float:

@@ -42,7 +42,7 @@ class MemberResult:
     t_busy: float = 0.0  # seconds the worker spent on this member, scoring included
     reward_errors: int = 0  # completions whose reward raised or was not finite (scored 0)
     # User reward functions: name -> (count, sum, sum of squares) of the values it returned.
-    reward_functions: dict[str, tuple[int, float, float]] = field(default_factory=dict)
+    reward_functions: dict[str, tuple] = field(default_factory=dict)
 
 
 @dataclass

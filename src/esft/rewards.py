@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from esft.es import LARGE_REWARD
 from esft.tasks.base import Example, Task
 from esft.tasks.custom import CustomTask, RewardOutputError
 
@@ -195,7 +196,7 @@ class RewardStats:
     errors: int = 0
     nonfinite: int = 0
     _seen: set[str] = field(default_factory=set)
-    functions: dict[str, tuple[int, float, float]] = field(default_factory=dict)
+    functions: dict[str, tuple] = field(default_factory=dict)  # name -> moments (see `_merge`)
 
     def warn_once(self, kind: str, message: str) -> None:
         if kind not in self._seen:
@@ -203,26 +204,43 @@ class RewardStats:
             log.warning("%s (scored 0; further occurrences are only counted in metrics)", message)
 
     def record(self, name: str, values: Iterable[float]) -> None:
-        c, s, q = self.functions.get(name, (0, 0.0, 0.0))
+        values = list(values)
+        top = max((abs(v) for v in values), default=0.0)
+        self.functions[name] = _merge(self.functions.get(name), (0, 0.0, 0.0, top if top > LARGE_REWARD else 1.0))
+        c, s, q, scale = self.functions[name]
         for v in values:
+            v /= scale  # exact (÷1) for ordinary rewards
             c, s, q = c + 1, s + v, q + v * v
-        self.functions[name] = (c, s, q)
+        self.functions[name] = (c, s, q, scale)
 
 
-def function_metrics(moments: Iterable[Mapping[str, tuple[int, float, float]]]) -> dict[str, float]:
+Moments = tuple  # (count, sum, sum of squares[, scale]): the values divided by scale (1 unless huge)
+
+
+def _merge(a: Moments | None, b: Moments) -> Moments:
+    """Two (count, sum, sum of squares, scale) moments on the larger scale: values near
+    ±1e308 are kept divided by their largest magnitude so that sums cannot overflow."""
+    if a is None:
+        return (*b[:3], b[3] if len(b) > 3 else 1.0)
+    (ca, sa, qa, ma), (cb, sb, qb, mb) = (*a[:3], a[3] if len(a) > 3 else 1.0), (*b[:3], b[3] if len(b) > 3 else 1.0)
+    m = max(ma, mb)
+    ra, rb = ma / m, mb / m
+    return (ca + cb, sa * ra + sb * rb, qa * ra * ra + qb * rb * rb, m)
+
+
+def function_metrics(moments: Iterable[Mapping[str, Moments]]) -> dict[str, float]:
     """`rewards/<name>/mean` and `rewards/<name>/std` (sample std, n−1, as TRL's nanstd)
-    from per-member (count, sum, sum of squares); a function with no value is left out."""
-    total: dict[str, tuple[int, float, float]] = {}
+    from per-member (count, sum, sum of squares[, scale]); a function with no value is left out."""
+    total: dict[str, Moments] = {}
     for member in moments:
-        for name, (c, s, q) in member.items():
-            c0, s0, q0 = total.get(name, (0, 0.0, 0.0))
-            total[name] = (c0 + c, s0 + s, q0 + q)
+        for name, m in member.items():
+            total[name] = _merge(total.get(name), m)
     out: dict[str, float] = {}
-    for name, (c, s, q) in total.items():
+    for name, (c, s, q, scale) in total.items():
         if c:
             var = max(0.0, (q - s * s / c) / (c - 1)) if c > 1 else 0.0
-            out[f"rewards/{name}/mean"] = s / c
-            out[f"rewards/{name}/std"] = math.sqrt(var)
+            out[f"rewards/{name}/mean"] = s / c * scale
+            out[f"rewards/{name}/std"] = math.sqrt(var) * scale
     return out
 
 
