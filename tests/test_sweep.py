@@ -256,7 +256,7 @@ def tiny_spec() -> dict[str, Any]:
         "variants": [{"name": "es"}],
         "grid": {"awd": ["l2"], "awd_lambda": [10]},
         "eval": {"tasks": tasks, "every": 1, "limit": 2, "limits": {"conciseness": 3}, "max_new_tokens": 6,
-                 "batch_size": 4, "kl_tasks": tasks[-1:], "kl_prompts": 2, "kl_max_tokens": 4},
+                 "batch_size": 4, "kl_tasks": tasks[-1:], "kl_num_prompts": 2, "kl_max_tokens": 4},
     }
 
 
@@ -351,3 +351,35 @@ def test_rerunning_a_finished_sweep_redoes_nothing(killed_sweep: dict[str, Any],
     for line in ("es: already trained", "l2-lambda10: eval already done", "es: KL already in kl.json",
                  "l2-lambda10: drift already in drift.json"):
         assert line in text, text
+
+
+# ------------------------------------------------------------ eval caps and the ETA
+def test_eval_caps_scale_with_limit_unless_given() -> None:
+    small = parse_spec({"base": BASE, "variants": [{"name": "es"}], "eval": {"limit": 2, "kl_tasks": ["conciseness"]}})
+    assert (small.eval.max_new_tokens, small.eval.kl_num_prompts, small.eval.kl_max_tokens) == (64, 2, 64)
+    full = parse_spec({"base": BASE, "variants": [{"name": "es"}], "eval": {}})
+    assert (full.eval.max_new_tokens, full.eval.kl_num_prompts, full.eval.kl_max_tokens) == (1024, 50, 256)
+    given = parse_spec({"base": BASE, "variants": [{"name": "es"}],
+                        "eval": {"limit": 2, "max_new_tokens": 8, "kl_num_prompts": 5, "kl_max_tokens": 3}})
+    assert (given.eval.max_new_tokens, given.eval.kl_num_prompts, given.eval.kl_max_tokens) == (8, 5, 3)
+
+
+def test_kl_prompts_is_read_as_the_old_name_of_kl_num_prompts_but_not_beside_it() -> None:
+    spec = parse_spec({"base": BASE, "variants": [{"name": "es"}], "eval": {"kl_prompts": 7}})
+    assert spec.eval.kl_num_prompts == 7
+    with pytest.raises(ValueError, match="kl_prompts and kl_num_prompts: give one"):
+        parse_spec({"base": BASE, "variants": [{"name": "es"}], "eval": {"kl_prompts": 7, "kl_num_prompts": 7}})
+
+
+def test_the_eta_times_each_kind_of_stage_by_its_own_rate() -> None:
+    from esft.sweep import StageRates
+
+    rates = StageRates()
+    assert rates.eta([("train", 100.0)]) is None, "nothing timed yet"
+    # The running stage's own pace stands in before any stage has finished.
+    assert rates.eta([("eval", 50.0)], current=("train", 100.0, 10.0, 100.0)) == pytest.approx(150 * 0.1)
+    rates.record("train", 1000.0, 100.0)  # 0.1 s per unit
+    rates.record("eval", 100.0, 25.0)  # 0.25 s per unit: unlike stages, unlike costs
+    assert rates.eta([("train", 500.0), ("eval", 40.0)]) == pytest.approx(50 + 10)
+    assert rates.eta([("kl", 10.0)]) == pytest.approx(10 * 125 / 1100), "an untimed kind takes the pooled rate"
+    assert rates.eta([], current=("eval", 4.0, 100.0, 1.0)) == pytest.approx(1.0), "a timed kind keeps its rate"

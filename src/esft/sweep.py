@@ -196,7 +196,7 @@ def _measure(stage: Stage, run_dir: Path, ev: EvalSpec, data_dir: str | None) ->
         stage.units = load + total_rows * row
         stage.done = stage.units if done >= total_rows else done * row
     elif kind == "kl":
-        sample = ev.kl_prompts * ev.kl_max_tokens
+        sample = ev.kl_num_prompts * ev.kl_max_tokens
         stage.units = load + len(ev.kl_tasks) * sample * (1 + 2 * _TEACHER_FORCED * len(its))
         stage.done = stage.units if not _missing_kl(run_dir, ev, its) else 0.0
     else:
@@ -245,7 +245,7 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 def _kl_rows(run_dir: Path, ev: EvalSpec) -> list[dict[str, Any]]:
     """kl.json rows made with this eval's prompts and token budget."""
     return [r for r in _read_rows(run_dir / KL_FILE)
-            if r.get("num_prompts") == ev.kl_prompts and r.get("max_tokens") == ev.kl_max_tokens]
+            if r.get("num_prompts") == ev.kl_num_prompts and r.get("max_tokens") == ev.kl_max_tokens]
 
 
 def _missing_kl(run_dir: Path, ev: EvalSpec, its: Sequence[int]) -> list[int]:
@@ -259,36 +259,115 @@ def _missing_drift(run_dir: Path, its: Sequence[int]) -> list[int]:
 
 
 # -------------------------------------------------------------------- console
+class StageRates:
+    """Seconds per unit of work, learned per stage kind as stages finish.
+
+    The units (generated tokens) of unlike stages cost unlike seconds: on 2 CPU cores a
+    training token cost about 2.5 times an evaluation token in a tiny sweep, so one rate
+    since the start gave an ETA that leapt between 11 and 46 minutes as the stages changed.
+    Each kind's own rate (any kind's, until that kind has finished once) is what the ETA
+    multiplies its remaining units by.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.units: dict[str, float] = {}
+
+    def record(self, kind: str, units: float, seconds: float) -> None:
+        if units > 0 and seconds > 0:
+            self.units[kind] = self.units.get(kind, 0.0) + units
+            self.seconds[kind] = self.seconds.get(kind, 0.0) + seconds
+
+    def rate(self, kind: str) -> float | None:
+        if self.units.get(kind):
+            return self.seconds[kind] / self.units[kind]
+        total = sum(self.units.values())
+        return sum(self.seconds.values()) / total if total else None
+
+    def eta(self, remaining: Sequence[tuple[str, float]], current: tuple[str, float, float, float] | None = None,
+            ) -> float | None:
+        """Seconds left: `remaining` (kind, units) of stages not begun, and `current` (kind,
+        units left, seconds spent, units done) of the running one. A kind no stage has
+        finished yet takes the pace of all that have, or before any has, the running one's.
+        None while nothing has been timed."""
+        pace = None
+        if current is not None and current[3] > 0:
+            pace = current[2] / current[3]
+        seconds = 0.0
+        stages = ([(current[0], current[1], True)] if current is not None else []) + [(k, u, False) for k, u in remaining]
+        for kind, units, running in stages:
+            rate = self.rate(kind) if self.units.get(kind) else (pace if running and pace else self.rate(kind) or pace)
+            if rate is None:
+                return None
+            seconds += units * rate
+        return seconds
+
+
 class _Progress:
     """The sweep's one bar with an ETA (stderr), its stage lines (stdout and DIR/sweep.log)."""
 
-    FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}"
+    FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {elapsed}{postfix}"
 
-    def __init__(self, total: float, done: float, log_path: Path, enabled: bool) -> None:
+    def __init__(self, stages: list[Stage], log_path: Path, enabled: bool) -> None:
         # The console streams as they are now: stages redirect sys.stdout/err to their logs.
         self.out = sys.stdout
         self.log_path = log_path
         self.lock = threading.Lock()
-        # smoothing=0: the rate is the average since the start, excluding work done before.
-        self.bar = tqdm(total=total, initial=done, desc="sweep", file=sys.stderr, disable=not enabled,
-                        smoothing=0, bar_format=self.FORMAT, mininterval=1.0, dynamic_ncols=True)
+        self.stages = stages
+        self.rates = StageRates()
+        self.current: Stage | None = None
+        self._began = 0.0
+        self._advanced: dict[int, float] = {}  # id(stage) -> units advanced by it in this session
+        self._status = ""
+        self.bar = tqdm(total=sum(s.units for s in stages), initial=sum(s.done for s in stages), desc="sweep",
+                        file=sys.stderr, disable=not enabled, bar_format=self.FORMAT, mininterval=1.0,
+                        dynamic_ncols=True)
+
+    def begin(self, stage: Stage) -> None:
+        with self.lock:
+            self.current, self._began = stage, time.perf_counter()
+
+    def end(self, stage: Stage) -> None:
+        with self.lock:
+            self.rates.record(stage.kind, self._advanced.get(id(stage), 0.0), time.perf_counter() - self._began)
+            self.current = None
+            self._refresh()
+
+    def _left(self, stage: Stage) -> float:
+        return max(0.0, stage.units - stage.done - self._advanced.get(id(stage), 0.0))
+
+    def eta(self) -> float | None:
+        """Seconds left by `StageRates`; the stages are in run order, so those after the
+        current one (or all unfinished ones between stages) have not begun."""
+        current = self.current
+        running = None
+        if current is not None:
+            running = (current.kind, self._left(current), time.perf_counter() - self._began,
+                       self._advanced.get(id(current), 0.0))
+        later = [(s.kind, self._left(s)) for s in self.stages if s is not current and self._left(s) > 0]
+        return self.rates.eta(later, running)
+
+    def _refresh(self) -> None:
+        eta = self.eta()
+        when = "ETA ?" if eta is None else f"ETA {_clock(eta)}"
+        self.bar.set_postfix_str(f"{when} | {self._status}" if self._status else when, refresh=False)
 
     def advance(self, units: float, status: str | None = None) -> None:
         with self.lock:
-            # Estimates are floats: never past 100% by a rounding error (tqdm warns, the ETA turns negative).
-            self.bar.update(max(0.0, min(units, self.bar.total - self.bar.n)))
+            # Estimates are floats: never past 100% by a rounding error (tqdm warns).
+            step = max(0.0, min(units, self.bar.total - self.bar.n))
+            if self.current is not None:
+                self._advanced[id(self.current)] = self._advanced.get(id(self.current), 0.0) + step
             if status:
-                self.bar.set_postfix_str(status, refresh=False)
+                self._status = status
+            self._refresh()
+            self.bar.update(step)
 
     def replan(self, before: Stage, after: Stage) -> None:
         """A stage's estimate changed (its run exists now): move the total, count found work as done."""
-        if self.bar.disable:
-            return
         with self.lock:
             self.bar.total += after.units - before.units
-            found = after.done - before.done
-            self.bar.n += found
-            self.bar.initial += found  # work found done is not work done now: keep it out of the rate
+            self.bar.n += after.done - before.done
 
     def line(self, text: str) -> None:
         self.bar.write(text, file=self.out)
@@ -301,6 +380,12 @@ class _Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
 
 
 def _console_handlers() -> list[tuple[logging.Logger, logging.Handler]]:
@@ -505,10 +590,10 @@ def _kl(stage: Stage, run_dir: Path, spec: SweepSpec, progress: _Progress) -> st
     with run_lock(run_dir, "KL measurement"):
         borrow_kl_cache(run_dir)
         with _run_output(run_dir / LOG_FILE, f"kl {run.name}"):
-            rows = kl_report(run_dir, list(ev.kl_tasks), iterations=missing, num_prompts=ev.kl_prompts,
+            rows = kl_report(run_dir, list(ev.kl_tasks), iterations=missing, num_prompts=ev.kl_num_prompts,
                              max_tokens=ev.kl_max_tokens, data_dir=spec.data_dir, device=spec.device)
         # The settings travel with the rows, so a rerun with other settings recomputes them.
-        rows = [{**r, "num_prompts": ev.kl_prompts, "max_tokens": ev.kl_max_tokens} for r in rows]
+        rows = [{**r, "num_prompts": ev.kl_num_prompts, "max_tokens": ev.kl_max_tokens} for r in rows]
         fresh = {(r["iteration"], r["task"]) for r in rows}
         kept = [r for r in _kl_rows(run_dir, ev) if (r.get("iteration"), r.get("task")) not in fresh]
         merged = sorted(kept + rows, key=lambda r: (r["iteration"], str(r["task"])))
@@ -563,10 +648,13 @@ def _run_sweep(spec: SweepSpec, out: Path, progress: bool) -> Path:
     for run in spec.runs:
         if run.is_grpo and not _is_trained(run, out / run.name):
             _grpo_resume_point(out / run.name)  # a GRPO arm that cannot resume fails now, not after the ES runs
-    bar = _Progress(sum(s.units for s in stages), sum(s.done for s in stages), out / LOG_FILE, progress)
+    bar = _Progress(stages, out / LOG_FILE, progress)
     try:
         for s in stages:
-            bar.line(_run_stage(s, out / s.run.name, spec, bar))
+            bar.begin(s)
+            line = _run_stage(s, out / s.run.name, spec, bar)
+            bar.end(s)
+            bar.line(line)
         with _run_output(out / LOG_FILE, "report"):
             from esft.report.runs import build_report
 

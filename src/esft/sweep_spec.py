@@ -29,9 +29,13 @@ The spec has five top-level keys (anything else is an error):
   killed GRPO run resumes from; it costs ~3x the disk of a model-only one) and `save_steps`
   = eval `every` (else `max_steps`), so that the GRPO run is evaluated at the same steps.
 - `eval`: `tasks` (default: the runs' built-in training tasks), `every` K (iterations 0, K,
-  2K, ..., last; default: 0 and last), `limit` (default: the whole eval set), `max_new_tokens`
-  (1024), `batch_size` (32), `kl_tasks` (default: none, no KL), `kl_prompts` (50),
-  `kl_max_tokens` (256), `drift_every` (default: `every`). Drift is always measured.
+  2K, ..., last; default: 0 and last), `limit` (default: the whole eval set), `limits`
+  (per-task exceptions to `limit`), `max_new_tokens` (tokens per answer), `batch_size` (32),
+  `kl_tasks` (default: none, no KL), `kl_num_prompts` (prompts per KL task; `kl_prompts`, its
+  old name, is read too), `kl_max_tokens` (tokens per KL continuation), `drift_every`
+  (default: `every`). Drift is always measured. The three caps default to 1024, 50 and 256,
+  and scale with `limit` when one is given (`scaled_defaults`: `limit: 2` evaluates 2
+  examples of up to 64 tokens and 2 KL prompts of 64 tokens).
 - The sweep decides `output_dir` (`DIR/<name>`), `resume` and `disable_tqdm` (true: the
   console shows one sweep bar); the spec may not set the first two.
 
@@ -98,7 +102,7 @@ class EvalSpec:
     max_new_tokens: int = 1024
     batch_size: int = 32
     kl_tasks: tuple[str, ...] = ()
-    kl_prompts: int = 50
+    kl_num_prompts: int = 50
     kl_max_tokens: int = 256
     drift_every: int | None = None
 
@@ -455,7 +459,7 @@ def _eval_spec(value: Any, trained: list[str], base: dict[str, Any]) -> EvalSpec
     """The eval section; without `tasks`, the runs' built-in training tasks (the report's target column)."""
     values = _mapping(value, "eval")
     known = [f.name for f in dataclasses.fields(EvalSpec)]
-    unknown = [k for k in values if k not in known]
+    unknown = [k for k in values if k not in known and k != "kl_prompts"]
     if unknown:
         raise _fail("eval", _unknown(unknown, known, "eval keys") + f" (allowed: {', '.join(known)})")
     data_dir = base.get("data_dir")
@@ -470,8 +474,28 @@ def _eval_spec(value: Any, trained: list[str], base: dict[str, Any]) -> EvalSpec
         optional = key in ("every", "limit", "drift_every")
         if not (optional and v is None) and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise _fail("eval", f"{key}: expected an integer >= 1{' or null' if optional else ''}, got {v!r}")
+    if "kl_prompts" in values:  # the key's name before 2026-12: the number of KL prompts per task
+        if "kl_num_prompts" in values:
+            raise _fail("eval", "kl_prompts and kl_num_prompts: give one (kl_prompts is kl_num_prompts' old name)")
+        values["kl_num_prompts"] = values.pop("kl_prompts")
     values.setdefault("drift_every", values.get("every"))
-    return EvalSpec(tasks=tasks, kl_tasks=kl_tasks, limits=limits, **values)
+    return EvalSpec(tasks=tasks, kl_tasks=kl_tasks, limits=limits, **{**scaled_defaults(values.get("limit")), **values})
+
+
+#: The cost caps of evaluation, at full scale (no `limit`).
+FULL_SCALE = {"max_new_tokens": 1024, "kl_num_prompts": 50, "kl_max_tokens": 256}
+
+
+def scaled_defaults(limit: int | None) -> dict[str, int]:
+    """Defaults of the eval caps: the full ones without `limit`; with one, a smaller
+    evaluation: at most `limit` KL prompts per task and 32·`limit` tokens per answer and
+    per KL continuation. A sweep with `limit: 2` is a smoke test and should run like one
+    (an answer used to run to 1024 tokens and KL to sample 50 prompts whatever `limit`
+    said); from `limit: 32` on the caps are the full ones."""
+    if limit is None:
+        return dict(FULL_SCALE)
+    return {"max_new_tokens": min(1024, 32 * limit), "kl_num_prompts": min(50, limit),
+            "kl_max_tokens": min(256, 32 * limit)}
 
 
 def _limits(value: Any, tasks: tuple[str, ...]) -> tuple[tuple[str, int | None], ...]:
@@ -533,9 +557,10 @@ def describe(spec: SweepSpec) -> str:
         lines.append(f"  {r.name:<{width}}  {changes}")
     ev = spec.eval
     every = f"every {ev.every} iterations and the last" if ev.every else "iterations 0 and last"
-    kl = f"; KL on {', '.join(ev.kl_tasks)} ({ev.kl_prompts} prompts x {ev.kl_max_tokens} tokens)" if ev.kl_tasks else ""
+    kl = f"; KL on {', '.join(ev.kl_tasks)} ({ev.kl_num_prompts} prompts x {ev.kl_max_tokens} tokens)" if ev.kl_tasks else ""
     exceptions = "".join(f", {t} {n or 'all'}" for t, n in ev.limits)
-    lines.append(f"eval: {', '.join(ev.tasks)} at {every}, limit {ev.limit or 'all'}{exceptions}{kl}; "
+    lines.append(f"eval: {', '.join(ev.tasks)} at {every}, limit {ev.limit or 'all'}{exceptions}, "
+                 f"answers of up to {ev.max_new_tokens} tokens{kl}; "
                  f"drift {'every ' + str(ev.drift_every) if ev.drift_every else 'at 0 and last'}")
     return "\n".join(lines)
 
