@@ -264,3 +264,38 @@ def test_a_reward_measured_prior_task_is_left_out_of_the_accuracy_average(tmp_pa
     piqa = line.split(" | ")[3]
     assert line.endswith(f"| {piqa} | {piqa} |"), "the average is piqa's change alone, without a star"
     assert "avg Δ prior leaves out reward-measured tasks: a reward is never averaged with accuracies." in md
+
+
+# ------------------------------------------------------------------ over seeds
+def test_t_interval_over_seeds_equals_a_direct_computation() -> None:
+    from esft.report.intervals import t975, t_interval
+
+    values = [21.1, 15.5, 12.9]
+    e = t_interval(values)
+    mean, sd = np.mean(values), np.std(values, ddof=1)
+    assert e.value == mean
+    assert (e.lo, e.hi) == (mean - 4.302653 * sd / math.sqrt(3), mean + 4.302653 * sd / math.sqrt(3))
+    assert t975(1) == 12.706205 and t975(30) == 2.042272
+    assert abs(t975(60) - 2.000298) < 1e-3 and abs(t975(1000) - 1.962339) < 1e-4
+    assert not t_interval([3.0]).has_interval, "one seed: no interval"
+
+
+def test_runs_that_differ_only_in_seed_are_summarised_over_seeds_with_a_figure(tmp_path) -> None:
+    base, gains = [0, 0, 0, 0, 0], {0: [1, 1, 0, 0, 0], 1: [1, 0, 0, 0, 0], 2: [1, 1, 1, 1, 0]}
+    runs = []
+    for seed, after in gains.items():
+        evals = [row(0, "countdown", base, 5), row(10, "countdown", after, 5)]
+        runs.append(write_run(tmp_path, f"es-seed{seed}", es(8, seed=seed, output_dir=f"x/{seed}"), evals))
+        kl = [{"iteration": 10, "task": "piqa", "kl_exact_token": 0.1 * (seed + 1)}]
+        (tmp_path / f"es-seed{seed}" / "kl.json").write_text(json.dumps(kl))
+    # Another setting at one seed only: not a group.
+    runs.append(write_run(tmp_path, "awd", es(8, awd="l2", awd_lambda=10), [row(0, "countdown", base, 5)]))
+    out = tmp_path / "rep"
+    md = build_report(runs, out).read_text()
+    line = table_line(md, "ES (8)", section="## Over training seeds")
+    changes = [100 * sum(v) / 5 for v in gains.values()]  # 40, 20, 80 points
+    half = 4.302653 * np.std(changes, ddof=1) / math.sqrt(3)
+    assert f"| 0, 1, 2 | +46.7 [{46.6667 - half:+.1f}, {46.6667 + half:+.1f}]" in line, line
+    assert "0.2000 [" in line, "the mean prior KL over the three seeds"
+    assert "ES (8) + AWD" not in md.split("## Over training seeds", 1)[1].split("## Runs", 1)[0]
+    assert (out / "seeds.png").exists() and "seeds.png" in md

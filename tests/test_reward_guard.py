@@ -465,7 +465,7 @@ def reward(prompts, completions, **kw):
 def _reward_module(tmp_path: Path, monkeypatch, source: str) -> str:
     monkeypatch.setattr(sys, "dont_write_bytecode", True)  # a rewritten module must not load a stale .pyc
     monkeypatch.syspath_prepend(str(tmp_path))
-    name = f"user_rewards_{next(_names)}"
+    name = f"guarded_rewards_{next(_names)}"
     (tmp_path / f"{name}.py").write_text(source)
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     return name

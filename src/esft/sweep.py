@@ -141,13 +141,13 @@ def _grpo_resume_point(run_dir: Path) -> str | None:
         step = _resume_step("last", run_dir)
     except ValueError:
         raise ValueError(
-            f"sweep run 'grpo': {run_dir} stopped before its first checkpoint, so there is nothing to resume "
+            f"sweep run {run_dir.name!r}: {run_dir} stopped before its first checkpoint, so there is nothing to resume "
             f"from; delete {run_dir} and run the same command again to retrain it"
         ) from None
     checkpoint = run_dir / f"checkpoint-{step}"
     if not any(p.name.startswith("optimizer") for p in checkpoint.iterdir()):
         raise ValueError(
-            f"sweep run 'grpo': {checkpoint} holds no optimizer state (save_only_model: true), so GRPO cannot "
+            f"sweep run {run_dir.name!r}: {checkpoint} holds no optimizer state (save_only_model: true), so GRPO cannot "
             f"resume from it; delete {run_dir} to retrain it (without save_only_model: true in the grpo arm, "
             "a killed GRPO run resumes)"
         )
@@ -550,22 +550,26 @@ def _train_grpo(run: RunSpec, run_dir: Path, progress: _Progress) -> int:
 
 
 def _evaluate(stage: Stage, run_dir: Path, spec: SweepSpec, progress: _Progress) -> str:
+    run, ev = stage.run, spec.eval
+    its = chosen_iterations(_available(run, run_dir), ev.every)
+    # A finished evaluation is skipped without taking the run's lock (a rerun touches nothing).
+    if _eval_rows_done(run_dir, ev, its, spec.data_dir) >= len(its) * len(ev.tasks):
+        return f"{run.name}: eval already done ({', '.join(ev.tasks)} at {_iters(its)}), skipped"
     with run_lock(run_dir, "evaluation"):  # the borrowed base rows are written into the run too
-        return _evaluate_locked(stage, run_dir, spec, progress)
+        return _evaluate_locked(stage, run_dir, spec, progress, its)
 
 
-def _evaluate_locked(stage: Stage, run_dir: Path, spec: SweepSpec, progress: _Progress) -> str:
+def _evaluate_locked(stage: Stage, run_dir: Path, spec: SweepSpec, progress: _Progress, its: list[int]) -> str:
     from esft.evaluation.accuracy import evaluate_run
 
     run, ev = stage.run, spec.eval
-    its = chosen_iterations(_available(run, run_dir), ev.every)
     if 0 in its:
         borrow_base_rows(run_dir)
     total_rows = len(its) * len(ev.tasks)
     done = _eval_rows_done(run_dir, ev, its, spec.data_dir)
     # evaluate_run resumes by itself, but is not called when nothing is left (no model to load).
     if done >= total_rows:
-        return f"{run.name}: eval already done ({', '.join(ev.tasks)} at {_iters(its)}), skipped"
+        return f"{run.name}: eval done with the base model's rows of another run ({_iters(its)})"
     t0 = time.perf_counter()
     per_row = (stage.units - stage.done) / (total_rows - done)
     with _run_output(run_dir / LOG_FILE, f"eval {run.name}"), _RowWatcher(

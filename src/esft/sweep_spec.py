@@ -22,7 +22,8 @@ The spec has five top-level keys (anything else is an error):
   number follows a "-" (`noise_mode-shared`). So `{awd: [l2], awd_lambda: [1, 3]}` gives
   `l2-lambda1` and `l2-lambda3`. Other characters than [A-Za-z0-9._+-] become "_". Every name
   (variants, grids, `grpo`) must be unique; `report` is taken by the report.
-- `grpo`: one GRPO run in `DIR/grpo`. It inherits `model`, `task`, `dataset`, `data_dir`,
+- `grpo`: one GRPO run in `DIR/grpo` (with `seeds: [0, 1, 2]`, one per training seed in
+  `DIR/grpo-seed0`, ...). It inherits `model`, `task`, `dataset`, `data_dir`,
   `max_train_samples`, `assistant_prefill`, `num_threads` and `seed` from base where base sets
   them and it does not; never `max_steps` (a GRPO step is not an ES iteration). Defaults on
   top of `esft grpo`'s: `save_only_model: false` (a checkpoint with optimizer state is what a
@@ -187,7 +188,7 @@ def parse_spec(data: Any) -> SweepSpec:
     ev = _eval_spec(data.get("eval"), trained, base)
     runs = [_es_run(name, where, values, base) for name, where, values in named]
     if data.get("grpo") is not None:
-        runs.append(_grpo_run(data["grpo"], base, ev))
+        runs += _grpo_runs(data["grpo"], base, ev)
     if not runs:
         raise _fail("", "no runs: give variants, grid or grpo")
     _check_names(runs)
@@ -385,19 +386,33 @@ def _builtin_tasks() -> list[str]:
     return available_tasks()
 
 
-def _grpo_run(value: Any, base: dict[str, Any], ev: EvalSpec) -> RunSpec:
-    """The GRPO arm: base's model and data, esft's GRPO defaults, then the arm's fields."""
+def _grpo_runs(value: Any, base: dict[str, Any], ev: EvalSpec) -> list[RunSpec]:
+    """The GRPO arm: one run in DIR/grpo, or with `seeds: [0, 1, 2]` one per training seed
+    (DIR/grpo-seed0, ...), which the report then summarises over seeds."""
     given = _mapping(value, GRPO_NAME)
+    seeds = given.pop("seeds", None)
+    if seeds is None:
+        return [_grpo_run(given, base, ev, GRPO_NAME)]
+    if "seed" in given:
+        raise _fail(GRPO_NAME, "seed and seeds: give one (seeds makes one GRPO run per seed)")
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+        raise _fail(GRPO_NAME, f"seeds: expected a non-empty list of integers, got {seeds!r}")
+    return [_grpo_run({**given, "seed": x}, base, ev, f"{GRPO_NAME}-seed{x}") for x in seeds]
+
+
+def _grpo_run(given: dict[str, Any], base: dict[str, Any], ev: EvalSpec, name: str) -> RunSpec:
+    """One GRPO run: base's model and data, esft's GRPO defaults, then the arm's fields."""
+    where = GRPO_NAME if name == GRPO_NAME else f"{GRPO_NAME} ({name!r})"
     decided = [k for k in given if k in ("output_dir", "resume_from_checkpoint")]
     if decided:
-        raise _fail(GRPO_NAME, f"{', '.join(decided)}: the sweep decides it (the GRPO run is DIR/grpo)")
+        raise _fail(where, f"{', '.join(decided)}: the sweep decides it (the GRPO run is DIR/{name})")
     values = _grpo_defaults(given, base, ev)
     try:
         values = {k: _coerce(k, v, _grpo_hints()[k]) if k in _grpo_hints() else v for k, v in values.items()}
-        _, cfg = build_grpo(values, GRPO_NAME)
+        _, cfg = build_grpo(values, name)
     except ValueError as e:
-        raise _fail(GRPO_NAME, str(e)) from None
-    return RunSpec(GRPO_NAME, GRPO_NAME, {k: values[k] for k in given}, grpo_values=values, grpo_config=cfg)
+        raise _fail(where, str(e)) from None
+    return RunSpec(name, where, {k: values[k] for k in given}, grpo_values=values, grpo_config=cfg)
 
 
 def _grpo_defaults(given: dict[str, Any], base: dict[str, Any], ev: EvalSpec) -> dict[str, Any]:
@@ -436,11 +451,11 @@ def build_grpo(values: dict[str, Any], output_dir: str, resume_from: str | None 
 
 
 def grpo_run_args(spec: SweepSpec, output_dir: str | Path, resume_from: str | None = None) -> tuple[Any, Any]:
-    """(GRPOTaskArgs, trl.GRPOConfig) of the sweep's GRPO arm, run in `output_dir`/grpo."""
+    """(GRPOTaskArgs, trl.GRPOConfig) of the sweep's (first) GRPO run, in `output_dir`/<its name>."""
     arm = next((r for r in spec.runs if r.is_grpo), None)
     if arm is None:
         raise ValueError("the sweep spec has no grpo arm")
-    return build_grpo(arm.grpo_values or {}, str(Path(output_dir) / GRPO_NAME), resume_from)
+    return build_grpo(arm.grpo_values or {}, str(Path(output_dir) / arm.name), resume_from)
 
 
 def _check_names(runs: list[RunSpec]) -> None:

@@ -512,6 +512,39 @@ def plot_kl_budget(runs: Sequence[RunSummary], path: Path) -> Path | None:
 Plot = Callable[[Sequence["RunSummary"], dict[str, Setting], Sequence["ComparisonRow"], Path], "Path | None"]
 
 #: file name -> (caption in report.md, how to draw it); a figure without data is skipped.
+def plot_seeds(rows: Sequence[ComparisonRow], path: Path) -> Path | None:
+    """Each setting trained at several seeds: every seed a dot, the mean and its t-interval
+    over seeds a bar; the target change (left) and the mean prior-task KL (right)."""
+    from esft.report.seeds import seed_groups
+
+    groups = seed_groups(rows)
+    if not groups:
+        return None
+    target = next((g.rows[0].run.target_task for g in groups if g.rows[0].run.target_task), None)
+    metric = primary_metric(target) if target else ACCURACY
+    scale = SCALE[metric]
+    fig, axes = _subplots(1, 2, (max(8.0, 1.6 * len(groups) + 4), 4.2))
+    panels = [(axes[0, 0], lambda g: [v * scale for v in g.target_values], lambda g: g.target, scale,
+               f"Δ {target or 'target'} from iteration 0" + (" (points)" if metric == ACCURACY else " (reward)")),
+              (axes[0, 1], lambda g: g.kl_values, lambda g: g.kl, 1.0, "mean prior-task KL (nats/token)")]
+    for ax, values, summary, factor, title in panels:
+        for i, g in enumerate(groups):
+            v = values(g)
+            jitter = np.linspace(-0.12, 0.12, len(v)) if len(v) > 1 else np.zeros(len(v))
+            ax.scatter(i + jitter, v, color=color(i), s=22, alpha=0.8, zorder=3)
+            e = summary(g)
+            if e is not None and e.has_interval:
+                ax.errorbar([i + 0.3], [e.value * factor], yerr=[[(e.value - e.lo) * factor], [(e.hi - e.value) * factor]],
+                            fmt="_", color="black", capsize=4, markersize=14, zorder=4)
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels([f"{g.label}\n({len(g.seeds)} seeds)" for g in groups], rotation=20, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].axhline(0, color="grey", lw=0.8)
+    fig.suptitle("Each training seed a dot; black: mean and 95% t-interval over seeds", fontsize=10)
+    return _save(fig, path)
+
+
 PLOTS: dict[str, tuple[str, Plot]] = {
     "forgetting_curves.png": ("Target task in its primary metric, accuracy or mean reward (left), and average "
                               "prior-task change (right) over iterations",
@@ -526,6 +559,8 @@ PLOTS: dict[str, tuple[str, Plot]] = {
                        lambda runs, settings, rows, path: plot_kl_heatmap(runs, path)),
     "kl_budget.png": ("Measured KL against the KL budget",
                       lambda runs, settings, rows, path: plot_kl_budget(runs, path)),
+    "seeds.png": ("Settings trained at several seeds: each seed a dot, the mean and its t-interval over seeds",
+                  lambda runs, settings, rows, path: plot_seeds(rows, path)),
 }
 
 

@@ -33,6 +33,7 @@ from esft.report.intervals import (
     QUADRATURE,
     Estimate,
 )
+from esft.report.seeds import SeedGroup, seed_groups
 
 if TYPE_CHECKING:
     from esft.report.summary import RunSummary
@@ -238,6 +239,22 @@ def drift_notes(runs: Sequence[RunSummary]) -> list[str]:
 
 
 # --------------------------------------------------------------------- report.md
+def seeds_table(groups: Sequence[SeedGroup], rows: Sequence[ComparisonRow]) -> str:
+    """One line per setting trained at several seeds: target, prior, KL and drift over seeds."""
+    target = next((g.rows[0].run.target_task for g in groups if g.rows[0].run.target_task), None)
+    metric = primary_metric(target) if target else ACCURACY
+    fmt = reward_units if metric == REWARD else points
+    out = ["| setting | seeds | Δ target, mean [95% t over seeds] | per-example ± (mean) | avg Δ prior [t] | "
+           "mean prior KL [t] | ‖θ − θ₀‖ [t] |", "|---|---|---:|---:|---:|---:|---:|"]
+    for g in groups:
+        half = "–" if g.example_half_width is None else f"±{fmt(g.example_half_width).lstrip('+')}"
+        kl = "–" if g.kl is None else f"{g.kl.value:.4f} [{g.kl.lo:.4f}, {g.kl.hi:.4f}]"
+        drift = "–" if g.drift is None else f"{g.drift.value:.2f} [{g.drift.lo:.2f}, {g.drift.hi:.2f}]"
+        out.append(f"| {g.label} | {', '.join(map(str, g.seeds))} | {cell(g.target, metric=metric)} | {half} | "
+                   f"{cell(g.prior)} | {kl} | {drift} |")
+    return "\n".join(out)
+
+
 def report_markdown(
     runs: Sequence[RunSummary], settings: dict[str, Setting], rows: Sequence[ComparisonRow], figures: dict[str, str]
 ) -> str:
@@ -258,6 +275,13 @@ def report_markdown(
         lines += ["### Evaluation setting per task", "",
                   "Changes are only taken between rows of one setting (limit, new tokens, shots, data version); "
                   "each task uses the setting most runs can compare in.", "", *settings_lines(runs, settings), ""]
+    groups = seed_groups(rows)
+    if groups:
+        lines += ["## Over training seeds", "", seeds_table(groups, rows), "",
+                  "Mean over the runs that differ only in `seed`, with a 95% t-interval over those seeds "
+                  "(mean ± t·s/√n); the per-example column is the mean half-width of each seed's own interval "
+                  "over evaluation examples. Where the seed interval is the wider one, seeds decide the "
+                  "comparison, not the number of test questions.", ""]
     lines += ["## Runs", ""]
     for r in runs:
         lines.append(f"- **{r.label}**: `{r.path}` (task `{r.target_task}`, model `{r.config.get('model')}`)")

@@ -1,0 +1,110 @@
+"""`--awd_lambda auto` in every cell of a grid, against plain ES and the ladder of that cell.
+
+Reads a sweep of `examples/auto_lambda_grid_cpu.yaml` (runs named `t<T>-n<N>-<arm>`: `es`,
+`auto`, `c<s·T>` rungs) and writes one object per cell: its settings, auto's λ, auto's share
+of plain ES's held-out gain and its cut of the mean prior-task KL, and the ladder's best rung
+(the largest KL cut among the rungs, auto included, that keep >= 90% of the gain; null if
+none). Prints the same as a markdown table with every rung.
+
+    python benchmarks/auto_lambda_grid.py runs/auto-grid --json benchmarks/results/auto_lambda_grid.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paper_claims import load, mean_kl, paired_gain, target_rewards  # noqa: E402
+
+KEEP = 0.9  # the share of plain ES's gain a λ must keep
+NAME = re.compile(r"^t(?P<T>\d+)-n(?P<N>\d+)-(?P<arm>es|auto|c[0-9.]+)$")
+
+
+def arm_row(run: dict[str, Any], ref_gain: float | None, ref_kl: float | None) -> dict[str, Any]:
+    pair = target_rewards(run)
+    gain = paired_gain(*pair) if pair else None
+    kl = mean_kl(run)
+    cfg = run["config"]
+    lam = cfg.get("awd_lambda_chosen", cfg.get("awd_lambda"))
+    return {
+        "run": run["name"], "lambda": lam if cfg.get("awd", "none") != "none" else None,
+        "gain": gain[0] if gain else None, "gain_ci": [gain[1], gain[2]] if gain else None,
+        "share": gain[0] / ref_gain if gain and ref_gain else None,
+        "kl": kl, "kl_cut": ref_kl / kl if kl and ref_kl else None,
+    }
+
+
+def cells(root: Path) -> list[dict[str, Any]]:
+    runs: dict[tuple[int, int], dict[str, dict[str, Any]]] = {}
+    for path in sorted(root.iterdir()):
+        m = NAME.match(path.name)
+        if m and (path / "config.yaml").exists() and (path / "kl.json").exists():
+            runs.setdefault((int(m["T"]), int(m["N"])), {})[m["arm"]] = load(path)
+    out = []
+    for (T, N), arms in sorted(runs.items()):
+        if "es" not in arms or "auto" not in arms:
+            continue
+        ref_pair = target_rewards(arms["es"])
+        ref_gain = paired_gain(*ref_pair)[0] if ref_pair else None
+        ref_kl = mean_kl(arms["es"])
+        rows = {arm: arm_row(run, ref_gain, ref_kl) for arm, run in arms.items()}
+        ladder = [r for arm, r in rows.items() if arm != "es"]
+        kept = [r for r in ladder if r["share"] is not None and r["share"] >= KEEP and r["kl_cut"] is not None]
+        best = max(kept, key=lambda r: r["kl_cut"], default=None)
+        auto = rows["auto"]
+        out.append({
+            "cell": {"max_steps": T, "population_size": N, "task": arms["es"]["config"]["task"],
+                     "seed": arms["es"]["config"].get("seed", 0)},
+            "es_gain": rows["es"]["gain"], "es_gain_ci": rows["es"]["gain_ci"], "es_kl": ref_kl,
+            "auto_lambda": auto["lambda"], "auto_share": auto["share"], "auto_kl_cut": auto["kl_cut"],
+            "auto_goal_met": bool(auto["share"] is not None and auto["share"] >= KEEP
+                                  and auto["kl_cut"] is not None and auto["kl_cut"] >= 2.0),
+            "best_run": best["run"] if best else None,
+            "best_share": best["share"] if best else None, "best_kl_cut": best["kl_cut"] if best else None,
+            "rungs": sorted(rows.values(), key=lambda r: (r["lambda"] is not None, float(r["lambda"] or 0))),
+        })
+    return out
+
+
+def markdown(result: list[dict[str, Any]]) -> str:
+    lines = ["| cell (T, N) | run | λ | held-out gain [95%] | share of ES's gain | mean prior KL | KL cut |",
+             "|---|---|---:|---|---:|---:|---:|"]
+    for c in result:
+        for r in c["rungs"]:
+            gain = "–" if r["gain"] is None else f"{r['gain']:+.1f} [{r['gain_ci'][0]:+.1f}, {r['gain_ci'][1]:+.1f}]"
+            share = "–" if r["share"] is None else f"{r['share']:.0%}"
+            lam = "–" if r["lambda"] is None else f"{float(r['lambda']):.3g}"
+            cut = "–" if r["kl_cut"] is None else f"{r['kl_cut']:.2f}×"
+            kl = "–" if r["kl"] is None else f"{r['kl']:.3f}"
+            mark = " **auto**" if r["run"].endswith("-auto") else ""
+            lines.append(f"| {c['cell']['max_steps']}, {c['cell']['population_size']} | {r['run']}{mark} | {lam} | "
+                         f"{gain} | {share} | {kl} | {cut} |")
+    lines += ["", "| cell (T, N) | auto λ | auto share | auto KL cut | goal (≥ 90%, ≥ 2×) | best rung (share, cut) |",
+              "|---|---:|---:|---:|:---:|---|"]
+    for c in result:
+        best = "none keeps 90%" if c["best_run"] is None else f"{c['best_run']} ({c['best_share']:.0%}, {c['best_kl_cut']:.2f}×)"
+        share = "–" if c["auto_share"] is None else f"{c['auto_share']:.0%}"
+        cut = "–" if c["auto_kl_cut"] is None else f"{c['auto_kl_cut']:.2f}×"
+        lines.append(f"| {c['cell']['max_steps']}, {c['cell']['population_size']} | {float(c['auto_lambda']):.3g} | "
+                     f"{share} | {cut} | {'yes' if c['auto_goal_met'] else 'no'} | {best} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("sweep_dir")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    result = cells(Path(a.sweep_dir))
+    print(markdown(result))
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
