@@ -420,35 +420,50 @@ def auto_run(tmp_path_factory, embedded_dir) -> Path:
     return _trained_run(tmp_path_factory, "auto", AUTO)
 
 
+def test_the_horizon_rule_takes_s_t_1_for_l2_and_the_same_plateau_for_l1() -> None:
+    from esft.auto_lambda import evidence_for, horizon_step, predicted
+
+    quick = ESConfig(awd="l2", awd_lambda="auto", max_steps=20, population_size=8, learning_rate=5e-3)
+    assert horizon_step(quick) == 0.05 and quick.lambda_for_step(0.05) == 10.0  # the ladder's λ=10 rung
+    assert horizon_step(dataclasses.replace(quick, max_steps=1)) == 0.5, "capped for very short runs"
+    p = predicted(0.05, 20)
+    # Σ_{k=1..20} 0.95^{2k} / 20 and Σ 0.95^k / 20, computed directly.
+    assert p["kl_cut"] == pytest.approx(20 / sum(0.95 ** (2 * k) for k in range(1, 21)))
+    assert p["kl_cut"] == pytest.approx(2.479, abs=1e-3) and p["coherent_share"] == pytest.approx(0.609, abs=1e-3)
+    l1 = dataclasses.replace(quick, awd="l1")
+    assert horizon_step(l1) == pytest.approx(5e-3 / math.sqrt(8 * 20))
+    ev = evidence_for(quick)
+    assert ev["rule"] == "horizon" and ev["chosen_lambda"] == 10.0 and ev["cost_fraction"] == 0.0
+
+
 @pytest.mark.slow
 def test_auto_lambda_records_its_choice_and_evidence(auto_run: Path) -> None:
-    from esft.auto_lambda import ladder
-
     evidence = json.loads((auto_run / "auto_lambda.json").read_text())
+    step = 1 / TINY["max_steps"]  # s·T = 1
+    assert evidence["chosen_step"] == step and evidence["rule"] == "horizon"
+    assert evidence["chosen_lambda"] == pytest.approx(step / TINY["learning_rate"])
+    assert evidence["predicted_kl_cut"] > 1 and evidence["cost_fraction"] == 0.0
     chosen = evidence["chosen_lambda"]
-    cfg = ESConfig(**TINY, **AUTO)
-    assert chosen in ladder(cfg) and evidence["ladder"][0]["lambda"] == max(ladder(cfg))
-    assert evidence["cost_fraction"] > 0 and evidence["probe_iterations"] == 2
     assert yaml.safe_load((auto_run / "config.yaml").read_text())["awd_lambda_chosen"] == chosen
     row0 = read_jsonl(auto_run / "metrics.jsonl")[0]
-    assert row0["iteration"] == 0 and row0["awd/lambda"] == chosen
-    step = chosen * TINY["learning_rate"]
-    assert [r.extra["awd_step"] for r in SeedLog(auto_run).records()] == pytest.approx([step] * TINY["max_steps"])
+    assert row0["iteration"] == 0 and row0["awd/lambda"] == chosen and row0["awd/step"] == step
+    assert [r.extra["awd_step"] for r in SeedLog(auto_run).records()] == [step] * TINY["max_steps"]
     state, _ = replay(auto_run, 3, device="cpu")
     final = load_checkpoint_tensors(auto_run / "final")
     assert_bitwise_equal({n: t for n, t in state.state_dict().items() if n in final}, final, "auto-λ replay")
 
 
 @pytest.mark.slow
-def test_a_resumed_auto_run_never_probes_again(tmp_path, auto_run: Path, monkeypatch) -> None:
+def test_a_resumed_auto_run_keeps_its_step_and_never_chooses_again(tmp_path, auto_run: Path, monkeypatch) -> None:
     import esft.auto_lambda
     from esft.trainer import ESTrainer
 
-    def no_probe(trainer):
-        raise AssertionError("a resume must not probe again")
+    def no_choice(cfg):
+        raise AssertionError("a resume must not choose again")
 
-    monkeypatch.setattr(esft.auto_lambda, "probe", no_probe)
+    monkeypatch.setattr(esft.auto_lambda, "evidence_for", no_choice)
     run = copy_run(auto_run, tmp_path / "run")
+    # A longer run keeps the step it started with (the rule would give 1/4 now).
     ESTrainer(args=ESConfig(**{**TINY, **AUTO, "max_steps": 4}, output_dir=str(run), resume=True)).train()
     records = SeedLog(run).records()
     assert len(records) == 4 and records[-1].extra["awd_step"] == records[0].extra["awd_step"]

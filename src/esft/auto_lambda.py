@@ -1,170 +1,113 @@
-"""`--awd_lambda auto`: the paper's tuning recipe, automated and cheap.
+"""`--awd_lambda auto`: λ from the run's horizon, in the stable range of the paper's ladder.
 
-The recipe (Schweighofer et al. 2026): start with a high λ and lower it until the target no
-longer drops against ES without AWD. Full runs per λ would cost a sweep; instead, before
-the run:
+The paper tunes λ by a ladder of full runs (start high, lower it until the target no longer
+drops). What the ladder finds follows from how ES moves the weights. An update is mostly a
+random walk: ‖Σ zᵢεᵢ‖² concentrates at N·d and successive updates are orthogonal, so after
+T iterations plain ES has drifted ‖θ_T − θ₀‖² = T·u² (u² = α²·d/N, Eq. 2), and near θ₀ the
+prior-task KL grows like that squared distance. The learning is a small coherent part of the
+same updates. L2 AWD with step s keeps a share of each:
 
-1. Reference probe: the run's own first P iterations of plain ES (P ≈ 10% of max_steps),
-   in process, from θ₀.
-2. For each λ of a ladder, high to low: the counterfactual weights θ_λ = a replay of the
-   reference's P records with AWD, its step stretched to the run's horizon T (the L2 decay
-   of T/P iterations per probe iteration, 1 − (1 − s)^(T/P); T/P·s for L1 and Huber), as if
-   the probe's learning were spread over the whole run under that λ. A replay regenerates
-   noise but generates no text.
-3. θ₀, the reference and each θ_λ are scored greedily on a fixed set of training prompts:
-   retention = (R_λ − R₀) / (R_ref − R₀).
-4. The first λ (the highest) with retention ≥ `RETENTION` is chosen. If the reference did
-   not learn within P iterations, nothing can be judged: the lowest λ is chosen, and said.
+    random part, mean square:   u² · Σ_{k=1..T} (1 − s)^{2k}    KL cut = T / Σ (1 − s)^{2k} ≈ 2c / (1 − e^{−2c})
+    coherent part, summed:      g  · Σ_{k=1..T} (1 − s)^k      kept   = Σ (1 − s)^k / T   ≈ (1 − e^{−c}) / c
 
-The choice, the evidence and the cost (as a fraction of the run) go to `auto_lambda.json`,
-config.yaml (`awd_lambda_chosen`), metrics.jsonl (an iteration-0 row) and the log; every
-record then holds its `awd_step`. A resume reads the choice back and never probes again.
+with c = s·T, whatever N, α and d are. So the run's horizon decides the stable range:
+c ≈ 1 halves the KL and more while keeping most of the coherent displacement, c ≫ 1 throws
+the learning away, c ≪ 1 cuts nothing. Measured on the quickstart's cell (conciseness, T=20,
+N=8, 2026-11-26): s·T = 0.3, 1 and 3 kept 89%, 118% and 35% of plain ES's held-out gain at
+1.37×, 2.58× and 9.3× less KL, where the sums above predict 1.35×, 2.48× and 7.7× (the
+random part dominates the KL less as λ grows). `auto` takes c = 1 (`HORIZON`): s = 1/T, capped
+at `MAX_STEP` for very short runs. For L1 and Huber the same reasoning on one weight (a
+random walk of step α/√N per iteration held by a constant pull τ settles at an rms of
+α²/(√2·N·τ)) gives the threshold whose plateau equals L2's at c: τ = α/(c·√(N·T)).
+
+The previous `auto` replayed a short plain-ES probe with each rung of a ladder and chose
+λ = 0.2 (s = 0.001) on that cell: two probe iterations cannot see the gain saturate, so every
+stronger rung looked like a loss, and a user typing `auto` got plain ES. The rule costs
+nothing, is a pure function of the config (replay, resume and Ray need no log to agree), and
+its choice and prediction go to `auto_lambda.json`, config.yaml (`awd_lambda_chosen`), an
+iteration-0 row of metrics.jsonl and the log; every record holds its `awd_step`, and a resume
+reads the choice back (a resume with a longer `max_steps` keeps the λ the run started with).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Any
 
-from esft import es
 from esft.config import ESConfig
 from esft.io import write_text_atomic
-from esft.seedlog import AWD_STEP_KEY, IterationRecord, apply_record
+from esft.seedlog import AWD_STEP_KEY, IterationRecord
 
 log = logging.getLogger(__name__)
 
 AUTO_FILE = "auto_lambda.json"
-#: Share of plain ES's target gain a λ must keep to be chosen (the paper: "no drop").
-RETENTION = 0.9
-#: Probe length as a share of the run (at least MIN_PROBE iterations).
-PROBE_SHARE = 0.1
-MIN_PROBE = 2
-#: Training prompts the candidates are scored on (greedy, one pass each).
-PROBE_PROMPTS = 32
-#: Ladder of per-iteration steps, high to low. L2: the fraction of θ − θ₀ removed per
-#: iteration. L1/Huber: the threshold, in units of the per-weight update size α/√N.
-L2_STEPS = (0.3, 0.1, 0.03, 0.01, 0.003, 0.001)
-L1_UNITS = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003)
+#: c = s·T, the AWD strength over the run's horizon (see the module docstring).
+HORIZON = 1.0
+#: Largest L2 step `auto` takes (a 1- or 2-iteration run would otherwise pull θ back to θ₀).
+MAX_STEP = 0.5
 
 
-def ladder(cfg: ESConfig) -> list[float]:
-    """The candidate λ values, highest first."""
+def horizon_step(cfg: ESConfig, horizon: float = HORIZON) -> float:
+    """The AWD step s for `cfg`'s run: c/T for L2 (at most `MAX_STEP`), the threshold
+    α/(c·√(N·T)) for L1 and Huber."""
+    steps = max(1, cfg.max_steps)
     if cfg.awd == "l2":
-        steps = list(L2_STEPS)
-    else:
-        unit = cfg.learning_rate / math.sqrt(cfg.population_size)
-        steps = [u * unit for u in L1_UNITS]
-    return [cfg.lambda_for_step(s) for s in steps]
+        return min(MAX_STEP, horizon / steps)
+    return cfg.learning_rate / (horizon * math.sqrt(cfg.population_size * steps))
 
 
-def effective_step(cfg: ESConfig, step: float, stretch: float) -> float:
-    """The per-probe-iteration step equivalent to `stretch` run iterations at `step`."""
+def predicted(step: float, steps: int) -> dict[str, float]:
+    """What L2 at `step` keeps after `steps` iterations, against plain ES: the random walk's
+    mean square (1/KL cut) and the coherent displacement."""
+    keep = 1.0 - step
+    random = sum(keep ** (2 * k) for k in range(1, steps + 1)) / steps
+    coherent = sum(keep**k for k in range(1, steps + 1)) / steps
+    return {"kl_cut": 1.0 / random if random else math.inf, "coherent_share": coherent}
+
+
+def evidence_for(cfg: ESConfig) -> dict[str, Any]:
+    """The choice and what it predicts, as `auto_lambda.json` holds them."""
+    step = horizon_step(cfg)
+    out: dict[str, Any] = {
+        "rule": "horizon", "horizon_c": HORIZON, "penalty": cfg.awd, "max_steps": cfg.max_steps,
+        "learning_rate": cfg.learning_rate, "population_size": cfg.population_size,
+        "chosen_step": step, "chosen_lambda": cfg.lambda_for_step(step), "seconds": 0.0, "cost_fraction": 0.0,
+    }
     if cfg.awd == "l2":
-        return 1.0 - (1.0 - step) ** stretch
-    return step * stretch
+        p = predicted(step, max(1, cfg.max_steps))
+        out["predicted_kl_cut"], out["predicted_coherent_share"] = p["kl_cut"], p["coherent_share"]
+    return out
 
 
-def choose_lambda(trainer: Any, records: list[IterationRecord]) -> float:
-    """λ for the run in `trainer.run_dir`: read back (resume) or chosen by probes now."""
+def choose_step(trainer: Any, records: list[IterationRecord]) -> float:
+    """The AWD step for the run in `trainer.run_dir`: read back (resume) or chosen by the
+    horizon rule now. The step, not λ, is what records apply: no λ → step round trip."""
     cfg: ESConfig = trainer.args
     path = Path(trainer.run_dir) / AUTO_FILE
     if path.exists():
-        chosen = float(json.loads(path.read_text())["chosen_lambda"])
-        log.info("awd_lambda auto: λ=%g, chosen before (%s)", chosen, path)
-        return chosen
+        evidence = json.loads(path.read_text())
+        log.info("awd_lambda auto: λ=%g, chosen before (%s)", evidence["chosen_lambda"], path)
+        return float(evidence["chosen_step"])
     if records:  # the evidence file is gone, the log still says what was applied
-        return cfg.lambda_for_step(float(records[0].extra[AWD_STEP_KEY]))
-    evidence = probe(trainer)
+        return float(records[0].extra[AWD_STEP_KEY])
+    evidence = evidence_for(cfg)
     write_text_atomic(path, json.dumps(evidence, indent=1) + "\n")
     _record_choice(trainer, evidence)
-    log.info("awd_lambda auto:\n%s", format_table(evidence))
-    return evidence["chosen_lambda"]
+    log.info("awd_lambda auto: %s", describe(evidence))
+    return float(evidence["chosen_step"])
 
 
-def probe(trainer: Any) -> dict[str, Any]:
-    """Run the reference probe and the ladder; the weights end bitwise at θ₀."""
-    from esft.population import LocalPopulation
-
-    cfg: ESConfig = trainer.args
-    state, anchor = trainer.state, trainer.anchor
-    t0 = time.perf_counter()
-    p = max(MIN_PROBE, round(PROBE_SHARE * cfg.max_steps))
-    stretch = max(1.0, cfg.max_steps / p)
-    # Probes run in this process even with --workers: the actors start afterwards from θ₀.
-    population = LocalPopulation(_probe_config(cfg), state, trainer.engine, trainer.task, trainer.train_examples,
-                                 trainer.prompts)
-    n = len(trainer.train_examples)
-    probe_idx = list(range(min(PROBE_PROMPTS, n)))
-    theta0 = {name: anchor.get(name) for name in state.names}
-
-    def score() -> float:
-        return _greedy_reward(trainer, probe_idx)
-
-    base_reward = score()
-    reference: list[IterationRecord] = []
-    t_ref = time.perf_counter()
-    for k in range(1, p + 1):
-        plan = trainer.plan(k, len(trainer.prompts), population)
-        result = population.score(plan)
-        record = IterationRecord(k, plan.seeds, result.rewards, es.coefficients(result.rewards, cfg.mirror_sampling),
-                                 {AWD_STEP_KEY: 0.0})
-        apply_record(state, record, cfg, anchor, compute_drift=False)
-        reference.append(record)
-    iteration_s = (time.perf_counter() - t_ref) / p
-    ref_reward = score()
-    gain = ref_reward - base_reward
-    rungs = []
-    chosen = None
-    for lam in ladder(cfg):
-        step = cfg.step_for_lambda(lam)
-        eff = effective_step(cfg, step, stretch)
-        state.load_masters(theta0)
-        for rec in reference:
-            apply_record(state, dataclasses.replace(rec, extra={AWD_STEP_KEY: eff}), cfg, anchor, compute_drift=False)
-        reward = score()
-        retention = (reward - base_reward) / gain if gain > 0 else float("nan")
-        accepted = gain > 0 and retention >= RETENTION
-        rungs.append({"lambda": lam, "step": step, "probe_step": eff, "reward": reward,
-                      "retention": None if math.isnan(retention) else retention, "accepted": accepted})
-        if accepted:
-            chosen = lam
-            break
-    state.load_masters(theta0)  # the run starts from θ₀, bitwise
-    note = ""
-    if chosen is None:
-        chosen = rungs[-1]["lambda"]
-        note = ("the reference did not learn within the probe: the lowest λ of the ladder is used"
-                if gain <= 0 else f"no λ of the ladder kept {RETENTION:.0%} of the gain: the lowest is used")
-    seconds = time.perf_counter() - t0
-    return {
-        "chosen_lambda": chosen, "chosen_step": cfg.step_for_lambda(chosen), "penalty": cfg.awd,
-        "probe_iterations": p, "horizon": cfg.max_steps, "probe_prompts": len(probe_idx),
-        "reward_base": base_reward, "reward_reference": ref_reward, "ladder": rungs, "note": note,
-        "seconds": seconds, "iteration_seconds": iteration_s,
-        # What the probes cost against the run they tune (its iterations at the probe's pace).
-        "cost_fraction": seconds / (iteration_s * cfg.max_steps) if cfg.max_steps else 0.0,
-    }
-
-
-def _probe_config(cfg: ESConfig) -> ESConfig:
-    # The probe's population never touches a Ray cluster and shows no per-iteration bars.
-    return dataclasses.replace(cfg, workers=None, ray_address=None, disable_tqdm=True)
-
-
-def _greedy_reward(trainer: Any, idx: list[int]) -> float:
-    """Mean task reward of the at-rest weights' greedy completions of the probe prompts."""
-    from esft.es import finite_mean
-    from esft.rewards import RewardStats, score_completions
-
-    gens = trainer.engine.generate_ids([trainer.prompts[i] for i in idx])
-    examples = [trainer.train_examples[i] for i in idx]
-    rewards = score_completions(trainer.task, [g.text for g in gens], examples, RewardStats(), trainer.reward_guard)
-    return finite_mean(rewards)
+def describe(evidence: dict[str, Any]) -> str:
+    """One line: the choice, and for L2 what it predicts."""
+    head = (f"λ={evidence['chosen_lambda']:.4g} ({evidence['penalty']} step {evidence['chosen_step']:.3g}; "
+            f"s·T = {evidence['horizon_c']:g} over {evidence['max_steps']} iterations)")
+    if "predicted_kl_cut" in evidence:
+        head += (f": predicted {evidence['predicted_kl_cut']:.2f}× less prior-task KL than plain ES, keeping "
+                 f"{evidence['predicted_coherent_share']:.0%} of the coherent displacement")
+    return head
 
 
 def _record_choice(trainer: Any, evidence: dict[str, Any]) -> None:
@@ -177,31 +120,11 @@ def _record_choice(trainer: Any, evidence: dict[str, Any]) -> None:
     saved = yaml.safe_load(path.read_text()) or {}
     saved["awd_lambda_chosen"] = evidence["chosen_lambda"]
     write_text_atomic(path, yaml.safe_dump(saved, sort_keys=False))
-    trainer.history.append({
-        "iteration": 0, "awd/lambda": evidence["chosen_lambda"], "awd/step": evidence["chosen_step"],
-        "awd/auto/probe_iterations": evidence["probe_iterations"], "awd/auto/seconds": evidence["seconds"],
-        "awd/auto/cost_fraction": evidence["cost_fraction"], "awd/auto/reward_base": evidence["reward_base"],
-        "awd/auto/reward_reference": evidence["reward_reference"],
-    })
+    row = {"iteration": 0, "awd/lambda": evidence["chosen_lambda"], "awd/step": evidence["chosen_step"],
+           "awd/auto/horizon_c": evidence["horizon_c"]}
+    if "predicted_kl_cut" in evidence:
+        row["awd/auto/predicted_kl_cut"] = evidence["predicted_kl_cut"]
+    trainer.history.append(row)
 
 
-def format_table(evidence: dict[str, Any]) -> str:
-    """The probes as a markdown table, for the log and the README."""
-    lines = [
-        f"reference: plain ES for {evidence['probe_iterations']} iterations, reward {evidence['reward_base']:.4g} → "
-        f"{evidence['reward_reference']:.4g} on {evidence['probe_prompts']} training prompts; cost "
-        f"{evidence['seconds']:.0f} s = {evidence['cost_fraction']:.0%} of the run",
-        "",
-        "| λ | step s | probe step | reward | retention | chosen |",
-        "|---:|---:|---:|---:|---:|:---:|",
-    ]
-    for r in evidence["ladder"]:
-        ret = "–" if r["retention"] is None else f"{r['retention']:.0%}"
-        mark = "✓" if r["lambda"] == evidence["chosen_lambda"] else ""
-        lines.append(f"| {r['lambda']:.4g} | {r['step']:.3g} | {r['probe_step']:.3g} | {r['reward']:.4g} | {ret} | {mark} |")
-    if evidence.get("note"):
-        lines.append(f"\n{evidence['note']}")
-    return "\n".join(lines)
-
-
-__all__ = ["AUTO_FILE", "choose_lambda", "effective_step", "format_table", "ladder", "probe"]
+__all__ = ["AUTO_FILE", "HORIZON", "choose_step", "describe", "evidence_for", "horizon_step", "predicted"]

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from esft.flags import option, read_config_file, type_errors
 
-#: `awd_lambda: auto`: λ chosen by probes before the run (esft.auto_lambda).
+#: `awd_lambda: auto`: λ from the run's horizon, s·T = 1 (esft.auto_lambda).
 AUTO = "auto"
 
 #: Keys esft adds to a run's config.yaml for people and tools, ignored when it is read back.
@@ -94,9 +94,9 @@ class ESConfig:
 
     Parameters of Anchored Weight Decay (Schweighofer et al. 2026):
         awd: "none", "l2", "l1" or "huber".
-        awd_lambda: λ; step s = α·λ (coupled) or λ (`awd_decoupled`). "auto": chosen by
-            short probes before the run (`esft.auto_lambda`): the highest λ of a ladder that
-            keeps the target's gain, the paper's tuning recipe.
+        awd_lambda: λ; step s = α·λ (coupled) or λ (`awd_decoupled`). "auto": the step from
+            the run's horizon (`esft.auto_lambda`): L2 s = 1/max_steps (s·T = 1, the stable
+            range of the paper's ladder), L1/Huber the threshold α/√(N·T) with the same plateau.
         awd_huber_delta: Huber threshold between the quadratic and the L1 regime.
 
     Parameters of the forgetting budget (`esft.kl_budget`):
@@ -168,7 +168,8 @@ class ESConfig:
     # Anchored weight decay
     awd: Literal["none", "l2", "l1", "huber"] = option("anchored weight decay", default="none")
     awd_lambda: float | str | None = option(
-        "λ, or 'auto' (chosen by short probes); unset: 10 for l2, 0.01 for l1/huber", default=None
+        "λ, or 'auto' (L2 step 1/max_steps, from the run's horizon); unset: 10 for l2, 0.01 for l1/huber",
+        default=None
     )
     awd_decoupled: bool = option("step s = λ instead of α·λ", default=False)
     awd_huber_delta: float = option("huber: |θ−θ₀| threshold of the quadratic zone", default=1e-3)

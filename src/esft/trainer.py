@@ -403,10 +403,9 @@ class ESTrainer:
                                 conversations=self._kl_conversations)
             schedule = KLBudget(cfg, monitor, self.state.num_parameters)
         elif cfg.awd_lambda == AUTO:
-            from esft.auto_lambda import choose_lambda
+            from esft.auto_lambda import choose_step
 
-            lam = choose_lambda(self, records)
-            schedule = FixedStep(cfg, cfg.step_for_lambda(lam))
+            schedule = FixedStep(cfg, choose_step(self, records))
         if schedule is not None and records:
             schedule.resume(records)
         return schedule
