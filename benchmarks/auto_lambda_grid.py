@@ -1,19 +1,20 @@
 """`--awd_lambda auto` in every cell of a grid, against plain ES and the ladder of that cell.
 
-Reads a sweep of `examples/auto_lambda_grid_cpu.yaml` (runs named `t<T>-n<N>-<arm>`: `es`,
-`auto`, `c<s·T>` rungs) and writes one object per cell: its settings, auto's λ, auto's share
-of plain ES's held-out gain and its cut of the mean prior-task KL, and the ladder's best rung
-(the largest KL cut among the rungs, auto included, that keep >= 90% of the gain; null if
-none). Prints the same as a markdown table with every rung.
+Reads the run directories of sweeps (`examples/auto_lambda_grid_cpu.yaml`, and for the
+T=20, N=8 cell `examples/paper_claims_cpu.yaml`, whose plain ES and λ = 3, 10, 30 runs are
+that cell's ladder) and sorts their seed-0 runs by their config into cells of (T, N) and
+arms: plain ES, `auto`, and L2 rungs by c = s·T. Writes one object per cell: its settings,
+auto's λ, auto's share of plain ES's held-out gain and its cut of the mean prior-task KL, and
+the ladder's best rung (the largest KL cut among the rungs, auto included, that keep >= 90%
+of the gain; null if none). Prints the same as a markdown table with every rung.
 
-    python benchmarks/auto_lambda_grid.py runs/auto-grid --json benchmarks/results/auto_lambda_grid.json
+    python benchmarks/auto_lambda_grid.py runs/auto-grid runs/paper-claims --json benchmarks/results/auto_lambda_grid.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paper_claims import load, mean_kl, paired_gain, target_rewards  # noqa: E402
 
 KEEP = 0.9  # the share of plain ES's gain a λ must keep
-NAME = re.compile(r"^t(?P<T>\d+)-n(?P<N>\d+)-(?P<arm>es|auto|c[0-9.]+)$")
+#: What the runs of one cell must share (all but T, N and the AWD strength).
+SETTING = ("model", "task", "sigma", "learning_rate", "max_train_samples", "max_new_tokens", "prompts_per_step",
+           "noise_mode", "noise_rank", "trainable", "frozen", "mirror_sampling")
 
 
 def arm_row(run: dict[str, Any], ref_gain: float | None, ref_kl: float | None) -> dict[str, Any]:
@@ -39,12 +42,39 @@ def arm_row(run: dict[str, Any], ref_gain: float | None, ref_kl: float | None) -
     }
 
 
-def cells(root: Path) -> list[dict[str, Any]]:
+def arm_of(config: dict[str, Any]) -> tuple[tuple[int, int], str] | None:
+    """((T, N), arm) of a seed-0 ES run with plain ES or fixed/auto L2; None for anything else."""
+    if config.get("trainer") == "grpo" or config.get("kl_budget") is not None or int(config.get("seed", 0)) != 0:
+        return None
+    T, N = int(config["max_steps"]), int(config["population_size"])
+    awd = config.get("awd", "none")
+    if awd == "none":
+        return (T, N), "es"
+    if awd != "l2" or config.get("awd_decoupled"):
+        return None
+    if config.get("awd_lambda") == "auto":
+        return (T, N), "auto"
+    c = float(config["learning_rate"]) * float(config.get("awd_lambda") or 10.0) * T
+    return (T, N), f"c{c:.3g}"
+
+
+def cells(roots: list[Path]) -> list[dict[str, Any]]:
     runs: dict[tuple[int, int], dict[str, dict[str, Any]]] = {}
-    for path in sorted(root.iterdir()):
-        m = NAME.match(path.name)
-        if m and (path / "config.yaml").exists() and (path / "kl.json").exists():
-            runs.setdefault((int(m["T"]), int(m["N"])), {})[m["arm"]] = load(path)
+    settings: dict[tuple[int, int], str] = {}
+    for root in roots:
+        for path in sorted(root.iterdir()):
+            if not ((path / "config.yaml").exists() and (path / "kl.json").exists()):
+                continue
+            run = load(path)
+            where = arm_of(run["config"])
+            if where is None:
+                continue
+            cell, arm = where
+            # One cell holds runs of one setting but T, N and the AWD strength.
+            same = json.dumps({k: run["config"].get(k) for k in SETTING}, sort_keys=True)
+            if settings.setdefault(cell, same) != same:
+                raise ValueError(f"{path}: another setting than the other runs of cell {cell}")
+            runs.setdefault(cell, {}).setdefault(arm, run)
     out = []
     for (T, N), arms in sorted(runs.items()):
         if "es" not in arms or "auto" not in arms:
@@ -58,10 +88,9 @@ def cells(root: Path) -> list[dict[str, Any]]:
         best = max(kept, key=lambda r: r["kl_cut"], default=None)
         auto = rows["auto"]
         out.append({
-            "cell": {"max_steps": T, "population_size": N, "task": arms["es"]["config"]["task"],
-                     "seed": arms["es"]["config"].get("seed", 0)},
+            "cell": {"max_steps": T, "population_size": N, "task": arms["es"]["config"]["task"], "seed": 0},
             "es_gain": rows["es"]["gain"], "es_gain_ci": rows["es"]["gain_ci"], "es_kl": ref_kl,
-            "auto_lambda": auto["lambda"], "auto_share": auto["share"], "auto_kl_cut": auto["kl_cut"],
+            "auto_run": auto["run"], "auto_lambda": auto["lambda"], "auto_share": auto["share"], "auto_kl_cut": auto["kl_cut"],
             "auto_goal_met": bool(auto["share"] is not None and auto["share"] >= KEEP
                                   and auto["kl_cut"] is not None and auto["kl_cut"] >= 2.0),
             "best_run": best["run"] if best else None,
@@ -81,7 +110,7 @@ def markdown(result: list[dict[str, Any]]) -> str:
             lam = "–" if r["lambda"] is None else f"{float(r['lambda']):.3g}"
             cut = "–" if r["kl_cut"] is None else f"{r['kl_cut']:.2f}×"
             kl = "–" if r["kl"] is None else f"{r['kl']:.3f}"
-            mark = " **auto**" if r["run"].endswith("-auto") else ""
+            mark = " **auto**" if r["run"] == c["auto_run"] else ""
             lines.append(f"| {c['cell']['max_steps']}, {c['cell']['population_size']} | {r['run']}{mark} | {lam} | "
                          f"{gain} | {share} | {kl} | {cut} |")
     lines += ["", "| cell (T, N) | auto λ | auto share | auto KL cut | goal (≥ 90%, ≥ 2×) | best rung (share, cut) |",
@@ -97,10 +126,10 @@ def markdown(result: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("sweep_dir")
+    ap.add_argument("sweep_dirs", nargs="+")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
-    result = cells(Path(a.sweep_dir))
+    result = cells([Path(d) for d in a.sweep_dirs])
     print(markdown(result))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1) + "\n")

@@ -256,7 +256,8 @@ def tiny_spec() -> dict[str, Any]:
         "variants": [{"name": "es"}],
         "grid": {"awd": ["l2"], "awd_lambda": [10]},
         "eval": {"tasks": tasks, "every": 1, "limit": 2, "limits": {"conciseness": 3}, "max_new_tokens": 6,
-                 "batch_size": 4, "kl_tasks": tasks[-1:], "kl_num_prompts": 2, "kl_max_tokens": 4},
+                 "batch_size": 4, "kl_tasks": tasks[-1:], "kl_num_prompts": 2, "kl_max_tokens": 4,
+                 **({"harness": "lm-eval"} if HAS_DATA else {})},
     }
 
 
@@ -313,6 +314,9 @@ def test_tiny_sweep_writes_every_run_its_evaluation_and_the_report_with_figures(
         kl = json.loads((run / "kl.json").read_text())
         assert sorted((r["iteration"], r["task"]) for r in kl) == sorted((k, t) for k in (0, 1, 2) for t in kl_tasks), name
         assert [r["iteration"] for r in json.loads((run / "drift.json").read_text())] == [0, 1, 2], name
+        if HAS_DATA:  # harness: lm-eval scores the prior task with lm-evaluation-harness too
+            harness_rows = read_jsonl(run / "eval" / "harness.jsonl")
+            assert sorted((r["iteration"], r["task"], r["n"]) for r in harness_rows) == [(k, "piqa", 2) for k in (0, 1, 2)]
         log = (run / "sweep.log").read_text()
         # Training's metric lines go to the run's log, not to the console. (The killed run may
         # die before its iteration-1 line is written, and the rerun starts at 2: any line will do.)

@@ -103,10 +103,14 @@ def cmd_eval(argv: list[str]) -> int:
                    help="data of a module:function task (a file or hub id with a 'prompt' column; --run: the run's own)")
     p.add_argument("--reward_timeout", type=float, default=None,
                    help="seconds per call of a module:function reward (default: the run's, else 60; 0: no limit)")
+    p.add_argument("--harness", choices=["lm-eval"], default=None,
+                   help="score with lm-evaluation-harness (log-likelihood multiple choice, acc/acc_norm) instead")
     p.add_argument("--device", default="auto")
     p.add_argument("--torch_dtype", default="auto")
     a = p.parse_args(argv)
     tasks = a.tasks
+    if a.harness:
+        return _eval_harness(p, a)
     for flag in ("every", "limit", "max_new_tokens", "batch_size"):
         value = getattr(a, flag)
         if value is not None and value < 1:
@@ -138,6 +142,39 @@ def cmd_eval(argv: list[str]) -> int:
                                                           "max_new_tokens": a.max_new_tokens})
     print(accuracy.format_results_table(results))
     print(f"results: {path}")
+    return 0
+
+
+def _eval_harness(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
+    """`esft eval --harness lm-eval`: the same model or run iterations, lm-eval's protocol."""
+    from esft.evaluation import harness
+
+    harness.require_lm_eval()
+    harness.harness_tasks(a.tasks)  # a task without a formulation fails before any model loads
+    if a.limit is not None and a.limit < 1:
+        p.error(f"--limit must be >= 1 (got {a.limit})")
+    if a.run:
+        rows = harness.evaluate_run(a.run, a.tasks, a.every, a.iterations, a.limit, a.batch_size, a.output,
+                                    a.data_dir, a.device)
+        print(harness.format_table(rows))
+        print(f"rows: {Path(a.output or Path(a.run) / 'eval') / harness.HARNESS_FILE}")
+        return 0
+    if not a.output:
+        p.error("--output is required with --model")
+    from esft.io import append_jsonl
+    from esft.models import load_model
+    from esft.runlock import run_lock
+
+    with run_lock(a.output, "evaluation"):
+        for name in a.tasks:  # data files are checked before the model loads
+            harness.write_documents(name, Path(a.output) / "harness_documents", a.limit, a.data_dir)
+        model, tokenizer = load_model(a.model, a.torch_dtype, a.device)
+        results = harness.evaluate_model(model, tokenizer, a.tasks, a.limit, a.batch_size, a.data_dir, a.output)
+        path = Path(a.output) / harness.HARNESS_FILE
+        for r in results:
+            append_jsonl(path, {"model": a.model, **harness.harness_row(0, r, a.limit)})
+    print(harness.format_table(results))
+    print(f"rows: {path}")
     return 0
 
 

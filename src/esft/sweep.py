@@ -195,6 +195,12 @@ def _measure(stage: Stage, run_dir: Path, ev: EvalSpec, data_dir: str | None) ->
         total_rows = len(its) * len(ev.tasks)
         stage.units = load + total_rows * row
         stage.done = stage.units if done >= total_rows else done * row
+    elif kind == "harness":
+        # Scoring each answer choice is one forward pass, not token-by-token sampling.
+        names = ev.harness_tasks
+        row = sum(ev.limit_for(t) or _UNKNOWN_EVAL_EXAMPLES for t in names) / max(1, len(names)) * 64 * _TEACHER_FORCED
+        stage.units = load + len(its) * len(names) * row
+        stage.done = stage.units if not _missing_harness(run_dir, ev, its) else 0.0
     elif kind == "kl":
         sample = ev.kl_num_prompts * ev.kl_max_tokens
         stage.units = load + len(ev.kl_tasks) * sample * (1 + 2 * _TEACHER_FORCED * len(its))
@@ -251,6 +257,19 @@ def _kl_rows(run_dir: Path, ev: EvalSpec) -> list[dict[str, Any]]:
 def _missing_kl(run_dir: Path, ev: EvalSpec, its: Sequence[int]) -> list[int]:
     have = {(r.get("iteration"), r.get("task")) for r in _kl_rows(run_dir, ev)}
     return [k for k in its if any((k, t) not in have for t in ev.kl_tasks)]
+
+
+def _missing_harness(run_dir: Path, ev: EvalSpec, its: Sequence[int]) -> list[tuple[int | None, list[str]]]:
+    """(limit, tasks) groups with a harness row missing at one of `its`."""
+    from esft.evaluation.harness import HARNESS_FILE
+
+    rows = read_jsonl(run_dir / "eval" / HARNESS_FILE)
+    have = {(r.get("iteration"), r.get("task"), r.get("limit")) for r in rows}
+    groups: dict[int | None, list[str]] = {}
+    for task in ev.harness_tasks:
+        if any((k, task, ev.limit_for(task)) not in have for k in its):
+            groups.setdefault(ev.limit_for(task), []).append(task)
+    return list(groups.items())
 
 
 def _missing_drift(run_dir: Path, its: Sequence[int]) -> list[int]:
@@ -581,6 +600,24 @@ def _evaluate_locked(stage: Stage, run_dir: Path, spec: SweepSpec, progress: _Pr
     return f"{run.name}: evaluated {', '.join(ev.tasks)} at iterations {_iters(its)} in {_seconds(t0)}"
 
 
+def _harness(stage: Stage, run_dir: Path, spec: SweepSpec, progress: _Progress) -> str:
+    from esft.evaluation import harness
+
+    run, ev = stage.run, spec.eval
+    its = chosen_iterations(_available(run, run_dir), ev.every)
+    missing = _missing_harness(run_dir, ev, its)
+    if not missing:
+        return f"{run.name}: lm-evaluation-harness already done, skipped"
+    t0 = time.perf_counter()
+    progress.advance(0, f"{run.name}: lm-evaluation-harness")
+    with _run_output(run_dir / LOG_FILE, f"harness {run.name}"):
+        for limit, tasks in missing:
+            harness.evaluate_run(run_dir, tasks, iterations=its, limit=limit, data_dir=spec.data_dir,
+                                 device=spec.device, progress=False)
+    progress.advance(stage.units - stage.done)
+    return f"{run.name}: lm-evaluation-harness on {', '.join(ev.harness_tasks)} at iterations {_iters(its)} in {_seconds(t0)}"
+
+
 def _kl(stage: Stage, run_dir: Path, spec: SweepSpec, progress: _Progress) -> str:
     from esft.evaluation.kl import kl_report
 
@@ -645,7 +682,7 @@ def _run_sweep(spec: SweepSpec, out: Path, progress: bool) -> Path:
     if not (out / SPEC_FILE).exists() or (out / SPEC_FILE).read_text() != text:
         write_text_atomic(out / SPEC_FILE, text)
     print(f"sweep: {len(spec.runs)} runs in {out}, report in {out / REPORT_DIR}", flush=True)
-    kinds = ["eval"] + (["kl"] if spec.eval.kl_tasks else []) + ["drift"]
+    kinds = ["eval"] + (["harness"] if spec.eval.harness else []) + (["kl"] if spec.eval.kl_tasks else []) + ["drift"]
     stages = [Stage(r, "train") for r in spec.runs] + [Stage(r, k) for r in spec.runs for k in kinds]
     for s in stages:
         _measure(s, out / s.run.name, spec.eval, spec.data_dir)
@@ -676,7 +713,7 @@ def _run_stage(stage: Stage, run_dir: Path, spec: SweepSpec, progress: _Progress
     # The run exists now: its real iterations (GRPO checkpoints) replace the estimate.
     before = dataclasses.replace(stage)
     progress.replan(before, _measure(stage, run_dir, spec.eval, spec.data_dir))
-    step = {"eval": _evaluate, "kl": _kl, "drift": _drift}[stage.kind]
+    step = {"eval": _evaluate, "harness": _harness, "kl": _kl, "drift": _drift}[stage.kind]
     return step(stage, run_dir, spec, progress)
 
 

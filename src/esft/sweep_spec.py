@@ -36,7 +36,9 @@ The spec has five top-level keys (anything else is an error):
   old name, is read too), `kl_max_tokens` (tokens per KL continuation), `drift_every`
   (default: `every`). Drift is always measured. The three caps default to 1024, 50 and 256,
   and scale with `limit` when one is given (`scaled_defaults`: `limit: 2` evaluates 2
-  examples of up to 64 tokens and 2 KL prompts of 64 tokens).
+  examples of up to 64 tokens and 2 KL prompts of 64 tokens). `harness: lm-eval` also scores
+  the tasks that have a harness formulation (HellaSwag, PIQA, ARC-Challenge, MMLU-Pro) with
+  lm-evaluation-harness at the same iterations (`RUN/eval/harness.jsonl`).
 - The sweep decides `output_dir` (`DIR/<name>`), `resume` and `disable_tqdm` (true: the
   console shows one sweep bar); the spec may not set the first two.
 
@@ -106,6 +108,14 @@ class EvalSpec:
     kl_num_prompts: int = 50
     kl_max_tokens: int = 256
     drift_every: int | None = None
+    # "lm-eval": the tasks with a harness formulation are also scored by lm-evaluation-harness.
+    harness: str | None = None
+
+    @property
+    def harness_tasks(self) -> list[str]:
+        from esft.evaluation.harness import FORMULATIONS
+
+        return [t for t in self.tasks if t in FORMULATIONS] if self.harness else []
 
     def limit_for(self, task: str) -> int | None:
         return dict(self.limits).get(task, self.limit)
@@ -485,6 +495,15 @@ def _eval_spec(value: Any, trained: list[str], base: dict[str, Any]) -> EvalSpec
         tasks = _task_list(builtin, "base", "task", data_dir)
     kl_tasks = _task_list(values.pop("kl_tasks", None) or [], "eval", "kl_tasks", data_dir)
     limits = _limits(values.pop("limits", None) or {}, tasks)
+    harness = values.pop("harness", None)
+    if harness not in (None, "lm-eval"):
+        raise _fail("eval", f"harness: expected lm-eval or null, got {harness!r}")
+    if harness:
+        from esft.evaluation.harness import FORMULATIONS
+
+        if not any(t in FORMULATIONS for t in tasks):
+            raise _fail("eval", f"harness: none of eval.tasks ({', '.join(tasks)}) has a harness formulation "
+                                f"(those that do: {', '.join(FORMULATIONS)})")
     for key, v in values.items():
         optional = key in ("every", "limit", "drift_every")
         if not (optional and v is None) and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
@@ -494,7 +513,8 @@ def _eval_spec(value: Any, trained: list[str], base: dict[str, Any]) -> EvalSpec
             raise _fail("eval", "kl_prompts and kl_num_prompts: give one (kl_prompts is kl_num_prompts' old name)")
         values["kl_num_prompts"] = values.pop("kl_prompts")
     values.setdefault("drift_every", values.get("every"))
-    return EvalSpec(tasks=tasks, kl_tasks=kl_tasks, limits=limits, **{**scaled_defaults(values.get("limit")), **values})
+    return EvalSpec(tasks=tasks, kl_tasks=kl_tasks, limits=limits, harness=harness,
+                    **{**scaled_defaults(values.get("limit")), **values})
 
 
 #: The cost caps of evaluation, at full scale (no `limit`).
@@ -574,8 +594,9 @@ def describe(spec: SweepSpec) -> str:
     every = f"every {ev.every} iterations and the last" if ev.every else "iterations 0 and last"
     kl = f"; KL on {', '.join(ev.kl_tasks)} ({ev.kl_num_prompts} prompts x {ev.kl_max_tokens} tokens)" if ev.kl_tasks else ""
     exceptions = "".join(f", {t} {n or 'all'}" for t, n in ev.limits)
+    harness = f"; lm-evaluation-harness on {', '.join(ev.harness_tasks)}" if ev.harness else ""
     lines.append(f"eval: {', '.join(ev.tasks)} at {every}, limit {ev.limit or 'all'}{exceptions}, "
-                 f"answers of up to {ev.max_new_tokens} tokens{kl}; "
+                 f"answers of up to {ev.max_new_tokens} tokens{kl}{harness}; "
                  f"drift {'every ' + str(ev.drift_every) if ev.drift_every else 'at 0 and last'}")
     return "\n".join(lines)
 

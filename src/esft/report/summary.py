@@ -13,6 +13,7 @@ from typing import Any
 
 from esft.config import DEFAULT_AWD_LAMBDA
 from esft.evaluation.accuracy import FORGETTING_FILE
+from esft.evaluation.harness import HARNESS_FILE
 from esft.io import read_jsonl
 from esft.report.evals import Evals, group_rows
 from esft.report.predictions import DriftPrediction, predict_drift
@@ -30,6 +31,8 @@ class RunSummary:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     drift: dict[int, float] = field(default_factory=dict)  # iteration -> ‖θ − θ₀‖
     kl: dict[str, float] = field(default_factory=dict)  # task -> KL at the last iteration
+    # lm-evaluation-harness rows (eval/harness.jsonl), accuracy = acc_norm: the field's protocol.
+    harness: Evals = field(default_factory=dict)
 
     @property
     def is_es(self) -> bool:
@@ -125,6 +128,7 @@ def load_run(path: str | Path) -> RunSummary:
         path, run_label(config), config, config.get("task"),
         evals=group_rows(read_jsonl(path / "eval" / FORGETTING_FILE)),
         metrics=metrics, drift=_read_drift(path, metrics), kl=_read_kl(path),
+        harness=group_rows(read_jsonl(path / "eval" / HARNESS_FILE)),
     )
 
 

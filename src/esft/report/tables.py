@@ -239,6 +239,24 @@ def drift_notes(runs: Sequence[RunSummary]) -> list[str]:
 
 
 # --------------------------------------------------------------------- report.md
+def harness_section(runs: Sequence[RunSummary]) -> list[str]:
+    """The same comparison on lm-evaluation-harness rows (acc_norm), where any run has them."""
+    import dataclasses
+
+    from esft.report.evals import choose_settings
+
+    if not any(r.harness for r in runs):
+        return []
+    shadows = [dataclasses.replace(r, evals=r.harness) for r in runs]
+    settings = choose_settings([r.evals for r in shadows])
+    rows = comparison(shadows, settings)
+    return ["## Accuracy change, lm-evaluation-harness (acc_norm)", "",
+            "The same change from iteration 0, measured the way the field reports prior-task accuracy: "
+            "lm-evaluation-harness, each answer choice scored by its length-normalised log-likelihood after "
+            "a plain-text prompt, zero-shot (`esft eval --harness lm-eval`); points, with the paired "
+            "bootstrap interval over examples.", "", markdown_table(rows, list(settings)), ""]
+
+
 def seeds_table(groups: Sequence[SeedGroup], rows: Sequence[ComparisonRow]) -> str:
     """One line per setting trained at several seeds: target, prior, KL and drift over seeds."""
     target = next((g.rows[0].run.target_task for g in groups if g.rows[0].run.target_task), None)
@@ -275,6 +293,7 @@ def report_markdown(
         lines += ["### Evaluation setting per task", "",
                   "Changes are only taken between rows of one setting (limit, new tokens, shots, data version); "
                   "each task uses the setting most runs can compare in.", "", *settings_lines(runs, settings), ""]
+    lines += harness_section(runs)
     groups = seed_groups(rows)
     if groups:
         lines += ["## Over training seeds", "", seeds_table(groups, rows), "",

@@ -6,7 +6,8 @@ format rate (the whole output is one digit 0-3, surrounding whitespace aside) is
 reported separately. Only the first `SCAN_CHARS` characters are read, which bounds the
 work on hostile output.
 
-Examples: `{"context": str, "endings": list[str] (4), "label": int 0-3}` plus `id`.
+Examples: `{"context": str, "endings": list[str] (4), "label": int 0-3}` plus `id` and
+`activity_label`.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ def _example(row: dict[str, Any]) -> Example:
     }
     if row.get("ind") is not None:
         ex["id"] = row["ind"]
+    if row.get("activity_label"):
+        ex["activity_label"] = str(row["activity_label"])  # lm-evaluation-harness's prompt starts with it
     return ex
 
 
