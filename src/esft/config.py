@@ -97,6 +97,7 @@ class ESConfig:
         awd_lambda: λ; step s = α·λ (coupled) or λ (`awd_decoupled`). "auto": the step from
             the run's horizon (`esft.auto_lambda`): L2 s = 1/max_steps (s·T = 1, the stable
             range of the paper's ladder), L1/Huber the threshold α/√(N·T) with the same plateau.
+        awd_decoupled: the step is λ itself instead of α·λ.
         awd_huber_delta: Huber threshold between the quadratic and the L1 regime.
 
     Parameters of the forgetting budget (`esft.kl_budget`):
@@ -138,6 +139,7 @@ class ESConfig:
 
     Parameters of the run directory and logging:
         output_dir, seed, logging_steps, save_steps, report_to, resume.
+        num_threads, disable_tqdm: torch CPU threads; no progress bar.
     """
 
     # Model and data
