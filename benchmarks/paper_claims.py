@@ -153,6 +153,132 @@ def tradeoff(runs: dict[str, dict[str, Any]], reference: str) -> list[dict[str, 
     return out
 
 
+# ---------------------------------------------------------------- over seeds
+def _seed_estimate(values: list[float]) -> dict[str, Any] | None:
+    from esft.report.intervals import t_interval
+
+    if not values:
+        return None
+    e = t_interval(values)
+    return {"mean": e.value, "lo": e.lo if e.has_interval else None, "hi": e.hi if e.has_interval else None,
+            "n": len(values), "values": values}
+
+
+def _wall_minutes(run: dict[str, Any]) -> float | None:
+    times = [float(m["time/iteration"]) for m in run["metrics"] if m.get("time/iteration") is not None]
+    return sum(times) / 60 if times else None
+
+
+def over_seeds(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per setting (runs that differ only in `seed`): the held-out gain and the mean
+    prior KL as a mean over seeds with a t-interval over them, beside the mean per-example
+    half-width of the gain, the drift and the wall time of a run."""
+    from esft.report.seeds import setting_key
+    from esft.report.summary import run_label
+
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in runs.values():
+        groups.setdefault(setting_key(r["config"]), []).append(r)
+    out = []
+    for members in groups.values():
+        members = sorted(members, key=lambda r: int(r["config"].get("seed", 0)))
+        gains, halves, kls, drifts, walls = [], [], [], [], []
+        for r in members:
+            pair = target_rewards(r)
+            if pair:
+                g, lo, hi = paired_gain(*pair)
+                gains.append(g)
+                halves.append((hi - lo) / 2)
+            if mean_kl(r) is not None:
+                kls.append(mean_kl(r))
+            if r["drift"]:
+                drifts.append(r["drift"][max(r["drift"])])
+            if _wall_minutes(r) is not None:
+                walls.append(_wall_minutes(r))
+        cfg = members[0]["config"]
+        out.append({
+            "setting": run_label(cfg), "runs": [r["name"] for r in members],
+            "seeds": [int(r["config"].get("seed", 0)) for r in members],
+            "trainer": cfg.get("trainer", "es"), "awd": cfg.get("awd", "none"), "lambda": cfg.get("awd_lambda"),
+            "N": cfg.get("population_size"), "T": cfg.get("max_steps"),
+            "gain": _seed_estimate(gains), "gain_example_half_width": sum(halves) / len(halves) if halves else None,
+            "kl": _seed_estimate(kls), "drift": _seed_estimate(drifts), "minutes": _seed_estimate(walls),
+        })
+    return out
+
+
+def population(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The abstract's claim, AWD ≈ a large population at lower cost: plain ES at each N
+    against N=8 + AWD L2 λ=10, and the N at which plain ES's KL (fitted as a power of N on
+    the measured ones) reaches the AWD run's, with the compute that N costs (∝ N)."""
+    plain = sorted((r for r in rows if r["trainer"] == "es" and r["awd"] == "none" and r["kl"] and r["T"] == 20),
+                   key=lambda r: r["N"])
+    awd = next((r for r in rows if r["awd"] == "l2" and float(r["lambda"] or 0) == 10 and r["N"] == 8
+                and r["kl"] and len(r["seeds"]) >= 2), None)
+    if len(plain) < 2 or awd is None:
+        return None
+    x = np.log([r["N"] for r in plain])
+    y = np.log([r["kl"]["mean"] for r in plain])
+    slope, intercept = np.polyfit(x, y, 1)
+    n_match = float(np.exp((math.log(awd["kl"]["mean"]) - intercept) / slope)) if slope < 0 else None
+    minutes = {r["N"]: r["minutes"]["mean"] for r in plain if r["minutes"]}
+    per_member = np.mean([m / n for n, m in minutes.items()]) if minutes else None
+    awd_minutes = awd["minutes"]["mean"] if awd["minutes"] else None
+    return {
+        "plain": plain, "awd": awd, "kl_exponent": float(slope), "n_matching_awd_kl": n_match,
+        "compute_ratio": (n_match * per_member / awd_minutes) if n_match and per_member and awd_minutes else None,
+    }
+
+
+def recovery(root: Path) -> dict[str, Any]:
+    """Prior-task accuracy and KL over a long plain-ES run, every evaluated iteration, per seed."""
+    from esft.report.intervals import wilson
+
+    out: dict[str, Any] = {}
+    for path in sorted(root.iterdir()):
+        if not (path / "config.yaml").exists() or path.name == "report":
+            continue
+        run = load(path)
+        priors = [t for t in ("hellaswag", "piqa", "arc_challenge")]
+        curve = []
+        for k in sorted({r["iteration"] for r in run["evals"]}):
+            rows = {r["task"]: r for r in run["evals"] if r["iteration"] == k and r["task"] in priors}
+            if len(rows) < len(priors):
+                continue
+            correct = sum(round(r["accuracy"] * r["n"]) for r in rows.values())
+            n = sum(r["n"] for r in rows.values())
+            lo, hi = wilson(correct, n)
+            curve.append({"iteration": k, "prior_accuracy": correct / n, "lo": lo, "hi": hi,
+                          **{f"{t}_accuracy": rows[t]["accuracy"] for t in priors}})
+        kl_rows = json.loads((path / "kl.json").read_text()) if (path / "kl.json").exists() else []
+        kl: dict[int, list[float]] = {}
+        for r in kl_rows:
+            kl.setdefault(int(r["iteration"]), []).append(float(r["kl_exact_token"]))
+        out[path.name] = {"accuracy": curve, "kl": {k: float(np.mean(v)) for k, v in sorted(kl.items())}}
+    return out
+
+
+def _interval(e: dict[str, Any] | None, fmt: str = "{:+.1f}") -> str:
+    if e is None:
+        return "–"
+    s = fmt.format(e["mean"])
+    if e["lo"] is not None:
+        s += f" [{fmt.format(e['lo'])}, {fmt.format(e['hi'])}]"
+    return s
+
+
+def seeds_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| setting | seeds | held-out gain, mean [95% t over seeds] | per-example ± | mean prior KL [t] | "
+             "‖θ_T − θ₀‖ | minutes per run |", "|---|---|---|---:|---|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["trainer"], r["awd"], r["N"] or 0, str(r["lambda"]))):
+        half = "–" if r["gain_example_half_width"] is None else f"±{r['gain_example_half_width']:.1f}"
+        drift = "–" if r["drift"] is None else f"{r['drift']['mean']:.2f}"
+        minutes = "–" if r["minutes"] is None else f"{r['minutes']['mean']:.1f}"
+        lines.append(f"| {r['setting']} | {', '.join(map(str, r['seeds']))} | {_interval(r['gain'])} | {half} | "
+                     f"{_interval(r['kl'], '{:.3f}')} | {drift} | {minutes} |")
+    return "\n".join(lines)
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = ["### Drift against Eq. 2 (runs without AWD)", "",
              "| run | N | updates T | ‖θ_T − θ₀‖ | √(T·α²·d/N) | measured / predicted |", "|---|---:|---:|---:|---:|---:|"]
@@ -167,6 +293,15 @@ def markdown(result: dict[str, Any]) -> str:
     for r in result["l2_plateau"]:
         lines.append(f"| {r['run']} | {r['step']:.3g} | {r['measured']:.2f} | {r['predicted_at_T']:.2f} | "
                      f"{r['ratio_at_T']:.3f} | {r['plateau']:.2f} | {r['share_of_plateau']:.0%} |")
+    if result.get("over_seeds"):
+        lines += ["", "### Over training seeds", "", seeds_markdown(result["over_seeds"])]
+    pop = result.get("population")
+    if pop:
+        match = "–" if pop["n_matching_awd_kl"] is None else f"{pop['n_matching_awd_kl']:.0f}"
+        ratio = "–" if pop["compute_ratio"] is None else f"{pop['compute_ratio']:.1f}×"
+        lines += ["", "### AWD against larger populations", "",
+                  f"Plain ES's mean prior KL falls like N^{pop['kl_exponent']:.2f}; it reaches N=8 + AWD L2 λ=10's "
+                  f"{pop['awd']['kl']['mean']:.3f} at N ≈ {match}, which costs {ratio} the AWD run's compute."]
     lines += ["", "### Held-out target gain against prior-task KL", "",
               "| run | held-out gain [95%] | share of ES's gain | mean prior KL | KL cut vs ES | ‖θ_T − θ₀‖ |",
               "|---|---|---:|---:|---:|---:|"]
@@ -185,10 +320,15 @@ def main() -> None:
     ap.add_argument("sweep_dir")
     ap.add_argument("--reference", default="es-n8", help="the plain-ES run the others are compared with")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--recovery", default=None, help="sweep directory of examples/recovery_cpu.yaml")
     a = ap.parse_args()
     root = Path(a.sweep_dir)
     runs = {p.name: load(p) for p in sorted(root.iterdir()) if (p / "config.yaml").exists() and p.name != "report"}
-    result = {"random_walk": random_walk(runs), "l2_plateau": l2_plateau(runs), "tradeoff": tradeoff(runs, a.reference)}
+    seeds = over_seeds(runs)
+    result = {"random_walk": random_walk(runs), "l2_plateau": l2_plateau(runs), "tradeoff": tradeoff(runs, a.reference),
+              "over_seeds": seeds, "population": population(seeds)}
+    if a.recovery:
+        result["recovery"] = recovery(Path(a.recovery))
     print(markdown(result))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1) + "\n")

@@ -387,3 +387,13 @@ def test_the_eta_times_each_kind_of_stage_by_its_own_rate() -> None:
     assert rates.eta([("train", 500.0), ("eval", 40.0)]) == pytest.approx(50 + 10)
     assert rates.eta([("kl", 10.0)]) == pytest.approx(10 * 125 / 1100), "an untimed kind takes the pooled rate"
     assert rates.eta([], current=("eval", 4.0, 100.0, 1.0)) == pytest.approx(1.0), "a timed kind keeps its rate"
+
+
+def test_a_grid_over_seeds_names_its_runs_and_a_grpo_arm_takes_seeds() -> None:
+    spec = parse_spec({"base": BASE, "grid": [{"seed": [0, 1, 2]}, {"awd": ["l2"], "awd_lambda": [10], "seed": [1, 2]}]})
+    assert [r.name for r in spec.runs] == ["seed0", "seed1", "seed2", "l2-lambda10-seed1", "l2-lambda10-seed2"]
+    assert [r.config.seed for r in spec.runs] == [0, 1, 2, 1, 2]
+    grpo = parse_spec({"base": BASE, "grpo": {"max_steps": 2, "seeds": [0, 3]}})
+    assert [(r.name, r.grpo_values["seed"]) for r in grpo.runs] == [("grpo-seed0", 0), ("grpo-seed3", 3)]
+    with pytest.raises(ValueError, match="seed and seeds: give one"):
+        parse_spec({"base": BASE, "grpo": {"seed": 1, "seeds": [0, 1]}})
