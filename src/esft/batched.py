@@ -74,7 +74,7 @@ class PopulationBatcher:
     def __init__(self, state: WeightState, memory_budget: int | None = None, exact: bool | None = None) -> None:
         self.state = state
         self.model = state.model
-        self.device = state.masters[0].device
+        self.device = state.device
         self.dtype = state.rest[0].dtype
         self.rank = state.noise_rank
         # Full-rank on CPU: per-member matmuls with one-at-a-time shapes, so rewards are
@@ -192,8 +192,9 @@ class PopulationBatcher:
                 if i in self._factors_cast:
                     self._factors_cast[i][: len(members)].copy_(buf[: len(members)])
             else:
+                master = st.master_on_device(i)  # a host master crosses once per group, not per member
                 for m, member in enumerate(members):
-                    st.write_member(i, member.seed, member.sign, sigma, self._stack[i][m])
+                    st.write_member(i, member.seed, member.sign, sigma, self._stack[i][m], master)
 
         st.for_each_tensor(one)
 

@@ -52,6 +52,8 @@ RESUMABLE_FIELDS = frozenset(
         # Full-rank members score bitwise the same batched or one at a time (on CPU);
         # low-rank ones agree up to the rounding of the shared matmul (README).
         "members_per_batch",
+        # Where the master lives changes memory and speed, never a bit of the weights.
+        "master_device",
         "num_threads",
         "disable_tqdm",
         "eval_tasks",
@@ -80,6 +82,11 @@ class ESConfig:
         data_dir: folder laid out like the shared data pack (default `$ESFT_DATA_DIR`).
         torch_dtype: "auto" (fp32 on CPU, bf16 on CUDA), "float32", "bfloat16", "float16".
         device: "auto", "cpu" or "cuda".
+        master_device: where the fp32 master copy lives. "cpu": in (pinned) host memory,
+            streamed to the device tensor by tensor for perturb and update, so the GPU holds
+            the bf16 weights and the work buffer only (4 bytes per weight); "device": beside
+            them (8); "auto": the host on CUDA when the weights are not fp32. The bits are the
+            same either way.
 
     Parameters of the ES algorithm (Qiu et al. 2025):
         population_size: N, members per iteration.
@@ -151,6 +158,10 @@ class ESConfig:
         "weight dtype; bf16/fp16 keep an fp32 master copy", default="auto"
     )
     device: Literal["auto", "cpu", "cuda"] = option("where the model runs", default="auto")
+    master_device: Literal["auto", "cpu", "device"] = option(
+        "where the fp32 master lives: cpu (host, streamed per tensor), device; auto: host on CUDA for bf16/fp16",
+        default="auto",
+    )
 
     # ES
     population_size: int = option("N, population members per iteration", default=30)

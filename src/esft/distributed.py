@@ -123,7 +123,7 @@ class ESWorker(BatcherOwner):
     def info(self) -> dict[str, Any]:
         return {
             "name": self.name, "pid": os.getpid(), "node": socket.gethostname(),
-            "device": str(self.state.masters[0].device), "threads": torch.get_num_threads(),
+            "device": str(self.state.device), "threads": torch.get_num_threads(),
             "max_group": self.max_group(),
         }
 
@@ -212,7 +212,7 @@ class RayPopulation:
         self.failures = 0
         self.restarts = 0
         self._next_id = 0
-        driver_device = state.masters[0].device.type
+        driver_device = state.device.type
         self.device = driver_device if cfg.worker_device == "auto" else cfg.worker_device
         if self.device != driver_device:
             raise ValueError(

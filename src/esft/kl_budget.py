@@ -145,7 +145,7 @@ class KLMonitor:
         self.n_prompts = len(prompts)
         self.n_tokens = sum(len(c) for c in continuations)
         if score_batch_size is None:
-            score_batch_size = CPU_SCORE_BATCH if state.masters[0].device.type == "cpu" else batch_size
+            score_batch_size = CPU_SCORE_BATCH if state.device.type == "cpu" else batch_size
         self.batches = continuation_batches(prompts, continuations, score_batch_size, engine.pad_id)
         self._base_lp: list[torch.Tensor] | None = None
         vocab = state.model.config.vocab_size
@@ -158,7 +158,7 @@ class KLMonitor:
                  self.n_tokens, "" if self._base_lp is not None else "; base log-probs recomputed per measurement")
 
     def _base_weights(self):
-        device = self.state.masters[0].device
+        device = self.state.device
         return self.state.weights_from(lambda name: self.anchor.get(name, device))
 
     def measure(self, displaced: tuple[int, float] | None = None) -> float:

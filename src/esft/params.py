@@ -74,6 +74,17 @@ def tensors_checksum(named: Iterable[tuple[str, torch.Tensor]]) -> str:
     return digest.hexdigest()
 
 
+def resolve_master_device(master_device: str, device: torch.device, dtype: torch.dtype) -> str:
+    """"cpu" (a host master) or "device". `auto`: the host on CUDA when the weights are not
+    fp32 (there the master is a second copy, 4 bytes per weight of GPU memory saved), else
+    the device (an fp32 model's parameters are their own master)."""
+    if master_device not in ("auto", "cpu", "device"):
+        raise ValueError(f"master_device must be auto, cpu or device (got {master_device!r})")
+    if master_device == "auto":
+        return "cpu" if device.type == "cuda" and dtype != torch.float32 else "device"
+    return master_device
+
+
 class WeightState:
     """The trainable tensors of a model with an fp32 master and exact perturbations."""
 
@@ -84,6 +95,7 @@ class WeightState:
         frozen: str | None = None,
         noise_mode: NoiseMode = "iid",
         noise_rank: int | None = None,
+        master_device: str = "auto",
     ) -> None:
         if noise_rank is not None and noise_rank < 1:
             raise ValueError(f"noise_rank must be >= 1 or None (got {noise_rank})")
@@ -93,12 +105,19 @@ class WeightState:
         self.named = select_parameters(model, trainable, frozen)
         self.names = [n for n, _ in self.named]
         self.params = [p for _, p in self.named]
+        self.device = self.params[0].device  # where members are computed
+        self.host_master = resolve_master_device(master_device, self.device, self.params[0].dtype) == "cpu"
         # fp32 models: the parameter's own storage is the master. Lower precision models
-        # keep an fp32 master beside the at-rest copy in the model's dtype.
+        # keep an fp32 master beside the at-rest copy in the model's dtype. A host master
+        # (`master_device="cpu"`) lives in (pinned) host memory and is streamed to the device
+        # tensor by tensor: the device then holds the at-rest weights and the work buffers.
         self.masters: list[torch.Tensor] = []
         self.rest: list[torch.Tensor] = []
         for p in self.params:
-            if p.dtype == torch.float32:
+            if self.host_master:
+                master = p.data.detach().to("cpu", torch.float32, copy=True)
+                self.masters.append(master.pin_memory() if self.device.type == "cuda" else master)
+            elif p.dtype == torch.float32:
                 self.masters.append(p.data)
             else:
                 self.masters.append(p.data.float())
@@ -107,11 +126,13 @@ class WeightState:
         self.lowrank = [lowrank.is_lowrank(m.shape, noise_rank) for m in self.masters]
         self._work: list[torch.Tensor | None] = [None] * len(self.params)
         self._local = threading.local()  # per-thread fp32 scratch buffers
+        self._scratch_bytes = 0  # all threads' scratch, for `memory()`
+        self._scratch_lock = threading.Lock()
         self._largest = max(m.numel() for m in self.masters)
         # torch's CPU Gaussian sampler is single-threaded, so noise for different tensors
         # is drawn in parallel (measured 2.0x on 2 cores). Each tensor's arithmetic is the
         # same whichever thread runs it, so results stay bitwise identical.
-        on_cpu = all(m.device.type == "cpu" for m in self.masters)
+        on_cpu = self.device.type == "cpu"
         workers = torch.get_num_threads() if on_cpu else 1
         # Pool threads run their ops single-threaded: an OpenMP team started from a pool
         # thread slowed the main thread's generation by a third (measured 1.95 s -> 2.6 s).
@@ -125,7 +146,8 @@ class WeightState:
     @classmethod
     def from_config(cls, model: torch.nn.Module, cfg) -> WeightState:
         """The weight state an ESConfig describes (trainer, replay and Ray workers alike)."""
-        return cls(model, cfg.trainable, cfg.frozen, cfg.noise_mode, cfg.noise_rank)
+        return cls(model, cfg.trainable, cfg.frozen, cfg.noise_mode, cfg.noise_rank,
+                   getattr(cfg, "master_device", "auto"))
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -133,15 +155,29 @@ class WeightState:
         return sum(m.numel() for m in self.masters)
 
     def _fp32_scratch(self, like: torch.Tensor, slot: int = 0) -> torch.Tensor:
-        """A reusable fp32 buffer shaped like `like` (one per thread, device and slot)."""
+        """A reusable fp32 buffer shaped like `like` on the compute device (one per thread
+        and slot)."""
         scratch = getattr(self._local, "scratch", None)
         if scratch is None:
             scratch = self._local.scratch = {}
-        key = (like.device, slot)
+        key = (self.device, slot)
         buf = scratch.get(key)
         if buf is None:
-            buf = scratch[key] = torch.empty(self._largest, dtype=torch.float32, device=like.device)
+            buf = scratch[key] = torch.empty(self._largest, dtype=torch.float32, device=self.device)
+            with self._scratch_lock:
+                self._scratch_bytes += buf.numel() * 4
         return buf[: like.numel()].view(like.shape)
+
+    def master_on_device(self, i: int) -> torch.Tensor:
+        """Tensor i's fp32 master where the members are computed: itself, or for a host
+        master a copy streamed into a device scratch (non-blocking from pinned memory; the
+        copy and the arithmetic after it share a stream, so they stay in order)."""
+        master = self.masters[i]
+        if not self.host_master:
+            return master
+        staged = self._fp32_scratch(master, slot=2)
+        staged.copy_(master, non_blocking=True)
+        return staged
 
     def _flat_scratch(self, numel: int, device: torch.device, slot: str) -> torch.Tensor:
         """A reusable flat fp32 buffer of at least `numel` values (per thread, device, slot)."""
@@ -150,6 +186,8 @@ class WeightState:
             scratch = self._local.flat = {}
         buf = scratch.get((device, slot))
         if buf is None or buf.numel() < numel:
+            with self._scratch_lock:
+                self._scratch_bytes += numel * 4 - (0 if buf is None else buf.numel() * 4)
             buf = scratch[(device, slot)] = torch.empty(numel, dtype=torch.float32, device=device)
         return buf
 
@@ -179,16 +217,19 @@ class WeightState:
         master, rank = self.masters[i], self.noise_rank
         assert rank is not None and self.lowrank[i], f"{self.names[i]} has no low-rank noise"
         rows, _ = lowrank.factor_shape(master.shape, rank)
-        buf = self._flat_scratch(rows * rank, master.device, "factors")[: rows * rank].view(rows, rank)
+        buf = self._flat_scratch(rows * rank, self.device, "factors")[: rows * rank].view(rows, rank)
         return lowrank.fill_factors(buf, seed, self.names[i], master.shape[0], self.noise_mode)
 
-    def write_member(self, i: int, seed: int, sign: int, sigma: float, out: torch.Tensor) -> None:
+    def write_member(self, i: int, seed: int, sign: int, sigma: float, out: torch.Tensor,
+                     master: torch.Tensor | None = None) -> None:
         """Write tensor i of member (seed, sign), master + sign·σ·ε, into `out` (the model's dtype).
 
         `perturb` and the batched forward (`esft.batched`) both call this, so a member's
-        weights have the same bits whichever way it is evaluated.
+        weights have the same bits whichever way it is evaluated. `master`: tensor i's master
+        already on the device (a streamed host master), else it is taken or staged here.
         """
-        name, master = self.names[i], self.masters[i]
+        name = self.names[i]
+        master = self.master_on_device(i) if master is None else master
         if self.lowrank[i]:
             a, b = self.factors(i, seed)
             alpha = sign * sigma * lowrank.scale(self.noise_rank)  # type: ignore[arg-type]
@@ -208,10 +249,47 @@ class WeightState:
         """Point every trainable parameter at master + sign·σ·ε(seed)."""
         if self.perturbed:
             raise RuntimeError("perturb() called twice without restore()")
-        self._for_each_tensor(lambda i: self.write_member(i, seed, sign, sigma, self._work_buffer(i)))
+        if self.host_master and self.device.type == "cuda":
+            for i, master in self.streamed_masters():
+                self.write_member(i, seed, sign, sigma, self._work_buffer(i), master)
+        else:
+            self._for_each_tensor(lambda i: self.write_member(i, seed, sign, sigma, self._work_buffer(i)))
         for p, work in zip(self.params, self._work):
             p.data = work
         self.perturbed = True
+
+    def streamed_masters(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(i, tensor i's host master on the device) in order, double-buffered: tensor i+1 is
+        copied on a side stream while the caller computes with tensor i (CUDA, host master).
+        Each staging buffer is refilled only once the work that read it has run."""
+        copy_stream = getattr(self, "_copy_stream", None)
+        if copy_stream is None:
+            copy_stream = self._copy_stream = torch.cuda.Stream(self.device)
+        compute = torch.cuda.current_stream(self.device)
+        freed: list[torch.cuda.Event | None] = [None, None]  # the compute work that last read each slot
+
+        def stage(i: int) -> tuple[torch.Tensor, torch.cuda.Event]:
+            slot = i % 2
+            buf = self._fp32_scratch(self.masters[i], slot=2 + slot)
+            with torch.cuda.stream(copy_stream):
+                if freed[slot] is not None:
+                    copy_stream.wait_event(freed[slot])
+                buf.copy_(self.masters[i], non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record(copy_stream)
+            return buf, ready
+
+        n = len(self.names)
+        upcoming = stage(0) if n else None
+        for i in range(n):
+            buf, ready = upcoming
+            if i + 1 < n:
+                upcoming = stage(i + 1)
+            compute.wait_event(ready)
+            yield i, buf
+            done = torch.cuda.Event()
+            done.record(compute)
+            freed[i % 2] = done
 
     @contextmanager
     def weights_from(self, source: Callable[[str], torch.Tensor]) -> Iterator[None]:
@@ -256,7 +334,7 @@ class WeightState:
             acc = self._fp32_scratch(master, slot=1)
             if self.lowrank[i]:
                 rows, rank = lowrank.factor_shape(master.shape, self.noise_rank)  # type: ignore[arg-type]
-                flat = self._flat_scratch(len(seeds) * rows * rank, master.device, "update")
+                flat = self._flat_scratch(len(seeds) * rows * rank, self.device, "update")
                 lowrank.combined_update(acc, seeds, coefficients, name, rank, self.noise_mode, flat)
             else:
                 acc.zero_()
@@ -265,7 +343,9 @@ class WeightState:
                     fill_noise(eps, seed, name, self.noise_mode)
                     acc.add_(eps, alpha=c)
             acc.mul_(scale)
-            master.add_(acc)
+            # A host master adds the update on the host: fp32 addition is correctly rounded
+            # on either side, so the bits equal a device master's.
+            master.add_(acc if not self.host_master else acc.to("cpu"))
             return float(torch.linalg.vector_norm(acc, dtype=torch.float64)) ** 2
 
         sq = sum(self._for_each_tensor(one))  # type: ignore[arg-type]
@@ -273,10 +353,30 @@ class WeightState:
         return sq**0.5
 
     def sync_rest(self) -> None:
-        """Refresh the low-precision at-rest copies from the fp32 master."""
+        """Refresh the at-rest copies (the model's dtype, on its device) from the fp32 master."""
         for master, rest in zip(self.masters, self.rest):
-            if rest is not master:
-                rest.copy_(master)
+            if rest.data_ptr() != master.data_ptr():  # an fp32 parameter on the device is its own master
+                rest.copy_(master, non_blocking=self.host_master)
+        if self.host_master and self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # the pinned sources may change next
+
+    def memory(self) -> dict[str, float]:
+        """Bytes the trainable tensors hold, where: the at-rest weights and the work buffers
+        on the device, the fp32 master on the device or the host, and the fp32 scratch (a few
+        buffers of the largest tensor, however many tensors there are); per trained weight too."""
+        d = self.num_parameters
+        size = lambda t: t.numel() * t.element_size()  # noqa: E731
+        weights = sum(size(r) for r in self.rest)
+        work = sum(size(w) for w in self._work if w is not None)
+        separate = [m for m, r in zip(self.masters, self.rest) if m.data_ptr() != r.data_ptr()]
+        master = sum(size(m) for m in separate)
+        scratch = self._scratch_bytes
+        device_state = weights + work + (0 if self.host_master else master)
+        return {
+            "trained_weights": d, "weights_bytes": weights, "work_bytes": work,
+            "master_device_bytes": 0 if self.host_master else master, "master_host_bytes": master if self.host_master else 0,
+            "scratch_bytes": scratch, "device_state_bytes_per_weight": device_state / d,
+        }
 
     def checksum(self) -> str:
         """A digest of the exact bits of every fp32 master (`tensors_checksum`)."""
