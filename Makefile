@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.esft-installed
 
-.PHONY: quickstart test lint docs bench clean-venv
+.PHONY: quickstart test lint docs bench gpu-check clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,6 +32,14 @@ lint: $(STAMP)
 # The documentation site (MkDocs, Material theme) into build/site; --strict: a broken link fails.
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict
+
+# The CUDA tests and every GPU speed and memory row in one pass (benchmarks/gpu_check.py); it
+# needs only torch and transformers, so it runs on a lent GPU machine without the venv.
+# DEVICE=cpu: the same code on a tiny model, in well under a minute.
+DEVICE ?= cuda
+GPU_PY := $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	PYTHONPATH=src $(GPU_PY) benchmarks/gpu_check.py --device $(DEVICE)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/es_overhead.py
