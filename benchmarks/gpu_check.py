@@ -8,8 +8,9 @@ Qwen2.5-1.5B, Llama-3.2-1B) and every generation runs a fixed number of tokens. 
 2. tokens/s of plain `generate` (dynamic cache) against the static-cache, compiled path, at
    batch 32 and 256;
 3. one ES iteration (N=30; 32 and 200 prompts per member; 256 new tokens): one member at a
-   time, `bmm`-batched members, low-rank r=1, against the ideal, plain batched generation of
-   the same number of tokens; the bookkeeping (perturb, restore, update) of the first;
+   time (with the master on the device, and on the host: its cost), `bmm`-batched members,
+   low-rank r=1, against the ideal, plain batched generation of the same number of tokens;
+   the bookkeeping (perturb, restore, update) of each;
 4. peak GPU memory per trained weight (`torch.cuda.max_memory_allocated`) with the master on
    the device and on the host, with and without AWD, beside `WeightState.memory()`'s account;
 5. one TRL GRPO step on the same model, for scale;
@@ -161,8 +162,9 @@ def es_rows(s: dict[str, Any], device: str) -> dict[str, Any]:
         _sync(device)
         ideal = time.perf_counter() - t0
         row: dict[str, Any] = {"ideal_s": ideal}
-        for label, extra in (("one_at_a_time", {}), ("bmm", {"members_per_batch": n}),
-                             ("lowrank_r1", {"members_per_batch": n, "noise_rank": 1})):
+        arms = (("one_at_a_time", {"master_device": "device"}), ("one_at_a_time_host_master", {"master_device": "cpu"}),
+                ("bmm", {"members_per_batch": n}), ("lowrank_r1", {"members_per_batch": n, "noise_rank": 1}))
+        for label, extra in arms:
             cfg = ESConfig(population_size=n, max_new_tokens=s["new_tokens"], generation_batch_size=n_prompts,
                            sigma=1e-3, disable_tqdm=True, device=device, **extra)
             state = WeightState.from_config(model, cfg)
@@ -184,6 +186,7 @@ def es_rows(s: dict[str, Any], device: str) -> dict[str, Any]:
             if device == "cuda":
                 torch.cuda.empty_cache()
         row["bmm_speedup_vs_one_at_a_time"] = row["one_at_a_time"]["s"] / row["bmm"]["s"]
+        row["host_master_cost"] = row["one_at_a_time_host_master"]["s"] / row["one_at_a_time"]["s"] - 1
         out[f"prompts{n_prompts}"] = row
     return out
 
@@ -251,10 +254,11 @@ def markdown(result: dict[str, Any]) -> str:
     for k, r in sorted(result.get("es_iteration", {}).items()):
         if isinstance(r, dict) and "ideal_s" in r:
             lines.append(f"| {k}, ideal (plain batched generation) | {r['ideal_s']:.2f} | 1.00 | – |")
-            for label in ("one_at_a_time", "bmm", "lowrank_r1"):
+            for label in ("one_at_a_time", "one_at_a_time_host_master", "bmm", "lowrank_r1"):
                 x = r[label]
                 lines.append(f"| {k}, {label} | {x['s']:.2f} | {x['vs_ideal']:.2f} | {100 * x['bookkeeping_share']:.1f}% |")
             lines.append(f"| {k}, bmm speed-up over one at a time | {r['bmm_speedup_vs_one_at_a_time']:.2f}× | | |")
+            lines.append(f"| {k}, host master's cost over the device master | {100 * r['host_master_cost']:+.1f}% | | |")
     lines += ["", "| memory | device state B/weight | peak GPU B/weight |", "|---|---:|---:|"]
     for k, r in sorted(result.get("memory", {}).items()):
         if isinstance(r, dict) and "device_state_bytes_per_weight" in r:
