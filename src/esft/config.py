@@ -82,6 +82,11 @@ class ESConfig:
         data_dir: folder laid out like the shared data pack (default `$ESFT_DATA_DIR`).
         torch_dtype: "auto" (fp32 on CPU, bf16 on CUDA), "float32", "bfloat16", "float16".
         device: "auto", "cpu" or "cuda".
+        init_from: a run directory whose final weights this run starts from (its seed log
+            replayed from the base `model`, its `final/` a cache): a stage of a task sequence.
+        anchor_at: with `init_from`, what θ₀ (AWD's anchor, drift, the KL budget's reference)
+            is: "base", the base model (default), or "start", the weights the run starts from
+            (re-anchored at each stage).
         master_device: where the fp32 master copy lives. "cpu": in (pinned) host memory,
             streamed to the device tensor by tensor for perturb and update, so the GPU holds
             the bf16 weights and the work buffer only (4 bytes per weight); "device": beside
@@ -158,6 +163,14 @@ class ESConfig:
         "weight dtype; bf16/fp16 keep an fp32 master copy", default="auto"
     )
     device: Literal["auto", "cpu", "cuda"] = option("where the model runs", default="auto")
+    init_from: str | None = option(
+        "a run directory: start from its final weights (replayed from its seed log); a stage of a sequence",
+        default=None,
+    )
+    anchor_at: Literal["base", "start"] = option(
+        "θ₀ of AWD, drift and the KL budget with init_from: the base model, or the weights the run starts from",
+        default="base",
+    )
     master_device: Literal["auto", "cpu", "device"] = option(
         "where the fp32 master lives: cpu (host, streamed per tensor), device; auto: host on CUDA for bf16/fp16",
         default="auto",
@@ -313,6 +326,8 @@ class ESConfig:
             errors.append(f"reward_memory_gb must be >= 0 (0: no limit; got {self.reward_memory_gb})")
         if self.reward_max_failures < 1:
             errors.append(f"reward_max_failures must be >= 1 (got {self.reward_max_failures})")
+        if self.init_from and Path(self.init_from).resolve() == Path(self.output_dir).resolve():
+            errors.append("init_from is the run's own output_dir: a run cannot start from itself")
         if self.awd_lambda == AUTO and self.awd == "none":
             errors.append("awd_lambda auto picks the strength of AWD: choose --awd l2 (or l1, huber) too")
         if self.awd_lambda is not None and self.awd_lambda != AUTO and self.awd_lambda < 0:

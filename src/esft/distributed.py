@@ -102,6 +102,9 @@ class ESWorker(BatcherOwner):
         else:
             net = model.to(device).eval().requires_grad_(False)
         self.state = WeightState.from_config(net, self.cfg)
+        from esft.seedlog import prepare_start
+
+        self._base_anchor = prepare_start(self.cfg, self.state)  # a stage: the previous stage's final weights
         self.engine = HFEngine(net, tokenizer, self.cfg.max_new_tokens, self.cfg.generation_batch_size)
         self.task, self.examples, self.prompts = task, examples, prompts
         self.anchor = self._open_anchor(anchor_path) if self.cfg.awd_penalty != "none" else None
@@ -118,7 +121,7 @@ class ESWorker(BatcherOwner):
         from esft.seedlog import checked_anchor, temporary_anchor
 
         anchor = checked_anchor(Path(driver_path), self.state) if driver_path else None
-        return anchor if anchor is not None else temporary_anchor(self.state)
+        return anchor if anchor is not None else (self._base_anchor or temporary_anchor(self.state))
 
     def info(self) -> dict[str, Any]:
         return {

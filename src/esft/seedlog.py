@@ -250,10 +250,42 @@ def temporary_anchor(state: WeightState) -> AnchorFile:
     return AnchorFile.write(Path(tmp) / ANCHOR_FILE, state.items())
 
 
+def final_weights(run_dir: str | Path, names: list[str], device: str = "auto") -> dict[str, torch.Tensor]:
+    """The trainable tensors after the last iteration of the finished run in `run_dir`: its
+    `final/` when it holds the recorded bits, else a replay of its seed log (through its own
+    `init_from`, if it has one), so a stage's start is a function of the logs before it."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / CONFIG_FILE
+    if not config_path.exists():
+        raise ValueError(f"init_from {run_dir}: not an esft run directory (no {CONFIG_FILE})")
+    cfg = ESConfig.from_yaml(config_path)
+    records = SeedLog(run_dir).records()
+    if len(records) < cfg.max_steps:
+        raise ValueError(f"init_from {run_dir}: the run is not finished ({len(records)} of {cfg.max_steps} "
+                         "iterations); finish it (--resume) first")
+    cached = verified_checkpoint(run_dir / "final", names) if (run_dir / "final").is_dir() else None
+    if cached is not None:
+        return cached
+    state, _ = replay(run_dir, len(records), device=device)
+    return {n: t.detach().to("cpu").clone() for n, t in state.items()}
+
+
+def prepare_start(cfg: ESConfig, state: WeightState) -> AnchorFile | None:
+    """For a run with `init_from`: put that run's final weights into `state` (which holds the
+    base model). Returns θ₀ as a temporary anchor when θ₀ is the base model (`anchor_at:
+    base`), written before the weights change; None otherwise (θ₀ is what `state` then holds)."""
+    if not cfg.init_from:
+        return None
+    base = temporary_anchor(state) if cfg.anchor_at == "base" else None
+    state.load_masters(final_weights(cfg.init_from, state.names))
+    return base
+
+
 def open_replay(
     run_dir: str | Path, upto: int, model: str | None = None, device: str = "auto"
 ) -> tuple[ESConfig, WeightState, Any, list[IterationRecord], AnchorFile | None]:
-    """The base model of an ES run, ready to replay its records up to iteration `upto`.
+    """The base model of an ES run (with `init_from`, the weights it started from), ready to
+    replay its records up to iteration `upto`.
 
     Returns (config, weight state at iteration 0, tokenizer, records, anchor); shared by
     `replay` and evaluation's forward walk so both rebuild weights the same way.
@@ -271,10 +303,12 @@ def open_replay(
         raise ValueError(f"iteration {upto} is out of range: {run_dir} has iterations 0..{len(records)}")
     net, tokenizer = load_model(model or cfg.model, cfg.torch_dtype, device if device != "auto" else cfg.device)
     state = WeightState.from_config(net, cfg)
+    base_anchor = prepare_start(cfg, state)  # a stage of a sequence starts where the previous ended
     anchor = checked_anchor(run_dir / ANCHOR_FILE, state)
     if anchor is None and cfg.awd_penalty != "none" and upto > 0:
-        # θ₀ is the base model's weights, which `state` holds right now: rebuild it aside.
-        anchor = temporary_anchor(state)
+        # θ₀ is the base model's weights (or the run's start), which `state` holds right now
+        # (or `prepare_start` kept): rebuild it aside.
+        anchor = base_anchor or temporary_anchor(state)
     return cfg, state, tokenizer, records, anchor
 
 

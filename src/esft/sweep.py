@@ -109,7 +109,7 @@ def _check_existing_runs(spec: SweepSpec, out: Path) -> None:
         saved = out / run.name / "config.yaml"
         if run.is_grpo or not saved.exists() or _es_done(out / run.name) == 0:
             continue  # a start that logged no iteration is restarted afresh: nothing to protect
-        diffs = run.config.differences(ESConfig.from_yaml(saved))
+        diffs = run.resolved(out).differences(ESConfig.from_yaml(saved))
         if diffs:
             stale.append(f"{run.name} ({run.where}): " + "; ".join(diffs))
     if stale:
@@ -536,7 +536,8 @@ def _train_es(run: RunSpec, run_dir: Path, progress: _Progress) -> int:
 
     # resume only continues a run directory that holds one (config.yaml is its first file).
     resume = (run_dir / "config.yaml").exists()
-    cfg = dataclasses.replace(run.config, output_dir=str(run_dir), resume=resume, disable_tqdm=True)
+    # A stage of a sequence starts from its previous stage's run (`init_from`).
+    cfg = dataclasses.replace(run.resolved(run_dir.parent), resume=resume, disable_tqdm=True)
     try:
         trainer = ESTrainer(args=cfg, callbacks=[IterationProgress()])
         trainer.train()
@@ -561,7 +562,10 @@ def _train_grpo(run: RunSpec, run_dir: Path, progress: _Progress) -> int:
             progress.advance(step, f"{run.name}: step {state.global_step}/{total}")
 
     resume = _grpo_resume_point(run_dir)
-    task_args, cfg = build_grpo(run.grpo_values or {}, str(run_dir), resume)
+    values = dict(run.grpo_values or {})
+    if run.previous:  # a GRPO stage starts from the previous GRPO stage's final model
+        values["model"] = str(run_dir.parent / run.previous / "final")
+    task_args, cfg = build_grpo(values, str(run_dir), resume)
     trainer = run_grpo(task_args, cfg, callbacks=[StepProgress()])
     steps = int(trainer.state.global_step)
     del trainer

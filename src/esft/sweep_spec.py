@@ -69,7 +69,11 @@ import yaml
 from esft.config import ESConfig
 from esft.io import read_text
 
-TOP_LEVEL_KEYS = ("base", "variants", "grid", "grpo", "eval")
+TOP_LEVEL_KEYS = ("base", "variants", "grid", "stages", "grpo", "eval")
+#: A variant's key with `stages:`: `anchor: stage` re-anchors AWD at each stage's start.
+ANCHOR_KEY = "anchor"
+#: `kl_tasks: previous`: the KL budget is measured on the earlier stages' tasks.
+PREVIOUS = "previous"
 GRPO_NAME = "grpo"
 REPORT_DIR = "report"
 SPEC_FILE = "sweep.yaml"
@@ -138,10 +142,21 @@ class RunSpec:
     config: ESConfig | None = None
     grpo_values: dict[str, Any] | None = None  # grpo_args_from_mapping's input, without output_dir
     grpo_config: Any = field(default=None, repr=False)  # the validated trl.GRPOConfig (its steps and batch sizes size the progress bar)
+    # A stage of a task sequence: its arm, its number (1-based) and the run it starts from.
+    arm: str | None = None
+    stage: int | None = None
+    previous: str | None = None
 
     @property
     def is_grpo(self) -> bool:
         return self.config is None
+
+    def resolved(self, out: Path) -> ESConfig:
+        """The ES config as it runs in sweep directory `out`: its output_dir, and for a stage
+        the previous stage's run directory as `init_from`."""
+        assert self.config is not None
+        init = str(Path(out) / self.previous) if self.previous else None
+        return dataclasses.replace(self.config, output_dir=str(Path(out) / self.name), init_from=init)
 
 
 @dataclass(frozen=True)
@@ -191,14 +206,25 @@ def parse_spec(data: Any) -> SweepSpec:
     if unknown:
         raise _fail("", _unknown(unknown, TOP_LEVEL_KEYS, "top-level keys") + f" (allowed: {', '.join(TOP_LEVEL_KEYS)})")
     base = _es_fields(data.get("base"), "base")
-    named = _variants(data.get("variants"), base) + _grid_runs(data.get("grid"), base)
+    sequence = "stages" in data
+    extra = (ANCHOR_KEY,) if sequence else ()
+    named = _variants(data.get("variants"), base, extra) + _grid_runs(data.get("grid"), base)
     arm = data.get("grpo") if isinstance(data.get("grpo"), Mapping) else {}
-    trained = [values.get("task", base.get("task", ESConfig.task)) for _, _, values in named]
-    trained += [arm.get("task", base.get("task", ESConfig.task))] if data.get("grpo") is not None else []
+    if sequence:
+        stages = _stages(data.get("stages"))
+        trained = [values["task"] for values, _ in stages]
+    else:
+        trained = [values.get("task", base.get("task", ESConfig.task)) for _, _, values in named]
+        trained += [arm.get("task", base.get("task", ESConfig.task))] if data.get("grpo") is not None else []
     ev = _eval_spec(data.get("eval"), trained, base)
-    runs = [_es_run(name, where, values, base) for name, where, values in named]
-    if data.get("grpo") is not None:
-        runs += _grpo_runs(data["grpo"], base, ev)
+    if sequence:
+        runs = _sequence_runs(named or [("es", "base", {})], stages, base, ev)
+        if data.get("grpo") is not None:
+            runs += _grpo_sequence(data["grpo"], stages, base, ev)
+    else:
+        runs = [_es_run(name, where, values, base) for name, where, values in named]
+        if data.get("grpo") is not None:
+            runs += _grpo_runs(data["grpo"], base, ev)
     if not runs:
         raise _fail("", "no runs: give variants, grid or grpo")
     _check_names(runs)
@@ -287,7 +313,76 @@ def _es_fields(value: Any, where: str, extra: Sequence[str] = ()) -> dict[str, A
 
 
 # --------------------------------------------------------------------- the runs
-def _variants(value: Any, base: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+def _stages(value: Any) -> list[tuple[dict[str, Any], str]]:
+    """`stages:` an ordered, non-empty list of mappings, each a `task` and ESConfig overrides."""
+    if not isinstance(value, list) or not value:
+        raise _fail("stages", "expected a non-empty list of stages, each {task: NAME, ...ESConfig fields}")
+    out = []
+    for k, item in enumerate(value):
+        where = f"stages[{k}]"
+        if not isinstance(item, Mapping):
+            raise _fail(where, f"expected a mapping with a task and ESConfig fields, got {item!r}")
+        fields_ = _es_fields(item, where)
+        if "task" not in fields_:
+            raise _fail(where, "task: every stage names the task it trains on")
+        task = str(fields_["task"]).strip()
+        if ":" not in task:
+            if task.lower() not in _builtin_tasks():
+                raise _fail(where, f"task: unknown task {task!r}; available: {', '.join(_builtin_tasks())}")
+            fields_["task"] = task.lower()
+        out.append((fields_, where))
+    return out
+
+
+def _stage_name(arm: str, k: int, task: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", f"{arm}.s{k}-{task}")
+
+
+def _sequence_runs(
+    arms: list[tuple[str, str, dict[str, Any]]], stages: list[tuple[dict[str, Any], str]], base: dict[str, Any],
+    ev: EvalSpec,
+) -> list[RunSpec]:
+    """Every arm through every stage, in order: stage k of an arm starts from its stage k−1."""
+    runs = []
+    for arm, arm_where, values in arms:
+        values = dict(values)
+        anchor = values.pop(ANCHOR_KEY, "base")
+        if anchor not in ("base", "stage"):
+            raise _fail(arm_where, f"{ANCHOR_KEY}: expected base (θ₀ = the base model) or stage (re-anchored at each "
+                                   f"stage's start), got {anchor!r}")
+        previous = None
+        for k, (stage, stage_where) in enumerate(stages, start=1):
+            merged = {**values, **stage}
+            if anchor == "stage":
+                merged["anchor_at"] = "start"
+            if merged.get("kl_tasks") == PREVIOUS:
+                earlier = [s["task"] for s, _ in stages[: k - 1]]
+                priors = [t for t in ev.tasks if t not in {s["task"] for s, _ in stages}]
+                if not (earlier or priors):
+                    raise _fail(arm_where, "kl_tasks: previous needs an earlier stage or a prior task in eval.tasks")
+                merged["kl_tasks"] = ",".join(earlier or priors)
+            name = _stage_name(arm, k, merged["task"])
+            run = _es_run(name, f"{arm_where} {stage_where}", merged, base)
+            runs.append(dataclasses.replace(run, arm=arm, stage=k, previous=previous))
+            previous = name
+    return runs
+
+
+def _grpo_sequence(value: Any, stages: list[tuple[dict[str, Any], str]], base: dict[str, Any],
+                   ev: EvalSpec) -> list[RunSpec]:
+    """The GRPO arm through every stage: each stage's GRPO run starts from the previous one's final model."""
+    given = _mapping(value, GRPO_NAME)
+    runs, previous = [], None
+    for k, (stage, _) in enumerate(stages, start=1):
+        picks = {key: v for key, v in stage.items() if key in GRPO_INHERITS}
+        name = _stage_name(GRPO_NAME, k, stage["task"])
+        run = _grpo_run({**given, **picks}, base, ev, name)
+        runs.append(dataclasses.replace(run, arm=GRPO_NAME, stage=k, previous=previous))
+        previous = name
+    return runs
+
+
+def _variants(value: Any, base: dict[str, Any], extra: Sequence[str] = ()) -> list[tuple[str, str, dict[str, Any]]]:
     if value is None:
         return []
     if not isinstance(value, list):
@@ -300,7 +395,7 @@ def _variants(value: Any, base: dict[str, Any]) -> list[tuple[str, str, dict[str
         if not isinstance(name, str) or not name:
             raise _fail(f"variants[{i}]", "name: every variant needs a name (its directory in DIR)")
         where = f"variants[{i}] ({name!r})"
-        fields_ = _es_fields(item, where, extra=("name",))
+        fields_ = _es_fields(item, where, extra=("name", *extra))
         del fields_["name"]
         _check_lambda(fields_, base, where)
         out.append((name, where, fields_))

@@ -41,6 +41,7 @@ from esft.seedlog import (
     apply_record,
     checked_anchor,
     checkpoint_steps,
+    prepare_start,
     restore,
     save_hf_dir,
 )
@@ -142,6 +143,8 @@ class ESTrainer:
         cfg.task = self.task.name
 
         self.state = WeightState.from_config(self.model, cfg)
+        # A stage of a task sequence starts from the previous stage's final weights.
+        self._base_anchor = prepare_start(cfg, self.state)
         self.engine = HFEngine(self.model, self.tokenizer, cfg.max_new_tokens, cfg.generation_batch_size)
         self.seedlog = SeedLog(self.run_dir)
         self.anchor: AnchorFile | None = None
@@ -195,8 +198,10 @@ class ESTrainer:
         anchor_path = self.run_dir / ANCHOR_FILE
         self.anchor = checked_anchor(anchor_path, self.state) if records else None
         if self.anchor is None:
-            # θ₀ = the base weights, which is what the model holds before any replay.
-            self.anchor = AnchorFile.write(anchor_path, self.state.items())
+            # θ₀ = the weights the model holds before any replay (the base model, or the run's
+            # start with init_from), or the base kept aside when a stage is anchored at it.
+            theta0 = ((n, self._base_anchor.get(n)) for n in self.state.names) if self._base_anchor else self.state.items()
+            self.anchor = AnchorFile.write(anchor_path, theta0)
         self._theta0_norm = self.anchor.norm(self.state.names)
         return records
 

@@ -35,9 +35,33 @@ def build_report(run_dirs: list[str | Path], output: str | Path, figures: bool =
         from esft.report.figures import make_all  # matplotlib only when figures are wanted
 
         made = make_all(runs, settings, rows, out)
-    write_text_atomic(out / "report.md", tables.report_markdown(runs, settings, rows, made))
+    text = tables.report_markdown(runs, settings, rows, made) + _sequence_section(runs, settings, out, figures)
+    write_text_atomic(out / "report.md", text)
     write_text_atomic(out / "report.csv", tables.csv_table(rows, list(settings)))
     return out / "report.md"
+
+
+def _sequence_section(runs: list[RunSummary], settings: dict, out: Path, figures: bool) -> str:
+    """Task sequences among the runs (chains of `init_from`): their forgetting matrices in
+    report.md, `forgetting_matrix.json` and `forgetting_matrix.png`."""
+    import json
+
+    from esft.report import continual
+
+    chains = continual.sequences(runs)
+    if not chains:
+        return ""
+    results = [continual.forgetting_matrix(chain, settings) for chain in chains]
+    write_text_atomic(out / continual.MATRIX_FILE, json.dumps({"sequences": results}, indent=1) + "\n")
+    lines = ["", "## Task sequences: the forgetting matrix", "",
+             "R[i][j]: task j after stage i (row 0: the base model), in the task's primary metric (points, or "
+             "reward units), 95% interval; ACC = mean_j R[T][j], BWT = mean_{j<T} (R[T][j] − R[j][j]), "
+             f"FWT = mean_{{j>1}} (R[j−1][j] − R[0][j]). Numbers also in `{continual.MATRIX_FILE}`.", ""]
+    for r in results:
+        lines += [f"### {r['labels'][0]} → … ({len(r['stage_tasks'])} stages)", "", *continual.markdown(r), ""]
+    if figures and continual.plot(results, out / "forgetting_matrix.png") is not None:
+        lines += ["![forgetting matrix](forgetting_matrix.png)", ""]
+    return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:

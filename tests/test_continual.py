@@ -1,0 +1,153 @@
+"""Task sequences: stages that start where the previous ended, anchors, the forgetting matrix."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+import yaml
+from helpers import TINY, assert_bitwise_equal
+
+from esft.io import read_jsonl
+from esft.report.continual import acc_bwt_fwt
+from esft.sweep_spec import parse_spec
+
+BASE: dict[str, Any] = {**TINY, "max_steps": 2, "save_steps": 0}
+
+
+def test_acc_bwt_fwt_equal_a_hand_computation() -> None:
+    # Rows: base, after stage 1, 2, 3; columns: the three stage tasks (and a prior task).
+    R = [[0.1, 0.2, 0.3, 0.5],
+         [0.6, 0.25, 0.35, 0.45],
+         [0.4, 0.7, 0.3, 0.4],
+         [0.3, 0.5, 0.8, 0.35]]
+    out = acc_bwt_fwt(R, 3)
+    assert out["acc"] == pytest.approx((0.3 + 0.5 + 0.8) / 3)
+    assert out["bwt"] == pytest.approx(((0.3 - 0.6) + (0.5 - 0.7)) / 2)
+    assert out["fwt"] == pytest.approx(((0.25 - 0.2) + (0.3 - 0.3)) / 2)
+    assert acc_bwt_fwt([[None, 0.1], [0.2, 0.3], [0.4, 0.5]], 2)["fwt"] == pytest.approx(0.3 - 0.1)
+
+
+BAD = [
+    ({"stages": []}, "stages: expected a non-empty list"),
+    ({"stages": [{"task": "conciseness"}, {"task": "nosuchtask"}]}, r"stages\[1\]: task: unknown task 'nosuchtask'"),
+    ({"stages": [{"task": "conciseness", "popsize": 3}]}, r"stages\[0\]: unknown ESConfig fields: popsize"),
+    ({"stages": [{"max_steps": 3}]}, r"stages\[0\]: task: every stage names"),
+    ({"variants": [{"name": "x", "anchor": "middle"}], "stages": [{"task": "conciseness"}]}, "anchor: expected base"),
+    ({"variants": [{"name": "b", "kl_budget": 0.1, "kl_tasks": "previous"}], "stages": [{"task": "conciseness"}],
+      "eval": {"tasks": ["conciseness"]}}, "kl_tasks: previous needs an earlier stage"),
+]
+
+
+@pytest.mark.parametrize(("spec", "message"), BAD, ids=[m for _, m in BAD])
+def test_a_bad_sequence_spec_fails_before_anything_runs_naming_the_key(spec, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_spec({"base": BASE, **spec})
+
+
+def test_each_arm_runs_every_stage_from_the_previous_one() -> None:
+    spec = parse_spec({"base": BASE, "stages": [{"task": "conciseness"}, {"task": "countdown", "max_steps": 3}],
+                       "variants": [{"name": "es"}, {"name": "re", "awd": "l2", "awd_lambda": 10, "anchor": "stage"},
+                                    {"name": "kl", "kl_budget": 0.1, "kl_tasks": "previous", "anchor": "stage"}],
+                       "eval": {"tasks": ["conciseness", "countdown", "piqa"]}})
+    runs = {r.name: r for r in spec.runs}
+    assert list(runs) == ["es.s1-conciseness", "es.s2-countdown", "re.s1-conciseness", "re.s2-countdown",
+                          "kl.s1-conciseness", "kl.s2-countdown"]
+    assert runs["es.s2-countdown"].previous == "es.s1-conciseness" and runs["es.s2-countdown"].config.max_steps == 3
+    assert runs["re.s2-countdown"].config.anchor_at == "start" and runs["es.s2-countdown"].config.anchor_at == "base"
+    assert runs["kl.s1-conciseness"].config.kl_tasks == "piqa", "stage 1: the prior tasks of eval"
+    assert runs["kl.s2-countdown"].config.kl_tasks == "conciseness", "stage 2: the earlier stage's task"
+    from pathlib import Path
+
+    assert runs["es.s2-countdown"].resolved(Path("/x")).init_from == "/x/es.s1-conciseness"
+
+
+def sequence_spec() -> dict[str, Any]:
+    return {"base": BASE, "stages": [{"task": "conciseness"}, {"task": "countdown"}],
+            "variants": [{"name": "es"}, {"name": "re", "awd": "l2", "awd_lambda": 10, "anchor": "stage"}],
+            "eval": {"tasks": ["conciseness", "countdown"], "limit": 2, "max_new_tokens": 6}}
+
+
+@pytest.fixture(scope="module")
+def sequence(tmp_path_factory, embedded_dir) -> dict[str, Any]:
+    """The tiny two-stage sequence from the command line, killed once stage 2 logged an iteration, then rerun."""
+    root = tmp_path_factory.mktemp("sequence")
+    spec_path, out = root / "spec.yaml", root / "out"
+    spec_path.write_text(yaml.safe_dump(sequence_spec(), sort_keys=False))
+    cmd = [sys.executable, "-m", "esft.cli", "sweep", str(spec_path), "--output_dir", str(out), "--no_progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stage2 = out / "es.s2-countdown" / "seedlog.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not read_jsonl(stage2):
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the sequence ended before stage 2 could be killed: {proc.communicate()[1][-2000:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stage1 = out / "es.s1-conciseness" / "seedlog.jsonl"
+    before = (stage1.stat().st_mtime_ns, stage1.read_bytes())
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    return {"out": out, "rerun": rerun, "before": before}
+
+
+@pytest.mark.slow
+def test_a_killed_sequence_finishes_without_retraining_stage_1(sequence) -> None:
+    out, rerun = sequence["out"], sequence["rerun"]
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    stage1 = out / "es.s1-conciseness" / "seedlog.jsonl"
+    assert (stage1.stat().st_mtime_ns, stage1.read_bytes()) == sequence["before"], "stage 1 was touched"
+    assert "es.s1-conciseness: already trained" in rerun.stdout
+    assert "es.s2-countdown: trained to 2 iterations (resumed at 1)" in rerun.stdout, rerun.stdout
+
+
+@pytest.mark.slow
+def test_stage_2_starts_from_stage_1s_final_weights_and_replays_to_its_checkpoint(sequence) -> None:
+    from esft.seedlog import load_checkpoint_tensors, replay
+
+    out = sequence["out"]
+    s1, s2 = out / "es.s1-conciseness", out / "es.s2-countdown"
+    assert yaml.safe_load((s2 / "config.yaml").read_text())["init_from"] == str(s1)
+    start, _ = replay(s2, 0, device="cpu")
+    stage1_final = load_checkpoint_tensors(s1 / "final")
+    assert_bitwise_equal(dict(start.items()), {n: stage1_final[n] for n in start.names}, "stage 2 at iteration 0")
+    end, _ = replay(s2, 2, device="cpu")
+    final = load_checkpoint_tensors(s2 / "final")
+    assert_bitwise_equal({n: t for n, t in end.state_dict().items() if n in final}, final, "stage 2 replay")
+
+
+@pytest.mark.slow
+def test_re_anchoring_pulls_toward_stage_1s_final_weights_and_the_default_toward_the_base(sequence) -> None:
+    from safetensors.torch import load_file
+
+    from esft.models import load_model
+    from esft.params import WeightState
+    from esft.seedlog import load_checkpoint_tensors
+
+    out = sequence["out"]
+    base_state = WeightState(load_model("embedded", "auto", "cpu")[0], TINY["trainable"])
+    base = dict(base_state.items())
+    re_theta0 = load_file(out / "re.s2-countdown" / "theta0.safetensors")
+    es_theta0 = load_file(out / "es.s2-countdown" / "theta0.safetensors")
+    stage1_final = load_checkpoint_tensors(out / "re.s1-conciseness" / "final")
+    assert_bitwise_equal({n: re_theta0[n] for n in base}, {n: stage1_final[n] for n in base},
+                         "anchor: stage → θ₀ is stage 1's final weights")
+    assert_bitwise_equal({n: es_theta0[n] for n in base}, base, "default → θ₀ is the base model")
+
+
+@pytest.mark.slow
+def test_the_report_holds_the_forgetting_matrix_with_its_summaries_and_figure(sequence) -> None:
+    import json
+
+    out = sequence["out"] / "report"
+    data = json.loads((out / "forgetting_matrix.json").read_text())["sequences"]
+    assert len(data) == 2
+    for seq in data:
+        assert seq["tasks"][:2] == ["conciseness", "countdown"] and len(seq["matrix"]) == 3  # base + 2 stages
+        assert all(key in seq for key in ("acc", "bwt", "fwt", "prior_kl_after_stage"))
+        assert seq["matrix"][0] is not None and seq["acc"]["value"] is not None
+    md = (out / "report.md").read_text()
+    assert "## Task sequences: the forgetting matrix" in md and (out / "forgetting_matrix.png").stat().st_size > 0
