@@ -370,15 +370,22 @@ def _sequence_runs(
 
 def _grpo_sequence(value: Any, stages: list[tuple[dict[str, Any], str]], base: dict[str, Any],
                    ev: EvalSpec) -> list[RunSpec]:
-    """The GRPO arm through every stage: each stage's GRPO run starts from the previous one's final model."""
+    """The GRPO arm through every stage (with `seeds: [..]`, one arm per seed): each stage's
+    GRPO run starts from the previous one's final model."""
     given = _mapping(value, GRPO_NAME)
-    runs, previous = [], None
-    for k, (stage, _) in enumerate(stages, start=1):
-        picks = {key: v for key, v in stage.items() if key in GRPO_INHERITS}
-        name = _stage_name(GRPO_NAME, k, stage["task"])
-        run = _grpo_run({**given, **picks}, base, ev, name)
-        runs.append(dataclasses.replace(run, arm=GRPO_NAME, stage=k, previous=previous))
-        previous = name
+    seeds = given.pop("seeds", None)
+    if seeds is not None and (not isinstance(seeds, list) or not seeds):
+        raise _fail(GRPO_NAME, f"seeds: expected a non-empty list of integers, got {seeds!r}")
+    arms = [(GRPO_NAME, given)] if seeds is None else [(f"{GRPO_NAME}-seed{x}", {**given, "seed": x}) for x in seeds]
+    runs = []
+    for arm, values in arms:
+        previous = None
+        for k, (stage, _) in enumerate(stages, start=1):
+            picks = {key: v for key, v in stage.items() if key in GRPO_INHERITS}
+            name = _stage_name(arm, k, stage["task"])
+            run = _grpo_run({**values, **picks}, base, ev, name)
+            runs.append(dataclasses.replace(run, arm=arm, stage=k, previous=previous))
+            previous = name
     return runs
 
 

@@ -16,6 +16,8 @@ from esft.tasks.base import BaseTask, Task
 #: their task is asked for, so naming one task never pays for the others' imports.
 BUILTIN_TASKS: dict[str, str] = {
     "conciseness": "esft.tasks.conciseness:ConcisenessTask",
+    "verbosity": "esft.tasks.styles:VerbosityTask",
+    "shouting": "esft.tasks.styles:ShoutingTask",
     "countdown": "esft.tasks.countdown:CountdownTask",
     "gsm8k": "esft.tasks.gsm8k:GSM8KTask",
     "proofwriter": "esft.tasks.proofwriter:ProofWriterTask",

@@ -1,0 +1,77 @@
+"""Style targets for task sequences: answer at length (`verbosity`), answer in capitals (`shouting`).
+
+A task sequence needs targets the embedded model can learn in a few ES iterations on 2 CPU
+cores, and that pull in different directions, so that learning one can undo another.
+Conciseness (answers at the target's length, mostly a few characters) is one; these two
+use the same 176 questions (48 train, 128 test, disjoint) with another instruction and
+another reward, measured in the same unit, characters, so that a sequence's summaries
+average like with like:
+
+- `verbosity`: "… Answer in detail." rewarded by the answer's length in characters (capped
+  at `CAP`): the opposite of conciseness;
+- `shouting`: "… Answer in capital letters." rewarded by the number of capital letters in
+  the answer (capped at `CAP`): a change of form that neither length target asks for.
+
+Both are bounded (the text is cut at `SCAN_CHARS` first) and `is_correct` is never true:
+they are reward-measured (`primary_metric = "reward"`), like conciseness.
+"""
+
+from __future__ import annotations
+
+from esft.tasks.base import BaseTask, Example, Message
+from esft.tasks.conciseness import _read_rows
+
+#: The most characters a reward reads (and the most it pays).
+CAP = 400
+SCAN_CHARS = CAP
+
+
+class _StyleTask(BaseTask):
+    instruction = ""
+    version = "1"
+    primary_metric = "reward"
+
+    def __init__(self) -> None:
+        self.prefill = None
+
+    def load(self, split: str, limit: int | None = None) -> list[Example]:
+        if split not in ("train", "test"):
+            raise ValueError(f"unknown split {split!r}; {self.name} has 'train' and 'test'")
+        rows = [{"prompt": r["prompt"]} for r in _read_rows() if r["split"] == split]
+        return rows if limit is None else rows[:limit]
+
+    def messages(self, example: Example) -> list[Message]:
+        return [{"role": "user", "content": f"{example['prompt']} {self.instruction}"}]
+
+    def is_correct(self, completion: str, example: Example) -> bool:
+        return False  # no right answer: the reward is the measure
+
+    def gold(self, example: Example) -> None:
+        return None
+
+
+class VerbosityTask(_StyleTask):
+    """The conciseness questions, asked for detail; reward: the answer's length in characters."""
+
+    name = "verbosity"
+    instruction = "Answer in detail."
+
+    def reward(self, completion: str, example: Example) -> float:
+        if not isinstance(completion, str):
+            return 0.0
+        return float(min(len(completion[:SCAN_CHARS].strip()), CAP))
+
+
+class ShoutingTask(_StyleTask):
+    """The conciseness questions, asked in capitals; reward: the capital letters of the answer."""
+
+    name = "shouting"
+    instruction = "Answer in capital letters."
+
+    def reward(self, completion: str, example: Example) -> float:
+        if not isinstance(completion, str):
+            return 0.0
+        return float(sum(1 for c in completion[:SCAN_CHARS] if c.isupper()))
+
+
+__all__ = ["CAP", "ShoutingTask", "VerbosityTask"]

@@ -1,0 +1,20 @@
+"""The style targets of task sequences: verbosity and shouting."""
+
+from __future__ import annotations
+
+from esft.tasks import get_task
+
+
+def test_style_tasks_share_the_conciseness_questions_with_their_own_instruction_and_reward() -> None:
+    concise, verbose, shout = get_task("conciseness"), get_task("verbosity"), get_task("shouting")
+    for task in (verbose, shout):
+        assert len(task.load("train")) == 48 and len(task.load("test")) == 128
+        assert [e["prompt"] for e in task.load("test")] == [e["prompt"] for e in concise.load("test")]
+        assert task.primary_metric == "reward" and task.version == "1"
+    ex = verbose.load("test")[0]
+    assert verbose.messages(ex)[0]["content"].endswith("Answer in detail.")
+    assert shout.messages(ex)[0]["content"].endswith("Answer in capital letters.")
+    assert verbose.reward("  Paris is the capital.  ", ex) == len("Paris is the capital.")
+    assert verbose.reward("x" * 10_000, ex) == 400, "capped, and bounded work on hostile output"
+    assert shout.reward("PARIS is Big", ex) == 6.0 and shout.reward(None, ex) == 0.0
+    assert not verbose.is_correct("anything", ex)
