@@ -41,6 +41,8 @@ BAD = [
     ({"variants": [{"name": "x", "anchor": "middle"}], "stages": [{"task": "conciseness"}]}, "anchor: expected base"),
     ({"variants": [{"name": "b", "kl_budget": 0.1, "kl_tasks": "previous"}], "stages": [{"task": "conciseness"}],
       "eval": {"tasks": ["conciseness"]}}, "kl_tasks: previous needs an earlier stage"),
+    ({"variants": [{"name": "s1", "seed": 1}], "stages": [{"task": "conciseness", "seed": 2}]},
+     r"seed: set by this arm and by stages\[0\]"),
 ]
 
 
@@ -149,5 +151,8 @@ def test_the_report_holds_the_forgetting_matrix_with_its_summaries_and_figure(se
         assert seq["tasks"][:2] == ["conciseness", "countdown"] and len(seq["matrix"]) == 3  # base + 2 stages
         assert all(key in seq for key in ("acc", "bwt", "fwt", "prior_kl_after_stage"))
         assert seq["matrix"][0] is not None and seq["acc"]["value"] is not None
+    for stage2 in ("es.s2-countdown", "re.s2-countdown"):  # iteration 0 is stage 1's end, never the base model's rows
+        rows = read_jsonl(sequence["out"] / stage2 / "eval" / "forgetting.jsonl")
+        assert not [r for r in rows if r["iteration"] == 0 and "copied_from" in r], stage2
     md = (out / "report.md").read_text()
     assert "## Task sequences: the forgetting matrix" in md and (out / "forgetting_matrix.png").stat().st_size > 0

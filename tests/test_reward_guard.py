@@ -256,13 +256,32 @@ def test_an_exception_costs_only_the_completion_it_came_from(caplog) -> None:
     assert stats.errors == 1 and "reward 'picky' raised ValueError: no fruit" in caplog.text
 
 
-@pytest.mark.parametrize("isolation", ["none", "process"])
-def test_keyboard_interrupt_still_stops_the_run(isolation) -> None:
+def test_keyboard_interrupt_in_this_process_still_stops_the_run() -> None:
     def interrupted(prompts, completions, **kw):
         raise KeyboardInterrupt
 
-    with RewardGuard(5, isolation=isolation) as guard, pytest.raises(KeyboardInterrupt):
+    with RewardGuard(5, isolation="none") as guard, pytest.raises(KeyboardInterrupt):
         score_completions(CustomTask.from_functions([interrupted], ROWS), TEXTS, ROWS, RewardStats(), guard)
+
+
+def test_a_keyboard_interrupt_raised_by_a_worker_reward_is_its_failure_not_a_stop() -> None:
+    def interrupted(prompts, completions, **kw):  # Ctrl-C reaches the trainer, not the worker (it ignores SIGINT)
+        raise KeyboardInterrupt
+
+    stats = RewardStats()
+    with RewardGuard(5) as guard:
+        assert score_completions(CustomTask.from_functions([interrupted], ROWS), TEXTS, ROWS, stats, guard) == [0.0, 0.0]
+    assert stats.errors == 2
+
+
+def test_failures_in_a_row_are_counted_per_function() -> None:
+    # A healthy function between the broken one's calls must not reset its count.
+    task = CustomTask.from_functions([lengths, stuck_on_hang], ROWS)
+    with RewardGuard(0.2) as guard:
+        score_completions(task, HANG, ROWS, RewardStats(), guard)
+        score_completions(task, HANG, ROWS, RewardStats(), guard)
+        with pytest.raises(RewardFailureError, match="'stuck_on_hang' failed on 3 calls in a row"):
+            score_completions(task, HANG, ROWS, RewardStats(), guard)
 
 
 def test_huge_finite_values_of_several_functions_that_sum_past_the_float_range_score_zero(caplog) -> None:

@@ -28,6 +28,17 @@ HOLD = textwrap.dedent("""
 """)
 
 
+TRY = textwrap.dedent("""
+    import sys
+    from esft.runlock import RunLockedError, run_lock
+    try:
+        with run_lock(sys.argv[1], "probe"):
+            print("got it")
+    except RunLockedError:
+        print("refused")
+""")
+
+
 def hold_in_another_process(directory: Path) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-c", HOLD, str(directory)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
@@ -83,6 +94,35 @@ def test_a_forked_child_does_not_keep_the_lock_after_its_parent_lets_go(tmp_path
     finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+
+
+def test_a_lock_file_that_cannot_be_opened_is_one_line_not_a_traceback(tmp_path) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root opens any file")
+    (tmp_path / LOCK_FILE).write_text("{}")
+    (tmp_path / LOCK_FILE).chmod(0o444)
+    with pytest.raises(RunLockedError, match="cannot be opened for writing"), run_lock(tmp_path, "training"):
+        pass
+
+
+def test_a_forked_child_leaving_the_block_releases_nothing_and_does_not_fail(tmp_path) -> None:
+    block = run_lock(tmp_path, "training")
+    block.__enter__()
+    try:
+        pid = os.fork()
+        if pid == 0:  # a child forked inside the block leaves it: no error, the parent's lock stays
+            try:
+                block.__exit__(None, None, None)
+                os._exit(0)
+            except BaseException:
+                os._exit(1)
+        _, status = os.waitpid(pid, 0)
+        assert os.WEXITSTATUS(status) == 0, "leaving the block in a forked child failed"
+        assert is_locked_here(tmp_path)
+        probe = subprocess.run([sys.executable, "-c", TRY, str(tmp_path)], capture_output=True, text=True)
+        assert probe.stdout.strip() == "refused", "another process got the lock the parent still holds"
+    finally:
+        block.__exit__(None, None, None)
 
 
 def test_writing_outside_the_run_locks_only_an_output_folder(tmp_path) -> None:

@@ -151,21 +151,29 @@ def anchor_and_drift(
     penalty: Penalty,
     step: float,
     huber_delta: float = 1e-3,
+    devices: dict[str, torch.device] | None = None,
 ) -> float:
     """Apply AWD to every master in place (if any penalty) and return ‖θ − θ₀‖ (float64).
 
     One streamed pass does both jobs, so the per-iteration drift metric costs no extra
-    read of θ₀.
+    read of θ₀. `devices`: where to compute each tensor, when it is not where its master is
+    (a host master of a CUDA run): the tensor is copied there and back, so the arithmetic, and so every bit and
+    the drift, are those of a master kept on that device (a division or a float64 norm on
+    the CPU can round differently from the GPU's).
     """
     sq = 0.0
     for name, master in named_masters:
-        theta0 = anchor.get(name, master.device)
-        d = master - theta0
+        where = master.device if devices is None else devices[name]
+        work = master if where == master.device else master.to(where)
+        theta0 = anchor.get(name, where)
+        d = work - theta0
         if penalty != "none":
             d = shrink(d, penalty, step, huber_delta)
-            torch.add(theta0, d, out=master)
+            torch.add(theta0, d, out=work)
+            if work is not master:
+                master.copy_(work)
         sq += float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2
-        del theta0
+        del theta0, work
     return math.sqrt(sq)
 
 

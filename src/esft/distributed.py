@@ -27,6 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -104,7 +105,8 @@ class ESWorker(BatcherOwner):
         self.state = WeightState.from_config(net, self.cfg)
         from esft.seedlog import prepare_start
 
-        self._base_anchor = prepare_start(self.cfg, self.state)  # a stage: the previous stage's final weights
+        # A stage: the previous stage's final weights; θ₀ from the driver's file when this node sees it.
+        self._base_anchor = prepare_start(self.cfg, self.state, Path(anchor_path) if anchor_path else None)
         self.engine = HFEngine(net, tokenizer, self.cfg.max_new_tokens, self.cfg.generation_batch_size)
         self.task, self.examples, self.prompts = task, examples, prompts
         self.anchor = self._open_anchor(anchor_path) if self.cfg.awd_penalty != "none" else None

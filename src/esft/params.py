@@ -106,6 +106,7 @@ class WeightState:
         self.names = [n for n, _ in self.named]
         self.params = [p for _, p in self.named]
         self.device = self.params[0].device  # where members are computed
+        self.devices = [p.device for p in self.params]  # each tensor's (a model may span devices)
         self.host_master = resolve_master_device(master_device, self.device, self.params[0].dtype) == "cpu"
         # fp32 models: the parameter's own storage is the master. Lower precision models
         # keep an fp32 master beside the at-rest copy in the model's dtype. A host master
@@ -154,16 +155,17 @@ class WeightState:
     def num_parameters(self) -> int:
         return sum(m.numel() for m in self.masters)
 
-    def _fp32_scratch(self, like: torch.Tensor, slot: int = 0) -> torch.Tensor:
-        """A reusable fp32 buffer shaped like `like` on the compute device (one per thread
-        and slot)."""
+    def _fp32_scratch(self, like: torch.Tensor, slot: int = 0, device: torch.device | None = None) -> torch.Tensor:
+        """A reusable fp32 buffer shaped like `like` on `device` (default: where members are
+        computed), one per thread, device and slot."""
+        device = self.device if device is None else device
         scratch = getattr(self._local, "scratch", None)
         if scratch is None:
             scratch = self._local.scratch = {}
-        key = (self.device, slot)
+        key = (device, slot)
         buf = scratch.get(key)
         if buf is None:
-            buf = scratch[key] = torch.empty(self._largest, dtype=torch.float32, device=self.device)
+            buf = scratch[key] = torch.empty(self._largest, dtype=torch.float32, device=device)
             with self._scratch_lock:
                 self._scratch_bytes += buf.numel() * 4
         return buf[: like.numel()].view(like.shape)
@@ -175,7 +177,7 @@ class WeightState:
         master = self.masters[i]
         if not self.host_master:
             return master
-        staged = self._fp32_scratch(master, slot=2)
+        staged = self._fp32_scratch(master, slot=2, device=self.devices[i])
         staged.copy_(master, non_blocking=True)
         return staged
 
@@ -217,7 +219,7 @@ class WeightState:
         master, rank = self.masters[i], self.noise_rank
         assert rank is not None and self.lowrank[i], f"{self.names[i]} has no low-rank noise"
         rows, _ = lowrank.factor_shape(master.shape, rank)
-        buf = self._flat_scratch(rows * rank, self.device, "factors")[: rows * rank].view(rows, rank)
+        buf = self._flat_scratch(rows * rank, self.devices[i], "factors")[: rows * rank].view(rows, rank)
         return lowrank.fill_factors(buf, seed, self.names[i], master.shape[0], self.noise_mode)
 
     def write_member(self, i: int, seed: int, sign: int, sigma: float, out: torch.Tensor,
@@ -233,14 +235,14 @@ class WeightState:
         if self.lowrank[i]:
             a, b = self.factors(i, seed)
             alpha = sign * sigma * lowrank.scale(self.noise_rank)  # type: ignore[arg-type]
-            dest = out if out.dtype == torch.float32 else self._fp32_scratch(master)
+            dest = out if out.dtype == torch.float32 else self._fp32_scratch(master, device=self.devices[i])
             torch.addmm(master, a, b.T, alpha=alpha, out=dest)
         elif out.dtype == torch.float32:
             fill_noise(out, seed, name, self.noise_mode)
             torch.add(master, out, alpha=sign * sigma, out=out)
             return
         else:
-            dest = fill_noise(self._fp32_scratch(master), seed, name, self.noise_mode)
+            dest = fill_noise(self._fp32_scratch(master, device=self.devices[i]), seed, name, self.noise_mode)
             torch.add(master, dest, alpha=sign * sigma, out=dest)
         if dest is not out:
             out.copy_(dest)
@@ -249,7 +251,7 @@ class WeightState:
         """Point every trainable parameter at master + sign·σ·ε(seed)."""
         if self.perturbed:
             raise RuntimeError("perturb() called twice without restore()")
-        if self.host_master and self.device.type == "cuda":
+        if self.host_master and self.device.type == "cuda" and len(set(self.devices)) == 1:
             for i, master in self.streamed_masters():
                 self.write_member(i, seed, sign, sigma, self._work_buffer(i), master)
         else:
@@ -266,6 +268,9 @@ class WeightState:
         if copy_stream is None:
             copy_stream = self._copy_stream = torch.cuda.Stream(self.device)
         compute = torch.cuda.current_stream(self.device)
+        # Work queued before this call may still read the staging slots (the last member's
+        # tensors, a batched group's master): no copy starts before it has run.
+        copy_stream.wait_stream(compute)
         freed: list[torch.cuda.Event | None] = [None, None]  # the compute work that last read each slot
 
         def stage(i: int) -> tuple[torch.Tensor, torch.cuda.Event]:
@@ -331,14 +336,14 @@ class WeightState:
 
         def one(i: int) -> float:
             name, master = self.names[i], self.masters[i]
-            acc = self._fp32_scratch(master, slot=1)
+            acc = self._fp32_scratch(master, slot=1, device=self.devices[i])
             if self.lowrank[i]:
                 rows, rank = lowrank.factor_shape(master.shape, self.noise_rank)  # type: ignore[arg-type]
-                flat = self._flat_scratch(len(seeds) * rows * rank, self.device, "update")
+                flat = self._flat_scratch(len(seeds) * rows * rank, self.devices[i], "update")
                 lowrank.combined_update(acc, seeds, coefficients, name, rank, self.noise_mode, flat)
             else:
                 acc.zero_()
-                eps = self._fp32_scratch(master, slot=0)
+                eps = self._fp32_scratch(master, slot=0, device=self.devices[i])
                 for seed, c in zip(seeds, coefficients):
                     fill_noise(eps, seed, name, self.noise_mode)
                     acc.add_(eps, alpha=c)

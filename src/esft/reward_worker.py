@@ -53,7 +53,18 @@ def supported() -> bool:
     return hasattr(os, "fork")
 
 
-def _fork(target: Any, *args: Any) -> tuple[int, Any]:
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent dies. The supervisor forks workers from
+    its only thread, so a worker cannot outlive it even inside a call that never returns."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _fork(target: Any, *args: Any, close: tuple[Any, ...] = ()) -> tuple[int, Any]:
     """(child pid, the parent's end of a pipe to it); the child runs `target(conn, *args)`
     and never returns. Plain os.fork, not multiprocessing.Process: a supervisor must fork
     workers of its own, which multiprocessing forbids its daemonic children, and a
@@ -67,6 +78,8 @@ def _fork(target: Any, *args: Any) -> tuple[int, Any]:
     if pid == 0:
         try:
             ours.close()
+            for conn in close:  # the parent's other pipe ends: its parent must see EOF when it dies
+                conn.close()
             target(theirs, *args)
         finally:
             os._exit(0)
@@ -119,11 +132,21 @@ def _wait(conn: Any, parent: int) -> bool:
     return True
 
 
+def _safe_str(e: BaseException) -> str:
+    try:
+        return str(e)
+    except Exception:  # noqa: BLE001 - a user exception whose __str__ raises
+        return f"<{type(e).__name__} whose message cannot be shown>"
+
+
 def _worker_main(conn: Any, task: Any, memory_bytes: int, parent: int) -> None:
     """Run `task.run_function(index, kwargs)` for each request; reply with the outcome."""
     from esft.tasks.custom import RewardOutputError
 
     _ignore_interrupts()
+    _die_with_parent()
+    if os.getppid() != parent:  # the supervisor died before the line above took effect
+        return
     _limit_memory(memory_bytes)
     while _wait(conn, parent):
         try:
@@ -137,14 +160,14 @@ def _worker_main(conn: Any, task: Any, memory_bytes: int, parent: int) -> None:
         except MemoryError:
             reply = ("memory",)
         except BaseException as e:  # noqa: BLE001 - sys.exit() and the like, reported not obeyed
-            reply = ("raised", type(e).__name__, str(e), isinstance(e, Exception), isinstance(e, KeyboardInterrupt))
+            reply = ("raised", type(e).__name__, _safe_str(e), isinstance(e, Exception), isinstance(e, KeyboardInterrupt))
         try:
             conn.send_bytes(MEMORY_REPLY if reply[0] == "memory" else pickle.dumps(reply))
         except MemoryError:
             conn.send_bytes(MEMORY_REPLY)
             break
-        except Exception as e:  # noqa: BLE001 - values that do not pickle
-            conn.send(("output", "type", f"its values could not be sent back from the worker: {e}"))
+        except Exception:  # noqa: BLE001 - values that do not pickle (or whose str() fails)
+            conn.send_bytes(pickle.dumps(("output", "type", "its values could not be sent back from the worker")))
         if reply[0] == "memory":
             break  # a fresh worker rather than a fragmented heap
 
@@ -152,8 +175,8 @@ def _worker_main(conn: Any, task: Any, memory_bytes: int, parent: int) -> None:
 class _Worker:
     """The supervisor's view of one worker process."""
 
-    def __init__(self, task: Any, memory_bytes: int) -> None:
-        self.pid, self.conn = _fork(_worker_main, task, memory_bytes, os.getpid())
+    def __init__(self, task: Any, memory_bytes: int, supervisor_conn: Any) -> None:
+        self.pid, self.conn = _fork(_worker_main, task, memory_bytes, os.getpid(), close=(supervisor_conn,))
 
     def kill(self, grace: float = 0.0) -> int | None:
         """Its exit code (None when unknown). A worker whose pipe closed is exiting: it gets
@@ -204,7 +227,7 @@ def _supervisor_main(conn: Any, task: Any, memory_bytes: int, parent: int) -> No
         except (EOFError, OSError):
             break
         if worker is None:
-            worker = _Worker(task, memory_bytes)
+            worker = _Worker(task, memory_bytes, conn)
         try:
             worker.conn.send_bytes(request)
             reply, why = _await_reply(worker.conn, timeout, parent)
@@ -243,9 +266,12 @@ class RewardProcess:
         if self._pid is None:
             return False
         try:
-            return os.waitpid(self._pid, os.WNOHANG)[0] == 0
+            if os.waitpid(self._pid, os.WNOHANG)[0] == 0:
+                return True
         except ChildProcessError:
-            return False
+            pass
+        self._pid = None  # reaped: its pid may be another process's by now, never signal it
+        return False
 
     def _stop(self) -> None:
         if self._pid is not None:

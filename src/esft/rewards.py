@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -74,8 +75,8 @@ class RewardGuard:
     """Runs user reward functions in worker processes under a time and a memory limit.
 
     `timeout` seconds per call (0: no limit), `memory_gb` beyond the worker's size at fork
-    (0: no limit); after `max_failures` failed calls in a row a call raises
-    `RewardFailureError`, and any call that returns resets the count. `isolation="none"`
+    (0: no limit); after `max_failures` failed calls of one function in a row a call raises
+    `RewardFailureError`; a call of that function that returns resets its count. `isolation="none"`
     calls in this process instead, with no limits (a debugger, or a reward that needs this
     process's CUDA context). One supervisor process per task, started when the task is
     first guarded (`prepare`): build the guard before loading the model, so that neither it
@@ -96,7 +97,7 @@ class RewardGuard:
                         "without a time or memory limit")
             isolation = "none"
         self.isolation = isolation
-        self.consecutive = 0
+        self._in_a_row: dict[tuple[int, int], int] = {}  # (id(task), function index) -> failures in a row
         self.failures = 0
         self._processes: dict[int, tuple[Any, Any]] = {}  # id(task) -> (task, RewardProcess)
         self._lock = threading.Lock()
@@ -130,21 +131,24 @@ class RewardGuard:
         """One checked call of function `index`; raises what `score_completions` sorts out."""
         if not self.enabled:
             return _direct(task, index, completions, examples)
-        reply = self._process(task).call(index, task.function_kwargs(completions, examples), self.timeout)
-        kind = reply[0]
+        try:
+            reply = self._process(task).call(index, task.function_kwargs(completions, examples), self.timeout)
+        except (pickle.PicklingError, TypeError, AttributeError) as e:  # dataset columns that do not pickle
+            raise RewardRaised(type(e).__name__, f"its arguments cannot be sent to the worker process: {e}", True) from e
+        kind, key = reply[0], (id(task), index)
         if kind == "ok":
-            self._returned()
+            self._returned(key)
             return reply[1]
         if kind == "output":
-            self._returned()
+            self._returned(key)
             raise RewardOutputError(reply[1], reply[2])
         if kind == "raised":
-            self._returned()
-            _, type_name, message, is_exception, interrupt = reply
-            if interrupt:
-                raise KeyboardInterrupt
+            self._returned(key)
+            # The worker ignores Ctrl-C (the trainer gets it), so a KeyboardInterrupt it reports
+            # was raised by the function itself: scored like sys.exit, not obeyed.
+            _, type_name, message, is_exception, _interrupt = reply
             raise RewardRaised(type_name, message, is_exception)
-        self._failed(task.func_names[index], self._describe(reply))
+        self._failed(key, task.func_names[index], self._describe(reply))
 
     def _describe(self, reply: tuple) -> str:
         from esft.reward_worker import describe_exit
@@ -155,15 +159,22 @@ class RewardGuard:
             return f"ran out of memory (--reward_memory_gb {self.memory_bytes / 2**30:g})"
         return f"ended its worker, which {describe_exit(reply[1])}"
 
-    def _returned(self) -> None:
+    @property
+    def consecutive(self) -> int:
+        """The longest run of failures in a row of any one function."""
         with self._lock:
-            self.consecutive = 0
+            return max(self._in_a_row.values(), default=0)
 
-    def _failed(self, name: str, what: str) -> None:
+    def _returned(self, key: tuple[int, int]) -> None:
         with self._lock:
-            self.consecutive += 1
+            self._in_a_row[key] = 0
+
+    def _failed(self, key: tuple[int, int], name: str, what: str) -> None:
+        # Counted per function: a healthy function called between a broken one's calls must
+        # not reset the broken one's count, or a judge that always hangs would never stop.
+        with self._lock:
+            self._in_a_row[key] = consecutive = self._in_a_row.get(key, 0) + 1
             self.failures += 1
-            consecutive = self.consecutive
         if consecutive >= self.max_failures:
             raise RewardFailureError(
                 f"reward {name!r} failed on {consecutive} calls in a row (the last {what}), so the run stops: "
@@ -238,7 +249,8 @@ def function_metrics(moments: Iterable[Mapping[str, Moments]]) -> dict[str, floa
     out: dict[str, float] = {}
     for name, (c, s, q, scale) in total.items():
         if c:
-            var = max(0.0, (q - s * s / c) / (c - 1)) if c > 1 else 0.0
+            # From the means, not s·s/c: s·s overflows first for values near 1e150.
+            var = max(0.0, (q / c - (s / c) ** 2) * c / (c - 1)) if c > 1 else 0.0
             out[f"rewards/{name}/mean"] = s / c * scale
             out[f"rewards/{name}/std"] = math.sqrt(var) * scale
     return out

@@ -84,7 +84,13 @@ def _acquire(directory: Path, what: str) -> int:
     import fcntl
 
     path = directory / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        raise RunLockedError(
+            f"{path} cannot be opened for writing (its owner or the file system forbids it), so this {what} cannot "
+            f"hold {directory}'s writer lock: use a directory of your own"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -125,11 +131,13 @@ def run_lock(directory: str | Path, what: str = "command") -> Iterator[Path]:
         yield directory
     finally:
         with _lock:
-            fd, depth = _held.pop(key)
-            if depth > 1:
-                _held[key] = (fd, depth - 1)
-            else:
-                os.close(fd)  # closing the last descriptor releases the flock
+            entry = _held.pop(key, None)  # absent in a forked child, whose copy was closed at fork
+            if entry is not None:
+                fd, depth = entry
+                if depth > 1:
+                    _held[key] = (fd, depth - 1)
+                else:
+                    os.close(fd)  # closing the last descriptor releases the flock
 
 
 def writing_into(run_dir: str | Path, output: str | Path | None, what: str, output_is_dir: bool = False):

@@ -111,7 +111,9 @@ def apply_record(
     penalty = config.awd_penalty if record.coefficients is not None and step > 0 else "none"
     drift = None
     if anchor is not None and (compute_drift or penalty != "none"):
-        drift = anchor_and_drift(state.items(), anchor, penalty, step, config.awd_huber_delta)
+        # A host master is anchored where its tensors compute, so its bits are a device master's.
+        devices = dict(zip(state.names, state.devices)) if state.host_master else None
+        drift = anchor_and_drift(state.items(), anchor, penalty, step, config.awd_huber_delta, devices)
         state.sync_rest()
     return update_norm, drift
 
@@ -263,22 +265,36 @@ def final_weights(run_dir: str | Path, names: list[str], device: str = "auto") -
     if len(records) < cfg.max_steps:
         raise ValueError(f"init_from {run_dir}: the run is not finished ({len(records)} of {cfg.max_steps} "
                          "iterations); finish it (--resume) first")
-    cached = verified_checkpoint(run_dir / "final", names) if (run_dir / "final").is_dir() else None
+    final = run_dir / "final"
+    state_file = final / STATE_FILE
+    saved_at = (yaml.safe_load(state_file.read_text()) or {}).get("iteration") if state_file.exists() else None
+    # final/ is a cache of the last iteration: one a longer resume has not rewritten yet is not.
+    cached = verified_checkpoint(final, names) if final.is_dir() and saved_at == len(records) else None
     if cached is not None:
         return cached
     state, _ = replay(run_dir, len(records), device=device)
     return {n: t.detach().to("cpu").clone() for n, t in state.items()}
 
 
-def prepare_start(cfg: ESConfig, state: WeightState) -> AnchorFile | None:
+def prepare_start(cfg: ESConfig, state: WeightState, anchor_path: Path | None = None) -> AnchorFile | None:
     """For a run with `init_from`: put that run's final weights into `state` (which holds the
-    base model). Returns θ₀ as a temporary anchor when θ₀ is the base model (`anchor_at:
-    base`), written before the weights change; None otherwise (θ₀ is what `state` then holds)."""
+    base model). Returns θ₀ as a temporary anchor (`discard_temporary` it once copied) when
+    θ₀ is the base model (`anchor_at: base`) and `anchor_path` does not already hold an intact
+    θ₀, written before the weights change; None otherwise."""
     if not cfg.init_from:
         return None
-    base = temporary_anchor(state) if cfg.anchor_at == "base" else None
+    needed = cfg.anchor_at == "base" and (anchor_path is None or checked_anchor(anchor_path, state) is None)
+    base = temporary_anchor(state) if needed else None
     state.load_masters(final_weights(cfg.init_from, state.names))
     return base
+
+
+def discard_temporary(anchor: AnchorFile | None) -> None:
+    """Remove a `temporary_anchor`'s folder now rather than at exit (a sweep makes many)."""
+    import shutil
+
+    if anchor is not None and anchor.path.parent.name.startswith("esft-theta0-"):
+        shutil.rmtree(anchor.path.parent, ignore_errors=True)
 
 
 def open_replay(
@@ -303,12 +319,14 @@ def open_replay(
         raise ValueError(f"iteration {upto} is out of range: {run_dir} has iterations 0..{len(records)}")
     net, tokenizer = load_model(model or cfg.model, cfg.torch_dtype, device if device != "auto" else cfg.device)
     state = WeightState.from_config(net, cfg)
-    base_anchor = prepare_start(cfg, state)  # a stage of a sequence starts where the previous ended
+    base_anchor = prepare_start(cfg, state, run_dir / ANCHOR_FILE)  # a stage starts where the previous ended
     anchor = checked_anchor(run_dir / ANCHOR_FILE, state)
     if anchor is None and cfg.awd_penalty != "none" and upto > 0:
         # θ₀ is the base model's weights (or the run's start), which `state` holds right now
         # (or `prepare_start` kept): rebuild it aside.
         anchor = base_anchor or temporary_anchor(state)
+    elif base_anchor is not None and anchor is not base_anchor:
+        discard_temporary(base_anchor)
     return cfg, state, tokenizer, records, anchor
 
 

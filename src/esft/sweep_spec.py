@@ -155,7 +155,7 @@ class RunSpec:
         """The ES config as it runs in sweep directory `out`: its output_dir, and for a stage
         the previous stage's run directory as `init_from`."""
         assert self.config is not None
-        init = str(Path(out) / self.previous) if self.previous else None
+        init = str((Path(out) / self.previous).resolve()) if self.previous else None
         return dataclasses.replace(self.config, output_dir=str(Path(out) / self.name), init_from=init)
 
 
@@ -352,6 +352,9 @@ def _sequence_runs(
                                    f"stage's start), got {anchor!r}")
         previous = None
         for k, (stage, stage_where) in enumerate(stages, start=1):
+            both = sorted((set(values) & set(stage)) - {"task"})
+            if both:  # a stage's field would silently overrule the arm's (two arms becoming one)
+                raise _fail(arm_where, f"{', '.join(both)}: set by this arm and by {stage_where}; set it in one place")
             merged = {**values, **stage}
             if anchor == "stage":
                 merged["anchor_at"] = "start"

@@ -41,6 +41,7 @@ from esft.seedlog import (
     apply_record,
     checked_anchor,
     checkpoint_steps,
+    discard_temporary,
     prepare_start,
     restore,
     save_hf_dir,
@@ -70,6 +71,8 @@ class ESTrainer:
     ) -> None:
         self.args = dataclasses.replace(args) if args is not None else ESConfig()
         cfg = self.args
+        if cfg.init_from:  # config.yaml names it absolutely: it is read from other directories
+            cfg.init_from = str(Path(cfg.init_from).resolve())
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         # Inputs that need no model are checked before the run directory is created, so a
@@ -144,7 +147,9 @@ class ESTrainer:
 
         self.state = WeightState.from_config(self.model, cfg)
         # A stage of a task sequence starts from the previous stage's final weights.
-        self._base_anchor = prepare_start(cfg, self.state)
+        # (θ₀ of a resumed run is its file; a fresh start writes it anew, whatever a failed start left.)
+        resumed = cfg.resume and bool(SeedLog(self.run_dir).records())
+        self._base_anchor = prepare_start(cfg, self.state, self.run_dir / ANCHOR_FILE if resumed else None)
         self.engine = HFEngine(self.model, self.tokenizer, cfg.max_new_tokens, cfg.generation_batch_size)
         self.seedlog = SeedLog(self.run_dir)
         self.anchor: AnchorFile | None = None
@@ -202,6 +207,8 @@ class ESTrainer:
             # start with init_from), or the base kept aside when a stage is anchored at it.
             theta0 = ((n, self._base_anchor.get(n)) for n in self.state.names) if self._base_anchor else self.state.items()
             self.anchor = AnchorFile.write(anchor_path, theta0)
+        discard_temporary(self._base_anchor)  # copied into the run (or not needed): free /tmp now
+        self._base_anchor = None
         self._theta0_norm = self.anchor.norm(self.state.names)
         return records
 

@@ -14,9 +14,11 @@ from typing import Any
 from esft.io import read_jsonl
 
 
-def same_base_siblings(run_dir: Path) -> list[Path]:
-    """Other runs beside this one whose iteration 0 is the same model on the same data
-    (base model, dtype and data folder)."""
+def same_base_siblings(run_dir: Path, same_start: bool = True) -> list[Path]:
+    """Other runs beside this one on the same base model and data (base model, dtype and
+    data folder); with `same_start`, also starting from the same weights: a stage of a task
+    sequence starts from its previous stage's final weights (`init_from`), so its iteration
+    0 is not the base model's. The base model's KL samples are shared either way."""
     import yaml
 
     def base(d: Path) -> tuple[Any, ...] | None:
@@ -25,7 +27,8 @@ def same_base_siblings(run_dir: Path) -> list[Path]:
             return None
         cfg = yaml.safe_load(path.read_text()) or {}
         # The data folder too: the same task name over another data pack is other examples.
-        return cfg.get("model"), cfg.get("torch_dtype", "auto"), cfg.get("data_dir")
+        key = (cfg.get("model"), cfg.get("torch_dtype", "auto"), cfg.get("data_dir"))
+        return (*key, cfg.get("init_from")) if same_start else key
 
     mine = base(run_dir)
     return [d for d in sorted(run_dir.parent.iterdir())
@@ -40,7 +43,7 @@ def borrow_base_rows(run_dir: Path) -> int:
     path = run_dir / "eval" / FORGETTING_FILE
     have = {row_key(r) for r in read_jsonl(path)} if path.exists() else set()
     copied = 0
-    for sibling in same_base_siblings(run_dir):
+    for sibling in same_base_siblings(run_dir, same_start=True):
         for row in read_jsonl(sibling / "eval" / FORGETTING_FILE):
             if row.get("iteration") == 0 and row_key(row) not in have:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,7 +60,7 @@ def borrow_kl_cache(run_dir: Path) -> None:
 
     from esft.evaluation.kl import CACHE_DIR
 
-    for sibling in same_base_siblings(run_dir):
+    for sibling in same_base_siblings(run_dir, same_start=False):
         for f in sorted((sibling / CACHE_DIR).glob("*.json")):
             target = run_dir / CACHE_DIR / f.name
             if not target.exists():
