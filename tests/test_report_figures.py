@@ -152,7 +152,35 @@ def test_report_md_shows_every_figure_with_its_caption(sweep, monkeypatch) -> No
     md = build_report(dirs, root / "out").read_text()
     for name, (caption, _) in figures.PLOTS.items():
         assert f"![{caption}]({name})" in md, f"report.md does not show {name}"
-    assert set(figures.PLOTS) == set(FIGURES)
+    assert set(figures.PLOTS) == set(FIGURES) | {"seeds.png"}
+
+
+def test_seeds_figure_puts_every_seed_inside_the_canvas(tmp_path, monkeypatch) -> None:
+    """Two settings at three seeds each: one dot per seed per panel, labels inside the canvas
+    and no legend (the x labels name the settings)."""
+    from esft.report.evals import choose_settings
+    from esft.report.tables import comparison
+
+    cfgs = {f"{name}-s{seed}": cfg | {"seed": seed, "output_dir": f"runs/{name}-s{seed}"}
+            for name, cfg in {"es": es(), "l2": es(awd="l2", awd_lambda=10.0)}.items() for seed in (0, 1, 2)}
+    dirs = [write_run(tmp_path, name, cfg, evals(TASKS, 0.1 + 0.05 * i), metrics(cfg),
+                      [{"iteration": 10, "task": t, "kl_exact_token": 0.01 * (i + 1)} for t in TASKS])
+            for i, (name, cfg) in enumerate(cfgs.items())]
+    runs = [load_run(d) for d in dirs]
+    rows = comparison(runs, choose_settings([r.evals for r in runs]))
+    seen: dict[str, Any] = {}
+
+    def inspecting_save(fig, path: Path) -> Path:
+        fig.savefig(path)  # lays the figure out
+        seen.update(inspect(fig))
+        seen["dots"] = [len(c.get_offsets()) for ax in fig.axes for c in ax.collections if c.get_offsets().ndim == 2]
+        figures.plt.close(fig)
+        return path
+
+    monkeypatch.setattr(figures, "_save", inspecting_save)
+    assert figures.plot_seeds(rows, tmp_path / "seeds.png") == tmp_path / "seeds.png"
+    assert seen["text_outside_canvas"] == [] and seen["panel_legends"] == 0
+    assert sorted(n for n in seen["dots"] if n == 3) == [3, 3, 3, 3], seen["dots"]
 
 
 def test_figures_without_data_are_skipped(tmp_path) -> None:
