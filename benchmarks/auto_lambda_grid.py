@@ -106,7 +106,7 @@ def markdown(result: list[dict[str, Any]]) -> str:
     for c in result:
         for r in c["rungs"]:
             gain = "–" if r["gain"] is None else f"{r['gain']:+.1f} [{r['gain_ci'][0]:+.1f}, {r['gain_ci'][1]:+.1f}]"
-            share = "–" if r["share"] is None else f"{r['share']:.0%}"
+            share = "–" if r["share"] is None else f"{r['share']:.1%}"  # 89.6% is not "90%"
             lam = "–" if r["lambda"] is None else f"{float(r['lambda']):.3g}"
             cut = "–" if r["kl_cut"] is None else f"{r['kl_cut']:.2f}×"
             kl = "–" if r["kl"] is None else f"{r['kl']:.3f}"

@@ -1,0 +1,64 @@
+"""benchmarks/auto_lambda_grid.py on run directories written by hand (no model): runs are
+sorted into cells of (T, N) by their config, auto's share of plain ES's held-out gain and its
+KL cut are the ratios of the runs' own numbers, and the best rung is the largest KL cut among
+the rungs that keep at least 90% of the gain."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import auto_lambda_grid  # noqa: E402
+
+N_EXAMPLES = 42  # a multiple of 3: the per-example spread (i % 3 − 1) has mean 0
+
+
+def write_run(root: Path, name: str, gain: float, kl: float, **config: Any) -> Path:
+    run = root / name
+    (run / "eval").mkdir(parents=True)
+    cfg = {"model": "embedded", "task": "conciseness", "sigma": 0.002, "learning_rate": 0.005, "seed": 0,
+           "max_train_samples": 8, "max_new_tokens": 24, "awd": "none", **config}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    base = [-80.0 + (i % 7) for i in range(N_EXAMPLES)]
+    rows = [{"iteration": it, "task": "conciseness", "n": N_EXAMPLES, "limit": None, "max_new_tokens": 24,
+             "accuracy": 0.0, "correct": [0] * N_EXAMPLES, "task_version": "2",
+             "rewards": [b + (gain + (i % 3 - 1) if it else 0.0) for i, b in enumerate(base)]}
+            for it in (0, cfg["max_steps"])]
+    (run / "eval" / "forgetting.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "metrics.jsonl").write_text("")
+    kl_rows = [{"iteration": it, "task": t, "kl_exact_token": kl * (1 + 0.1 * j) if it else 0.0}
+               for it in (0, cfg["max_steps"]) for j, t in enumerate(("hellaswag", "piqa"))]
+    (run / "kl.json").write_text(json.dumps(kl_rows))
+    return run
+
+
+def test_cells_compare_auto_with_plain_es_and_the_ladder(tmp_path: Path) -> None:
+    cell = {"max_steps": 10, "population_size": 4}
+    write_run(tmp_path, "es", 10.0, 0.2, **cell)
+    write_run(tmp_path, "auto", 9.5, 0.08, **cell, awd="l2", awd_lambda="auto", awd_lambda_chosen=20.0)
+    write_run(tmp_path, "c0.3", 10.5, 0.15, **cell, awd="l2", awd_lambda=6)
+    write_run(tmp_path, "c3", 8.0, 0.02, **cell, awd="l2", awd_lambda=60)      # 80%: too little gain kept
+    write_run(tmp_path, "seed1", 3.0, 0.5, **cell, seed=1)                      # another seed: not in the cell
+    write_run(tmp_path, "other", 5.0, 0.1, max_steps=40, population_size=4)     # a cell without auto: skipped
+    (result,) = auto_lambda_grid.cells([tmp_path])
+    assert result["cell"] == {"max_steps": 10, "population_size": 4, "task": "conciseness", "seed": 0}
+    assert result["auto_lambda"] == 20.0
+    assert result["auto_share"] == pytest.approx(0.95)
+    assert result["auto_kl_cut"] == pytest.approx(0.2 / 0.08)
+    assert result["auto_goal_met"] is True
+    assert (result["best_run"], result["best_kl_cut"]) == ("auto", pytest.approx(2.5))
+    assert [r["run"] for r in result["rungs"]] == ["es", "c0.3", "auto", "c3"]
+    assert "| 10, 4 | c3 | 60 |" in auto_lambda_grid.markdown([result])
+
+
+def test_a_cell_whose_runs_differ_in_another_setting_is_refused(tmp_path: Path) -> None:
+    write_run(tmp_path, "es", 10.0, 0.2, max_steps=10, population_size=4)
+    write_run(tmp_path, "auto", 9.0, 0.1, max_steps=10, population_size=4, awd="l2", awd_lambda="auto", sigma=0.001)
+    with pytest.raises(ValueError, match="another setting"):
+        auto_lambda_grid.cells([tmp_path])
