@@ -102,7 +102,19 @@ def inspect(fig) -> dict[str, Any]:
         "legend_over_panel": any(leg.overlaps(ax.get_window_extent(renderer)) for leg in legends for ax in panels),
         "iteration_ticks": [float(x) for ax in panels if ax.get_xlabel() == "iteration" for x in ax.get_xticks()],
         "text_outside_canvas": outside,
+        "dots": [len(c.get_offsets()) for ax in fig.axes for c in ax.collections if c.get_offsets().ndim == 2],
     }
+
+
+def recording_save(seen: dict[str, Any]):
+    """A stand-in for figures._save that saves (which lays the figure out), then records what
+    `inspect` sees of it."""
+    def save(fig, path: Path) -> Path:
+        fig.savefig(path)
+        seen.update(inspect(fig))
+        figures.plt.close(fig)
+        return path
+    return save
 
 
 def _drawn_ticks(ax) -> list[Any]:
@@ -123,14 +135,7 @@ def _inside(box, canvas, slack: float = 1.0) -> bool:
 def test_each_figure_is_written_and_readable(sweep, name, tmp_path, monkeypatch) -> None:
     runs, settings, rows, _ = sweep
     seen: dict[str, Any] = {}
-
-    def inspecting_save(fig, path):
-        fig.savefig(path)
-        seen.update(inspect(fig))
-        figures.plt.close(fig)
-        return path
-
-    monkeypatch.setattr(figures, "_save", inspecting_save)
+    monkeypatch.setattr(figures, "_save", recording_save(seen))
     caption, plot = figures.PLOTS[name]
     assert plot(runs, settings, rows, tmp_path / name) == tmp_path / name
     assert (tmp_path / name).stat().st_size > 10_000, f"{name} is nearly empty"
@@ -169,15 +174,7 @@ def test_seeds_figure_puts_every_seed_inside_the_canvas(tmp_path, monkeypatch) -
     runs = [load_run(d) for d in dirs]
     rows = comparison(runs, choose_settings([r.evals for r in runs]))
     seen: dict[str, Any] = {}
-
-    def inspecting_save(fig, path: Path) -> Path:
-        fig.savefig(path)  # lays the figure out
-        seen.update(inspect(fig))
-        seen["dots"] = [len(c.get_offsets()) for ax in fig.axes for c in ax.collections if c.get_offsets().ndim == 2]
-        figures.plt.close(fig)
-        return path
-
-    monkeypatch.setattr(figures, "_save", inspecting_save)
+    monkeypatch.setattr(figures, "_save", recording_save(seen))
     assert figures.plot_seeds(rows, tmp_path / "seeds.png") == tmp_path / "seeds.png"
     assert seen["text_outside_canvas"] == [] and seen["panel_legends"] == 0
     assert sorted(n for n in seen["dots"] if n == 3) == [3, 3, 3, 3], seen["dots"]
