@@ -13,6 +13,7 @@ esft measures":
 5. GRPO drifts far less in norm yet moves the prior-task KL comparably.
 
     python benchmarks/paper_claims.py runs/paper-claims [--json benchmarks/results/paper_claims.json]
+    python benchmarks/paper_claims.py benchmarks/results/kept/paper-claims runs/paper-claims   # kept runs too
 """
 
 from __future__ import annotations
@@ -178,7 +179,9 @@ def over_seeds(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in runs.values():
-        groups.setdefault(setting_key(r["config"]), []).append(r)
+        # A run still training (no held-out score or KL yet) would add its drift so far as if final.
+        if target_rewards(r) is not None and r["kl"]:
+            groups.setdefault(setting_key(r["config"]), []).append(r)
     out = []
     for members in groups.values():
         members = sorted(members, key=lambda r: int(r["config"].get("seed", 0)))
@@ -317,13 +320,14 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("sweep_dir")
+    ap.add_argument("sweep_dirs", nargs="+", help="sweep directories or kept records (keep_records.py); a run "
+                    "name found in several is read from the last")
     ap.add_argument("--reference", default="es-n8", help="the plain-ES run the others are compared with")
     ap.add_argument("--json", default=None)
     ap.add_argument("--recovery", default=None, help="sweep directory of examples/recovery_cpu.yaml")
     a = ap.parse_args()
-    root = Path(a.sweep_dir)
-    runs = {p.name: load(p) for p in sorted(root.iterdir()) if (p / "config.yaml").exists() and p.name != "report"}
+    runs = {p.name: load(p) for root in map(Path, a.sweep_dirs) for p in sorted(root.iterdir())
+            if (p / "config.yaml").exists() and p.name != "report"}
     seeds = over_seeds(runs)
     result = {"random_walk": random_walk(runs), "l2_plateau": l2_plateau(runs), "tradeoff": tradeoff(runs, a.reference),
               "over_seeds": seeds, "population": population(seeds)}
