@@ -251,14 +251,58 @@ def recovery(root: Path) -> dict[str, Any]:
             correct = sum(round(r["accuracy"] * r["n"]) for r in rows.values())
             n = sum(r["n"] for r in rows.values())
             lo, hi = wilson(correct, n)
+            target = next((r for r in run["evals"] if r["iteration"] == k and r["task"] == run["config"]["task"]
+                           and r.get("rewards")), None)
             curve.append({"iteration": k, "prior_accuracy": correct / n, "lo": lo, "hi": hi,
-                          **{f"{t}_accuracy": rows[t]["accuracy"] for t in priors}})
+                          **{f"{t}_accuracy": rows[t]["accuracy"] for t in priors},
+                          "target_reward": float(np.mean(target["rewards"])) if target else None})
         kl_rows = json.loads((path / "kl.json").read_text()) if (path / "kl.json").exists() else []
         kl: dict[int, list[float]] = {}
         for r in kl_rows:
             kl.setdefault(int(r["iteration"]), []).append(float(r["kl_exact_token"]))
         out[path.name] = {"accuracy": curve, "kl": {k: float(np.mean(v)) for k, v in sorted(kl.items())}}
     return out
+
+
+def recovery_markdown(rec: dict[str, Any]) -> str:
+    lines = ["| run | iteration | prior accuracy [95% Wilson] | HellaSwag | PIQA | ARC-C | mean prior KL | target reward |",
+             "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for name, r in rec.items():
+        for c in r["accuracy"]:
+            kl = r["kl"].get(c["iteration"])
+            target = "–" if c["target_reward"] is None else f"{c['target_reward']:.1f}"
+            lines.append(f"| {name} | {c['iteration']} | {c['prior_accuracy']:.1%} [{c['lo']:.1%}, {c['hi']:.1%}] | "
+                         f"{c['hellaswag_accuracy']:.0%} | {c['piqa_accuracy']:.0%} | {c['arc_challenge_accuracy']:.0%} | "
+                         f"{'–' if kl is None else f'{kl:.3f}'} | {target} |")
+    return "\n".join(lines)
+
+
+def plot_recovery(rec: dict[str, Any], path: Path) -> Path:
+    """Prior-task accuracy (pooled over the three tasks, Wilson band; PIQA dashed) and the mean
+    prior KL against the iteration, one colour per run: does forgetting come back?"""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (acc_ax, kl_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for i, (name, r) in enumerate(rec.items()):
+        colour = f"C{i}"
+        it = [c["iteration"] for c in r["accuracy"]]
+        acc_ax.plot(it, [100 * c["prior_accuracy"] for c in r["accuracy"]], "o-", color=colour, label=f"{name}: 3 tasks")
+        acc_ax.fill_between(it, [100 * c["lo"] for c in r["accuracy"]], [100 * c["hi"] for c in r["accuracy"]],
+                            color=colour, alpha=0.2)
+        acc_ax.plot(it, [100 * c["piqa_accuracy"] for c in r["accuracy"]], "--", color=colour, label=f"{name}: PIQA")
+        kl_ax.plot(list(r["kl"]), list(r["kl"].values()), "o-", color=colour, label=name)
+    acc_ax.set(xlabel="iteration", ylabel="accuracy (%)", title="prior-task accuracy (95% Wilson band)")
+    kl_ax.set(xlabel="iteration", ylabel="nats/token", title="mean prior-task KL(base ‖ run)")
+    for ax in (acc_ax, kl_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def _interval(e: dict[str, Any] | None, fmt: str = "{:+.1f}") -> str:
@@ -305,6 +349,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", "### AWD against larger populations", "",
                   f"Plain ES's mean prior KL falls like N^{pop['kl_exponent']:.2f}; it reaches N=8 + AWD L2 λ=10's "
                   f"{pop['awd']['kl']['mean']:.3f} at N ≈ {match}, which costs {ratio} the AWD run's compute."]
+    if result.get("recovery"):
+        lines += ["", "### Prior tasks over a long plain-ES run", "", recovery_markdown(result["recovery"])]
     lines += ["", "### Held-out target gain against prior-task KL", "",
               "| run | held-out gain [95%] | share of ES's gain | mean prior KL | KL cut vs ES | ‖θ_T − θ₀‖ |",
               "|---|---|---:|---:|---:|---:|"]
@@ -325,6 +371,7 @@ def main() -> None:
     ap.add_argument("--reference", default="es-n8", help="the plain-ES run the others are compared with")
     ap.add_argument("--json", default=None)
     ap.add_argument("--recovery", default=None, help="sweep directory of examples/recovery_cpu.yaml")
+    ap.add_argument("--recovery_figure", default=None, help="with --recovery: draw its curves to this PNG")
     a = ap.parse_args()
     runs = {p.name: load(p) for root in map(Path, a.sweep_dirs) for p in sorted(root.iterdir())
             if (p / "config.yaml").exists() and p.name != "report"}
@@ -333,6 +380,8 @@ def main() -> None:
               "over_seeds": seeds, "population": population(seeds)}
     if a.recovery:
         result["recovery"] = recovery(Path(a.recovery))
+        if a.recovery_figure:
+            plot_recovery(result["recovery"], Path(a.recovery_figure))
     print(markdown(result))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
