@@ -17,20 +17,23 @@ import argparse
 import shutil
 from pathlib import Path
 
-#: What a record keeps, relative to its run directory (the scripts' inputs and the seed log).
-KEPT = ("config.yaml", "seedlog.jsonl", "metrics.jsonl", "kl.json", "eval/forgetting.jsonl")
+#: What a record keeps, relative to its run directory (the scripts' inputs and the seed log);
+#: drift.json holds a GRPO run's drift (an ES run's is in its metrics), when the sweep measured it.
+KEPT = ("config.yaml", "seedlog.jsonl", "metrics.jsonl", "kl.json", "eval/forgetting.jsonl", "drift.json")
 
 
-def finished(run: Path) -> bool:
-    """A run whose evaluation and KL are written; an unfinished one is left for a later call."""
-    return (run / "config.yaml").exists() and (run / "eval" / "forgetting.jsonl").exists() and (run / "kl.json").exists()
+def finished(run: Path, kl: bool = True) -> bool:
+    """A run whose evaluation and KL (`kl=False`: a sweep without `kl_tasks`) are written; an
+    unfinished one is left for a later call."""
+    return ((run / "config.yaml").exists() and (run / "eval" / "forgetting.jsonl").exists()
+            and (not kl or (run / "kl.json").exists()))
 
 
-def keep(sweep_dir: Path, records: Path) -> list[str]:
+def keep(sweep_dir: Path, records: Path, kl: bool = True) -> list[str]:
     """Copy the kept files of every finished run of `sweep_dir` to `records/<run>/`; returns the runs."""
     kept = []
     for run in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name != "report"):
-        if not finished(run):
+        if not finished(run, kl):
             continue
         for name in KEPT:
             if (run / name).exists():
@@ -44,8 +47,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("sweep_dir", type=Path)
     ap.add_argument("records", type=Path, help="e.g. benchmarks/results/kept/paper-claims")
+    ap.add_argument("--without_kl", action="store_true", help="the sweep measures no KL: a run is finished "
+                    "once its evaluation is written")
     a = ap.parse_args()
-    kept = keep(a.sweep_dir, a.records)
+    kept = keep(a.sweep_dir, a.records, kl=not a.without_kl)
     print(f"kept {len(kept)} runs in {a.records}: {', '.join(kept) or '-'}")
 
 

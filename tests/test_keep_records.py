@@ -25,6 +25,7 @@ def write_run(root: Path, name: str, finished: bool = True) -> Path:
     (run / "seedlog.jsonl").write_text('{"iteration": 1, "seeds": [3, 4]}\n')
     (run / "metrics.jsonl").write_text("".join(json.dumps({"iteration": k, "drift/norm": 1.5 * k,
                                                            "params/trainable": 10}) + "\n" for k in (1, 2)))
+    (run / "drift.json").write_text(json.dumps([{"iteration": 2, "global": {"norm": 3.0}}]))
     (run / "theta0.safetensors").write_bytes(b"\0" * 1024)
     (run / "final" / "model.safetensors").write_bytes(b"\0" * 1024)
     if finished:
@@ -82,3 +83,13 @@ def test_over_seeds_joins_records_and_new_runs_with_a_t_interval(tmp_path: Path)
     assert row["seeds"] == [1, 2, 3] and row["gain"]["values"] == pytest.approx(gains)
     assert row["gain"]["mean"] == pytest.approx(mean)
     assert (row["gain"]["lo"], row["gain"]["hi"]) == pytest.approx((mean - half, mean + half))
+
+
+def test_a_sweep_without_kl_keeps_its_evaluated_runs(tmp_path: Path) -> None:
+    """The style-task sweep measures no KL: with kl=False an evaluated run counts as finished,
+    while the default still waits for kl.json."""
+    run = write_run(tmp_path / "sweep", "verbosity")
+    (run / "kl.json").unlink()
+    assert keep_records.keep(tmp_path / "sweep", tmp_path / "records") == []
+    assert keep_records.keep(tmp_path / "sweep", tmp_path / "records", kl=False) == ["verbosity"]
+    assert not (tmp_path / "records" / "verbosity" / "kl.json").exists()
