@@ -57,7 +57,7 @@ def gold_completion(name: str, gold: str) -> str:
 
 def test_registry_lists_all_tasks() -> None:
     names = available_tasks()
-    assert sorted(names) == sorted({*BENCH, "countdown", "conciseness", "verbosity", "shouting"})
+    assert sorted(names) == sorted({*BENCH, "countdown", "conciseness", "verbosity", "shouting", "listing"})
     for name in BENCH:
         task = get_task(name)  # building a task reads no data
         assert task.name == name and isinstance(task, Task)

@@ -18,6 +18,7 @@ BUILTIN_TASKS: dict[str, str] = {
     "conciseness": "esft.tasks.conciseness:ConcisenessTask",
     "verbosity": "esft.tasks.styles:VerbosityTask",
     "shouting": "esft.tasks.styles:ShoutingTask",
+    "listing": "esft.tasks.styles:ListingTask",
     "countdown": "esft.tasks.countdown:CountdownTask",
     "gsm8k": "esft.tasks.gsm8k:GSM8KTask",
     "proofwriter": "esft.tasks.proofwriter:ProofWriterTask",

@@ -1,4 +1,4 @@
-"""Style targets for task sequences: answer at length (`verbosity`), answer in capitals (`shouting`).
+"""Style targets for task sequences: answer at length (`verbosity`), in capitals (`shouting`), as a list (`listing`).
 
 A task sequence needs targets the embedded model can learn in a few ES iterations on 2 CPU
 cores, and that pull in different directions, so that learning one can undo another.
@@ -10,7 +10,12 @@ average like with like:
 - `verbosity`: "… Answer in detail." rewarded by the answer's length in characters (capped
   at `CAP`): the opposite of conciseness;
 - `shouting`: "… Answer in capital letters." rewarded by the number of capital letters in
-  the answer (capped at `CAP`): a change of form that neither length target asks for.
+  the answer (capped at `CAP`): a change of form that neither length target asks for;
+- `listing`: "… Answer as a list, one item per line." rewarded by the line breaks between
+  lines of text: a change of layout. Plain ES did not learn `shouting` here (its reward rose
+  on the 8 training prompts, not on the held-out ones: capitals are a choice per word, made
+  prompt by prompt); a line break, like the end of an answer, is one token the model is often
+  close to choosing anywhere, the kind of decision ES moved for both length targets.
 
 Both are bounded (the text is cut at `SCAN_CHARS` first) and `is_correct` is never true:
 they are reward-measured (`primary_metric = "reward"`), like conciseness.
@@ -74,4 +79,17 @@ class ShoutingTask(_StyleTask):
         return float(sum(1 for c in completion[:SCAN_CHARS] if c.isupper()))
 
 
-__all__ = ["CAP", "ShoutingTask", "VerbosityTask"]
+class ListingTask(_StyleTask):
+    """The conciseness questions, asked as a list; reward: line breaks between lines of text."""
+
+    name = "listing"
+    instruction = "Answer as a list, one item per line."
+
+    def reward(self, completion: str, example: Example) -> float:
+        if not isinstance(completion, str):
+            return 0.0
+        lines = [line for line in completion[:SCAN_CHARS].split("\n") if line.strip()]
+        return float(max(len(lines) - 1, 0))
+
+
+__all__ = ["CAP", "ListingTask", "ShoutingTask", "VerbosityTask"]
