@@ -17,7 +17,7 @@ average like with like:
   prompt by prompt); a line break, like the end of an answer, is one token the model is often
   close to choosing anywhere, the kind of decision ES moved for both length targets.
 
-Both are bounded (the text is cut at `SCAN_CHARS` first) and `is_correct` is never true:
+All three are bounded (the text is cut at `SCAN_CHARS` first) and `is_correct` is never true:
 they are reward-measured (`primary_metric = "reward"`), like conciseness.
 """
 
@@ -51,6 +51,16 @@ class _StyleTask(BaseTask):
     def is_correct(self, completion: str, example: Example) -> bool:
         return False  # no right answer: the reward is the measure
 
+    def reward(self, completion: str, example: Example) -> float:
+        # One guard and one cut for every style target: a non-string scores 0, and no
+        # reward reads past SCAN_CHARS, so hostile output costs bounded work.
+        if not isinstance(completion, str):
+            return 0.0
+        return float(self._score(completion[:SCAN_CHARS]))
+
+    def _score(self, text: str) -> float:
+        raise NotImplementedError
+
     def gold(self, example: Example) -> None:
         return None
 
@@ -61,10 +71,8 @@ class VerbosityTask(_StyleTask):
     name = "verbosity"
     instruction = "Answer in detail."
 
-    def reward(self, completion: str, example: Example) -> float:
-        if not isinstance(completion, str):
-            return 0.0
-        return float(min(len(completion[:SCAN_CHARS].strip()), CAP))
+    def _score(self, text: str) -> float:
+        return min(len(text.strip()), CAP)
 
 
 class ShoutingTask(_StyleTask):
@@ -73,10 +81,8 @@ class ShoutingTask(_StyleTask):
     name = "shouting"
     instruction = "Answer in capital letters."
 
-    def reward(self, completion: str, example: Example) -> float:
-        if not isinstance(completion, str):
-            return 0.0
-        return float(sum(1 for c in completion[:SCAN_CHARS] if c.isupper()))
+    def _score(self, text: str) -> float:
+        return sum(1 for c in text if c.isupper())
 
 
 class ListingTask(_StyleTask):
@@ -85,11 +91,9 @@ class ListingTask(_StyleTask):
     name = "listing"
     instruction = "Answer as a list, one item per line."
 
-    def reward(self, completion: str, example: Example) -> float:
-        if not isinstance(completion, str):
-            return 0.0
-        lines = [line for line in completion[:SCAN_CHARS].split("\n") if line.strip()]
-        return float(max(len(lines) - 1, 0))
+    def _score(self, text: str) -> float:
+        lines = [line for line in text.split("\n") if line.strip()]
+        return max(len(lines) - 1, 0)
 
 
 __all__ = ["CAP", "ListingTask", "ShoutingTask", "VerbosityTask"]
