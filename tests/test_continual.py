@@ -31,6 +31,27 @@ def test_acc_bwt_fwt_equal_a_hand_computation() -> None:
     assert out["bwt"] == pytest.approx(((0.3 - 0.6) + (0.5 - 0.7)) / 2)
     assert out["fwt"] == pytest.approx(((0.25 - 0.2) + (0.3 - 0.3)) / 2)
     assert acc_bwt_fwt([[None, 0.1], [0.2, 0.3], [0.4, 0.5]], 2)["fwt"] == pytest.approx(0.3 - 0.1)
+    # Stage 1 gained 0.5 and lost 0.3 of it (−60%); stage 2 gained 0.7 − 0.25 and lost 0.2 of it.
+    assert out["bwt_relative"] == pytest.approx(((0.3 - 0.6) / (0.6 - 0.1) + (0.5 - 0.7) / (0.7 - 0.25)) / 2)
+
+
+def test_relative_bwt_is_undefined_where_a_stage_did_not_gain() -> None:
+    R = [[0.5, 0.2], [0.4, 0.3], [0.3, 0.6]]  # stage 1 lowered its own task 0.5 → 0.4
+    assert acc_bwt_fwt(R, 2)["bwt_relative"] is None
+    assert acc_bwt_fwt(R, 2)["bwt"] == pytest.approx(0.3 - 0.4)
+
+
+def test_a_chain_copied_elsewhere_links_through_its_sibling_directories(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from esft.report.continual import sequences
+
+    kept = tmp_path / "kept"  # the stages trained in runs/seq, their records copied to kept/
+    s1 = SimpleNamespace(path=kept / "es.s1-a", config={})
+    s2 = SimpleNamespace(path=kept / "es.s2-b", config={"init_from": "runs/seq/es.s1-a"})
+    s3 = SimpleNamespace(path=kept / "es.s3-c", config={"init_from": "runs/seq/es.s2-b"})
+    other = SimpleNamespace(path=kept / "x.s2-b", config={"init_from": "runs/seq/x.s1-a"})  # its stage 1 not kept
+    assert sequences([s3, other, s2, s1]) == [[s1, s2, s3]]
 
 
 BAD = [
@@ -149,7 +170,7 @@ def test_the_report_holds_the_forgetting_matrix_with_its_summaries_and_figure(se
     assert len(data) == 2
     for seq in data:
         assert seq["tasks"][:2] == ["conciseness", "countdown"] and len(seq["matrix"]) == 3  # base + 2 stages
-        assert all(key in seq for key in ("acc", "bwt", "fwt", "prior_kl_after_stage"))
+        assert all(key in seq for key in ("acc", "bwt", "fwt", "bwt_relative", "prior_kl_after_stage"))
         assert seq["matrix"][0] is not None and seq["acc"]["value"] is not None
     for stage2 in ("es.s2-countdown", "re.s2-countdown"):  # iteration 0 is stage 1's end, never the base model's rows
         rows = read_jsonl(sequence["out"] / stage2 / "eval" / "forgetting.jsonl")

@@ -37,6 +37,8 @@ QUICKSTART_DEFAULTS: dict[str, Any] = {
     # the paper claims"): at these σ, α and N it kept all of plain ES's held-out gain over 20
     # iterations with 2.6x less prior-task KL, where λ=30 (s = 0.15) kept 35%; over the
     # quickstart's 10 iterations it kept 85% (the difference within noise on 128 questions).
+    # Not `auto`: its s = 1/T is λ=20 at 10 iterations, which kept 39% (N=4) and 43% (N=16)
+    # of the gain in the auto grid (docs/results/auto-lambda.md).
     "awd_lambda": 10.0,
     # The prior-task KL section samples this many prompts per task (ESConfig's own KL fields).
     "kl_num_prompts": 8,

@@ -9,9 +9,12 @@ For a chain of T stages with target tasks 1..T (and any prior tasks evaluated be
     ACC = mean_j R[T][j]                       (j over the stage tasks)
     BWT = mean_{j<T} (R[T][j] − R[j][j])       backward transfer: < 0 is forgetting
     FWT = mean_{j>1} (R[j−1][j] − R[0][j])     forward transfer
+    BWT_rel = mean_{j<T} (R[T][j] − R[j][j]) / (R[j][j] − R[j−1][j])
 
 each in the task's primary metric (accuracy, or mean reward for reward-measured tasks; a
-chain mixing the two averages unlike units, which the report says). The intervals come from
+chain mixing the two averages unlike units, which the report says). BWT_rel is unitless:
+the share of each stage's own gain lost by the end (−0.1: a tenth of it), so it averages
+tasks whose rewards differ in scale; it is undefined when a stage did not gain. The intervals come from
 a paired bootstrap over each task's evaluation examples (the same test examples at every
 stage, resampled together), 2,000 replicates, seed 0.
 """
@@ -32,13 +35,21 @@ MATRIX_FILE = "forgetting_matrix.json"
 
 
 def sequences(runs: Sequence[Any]) -> list[list[Any]]:
-    """Chains of at least two runs linked by `init_from`, in stage order (first: no init_from)."""
+    """Chains of at least two runs linked by `init_from`, in stage order (first: no init_from).
+
+    A stage's `init_from` names the directory it trained in; a chain whose records were copied
+    elsewhere together (benchmarks/keep_records.py) links through the sibling of that name."""
     by_path = {Path(r.path).resolve(): r for r in runs}
     child: dict[Path, Any] = {}
     for r in runs:
         parent = r.config.get("init_from")
-        if parent and Path(parent).resolve() in by_path:
-            child[Path(parent).resolve()] = r
+        if not parent:
+            continue
+        linked = Path(parent).resolve()
+        if linked not in by_path:
+            linked = Path(r.path).resolve().parent / Path(parent).name
+        if linked in by_path:
+            child[linked] = r
     heads = [r for r in runs if not r.config.get("init_from") and Path(r.path).resolve() in child]
     out = []
     for head in heads:
@@ -98,7 +109,8 @@ def forgetting_matrix(chain: Sequence[Any], settings: dict[str, Setting]) -> dic
 
 
 def acc_bwt_fwt(matrix: Sequence[Sequence[float | None]], T: int) -> dict[str, float | None]:
-    """ACC, BWT and FWT of a (T+1) × ≥T matrix (row 0 the base model); None where a cell is missing."""
+    """ACC, BWT, FWT and BWT_rel of a (T+1) × ≥T matrix (row 0 the base model); None where a cell
+    is missing, and BWT_rel None where a stage's own gain is not positive."""
     def mean(xs: list[float | None]) -> float | None:
         return None if not xs or any(x is None for x in xs) else float(np.mean(xs))
 
@@ -107,7 +119,12 @@ def acc_bwt_fwt(matrix: Sequence[Sequence[float | None]], T: int) -> dict[str, f
                 for j in range(T - 1)])
     fwt = mean([None if matrix[j][j] is None or matrix[0][j] is None else matrix[j][j] - matrix[0][j]
                 for j in range(1, T)])
-    return {"acc": acc, "bwt": bwt, "fwt": fwt}
+    rel: list[float | None] = []
+    for j in range(T - 1):
+        before, own, end = matrix[j][j], matrix[j + 1][j], matrix[T][j]
+        gain = None if before is None or own is None else own - before
+        rel.append(None if gain is None or end is None or gain <= 0 else (end - own) / gain)
+    return {"acc": acc, "bwt": bwt, "fwt": fwt, "bwt_relative": mean(rel)}
 
 
 def _summaries(matrix: list[list[float | None]], per_example: list[list[np.ndarray | None]], T: int) -> dict[str, Any]:
@@ -115,7 +132,7 @@ def _summaries(matrix: list[list[float | None]], per_example: list[list[np.ndarr
     cols = range(T)
     sizes = {j: {len(per_example[i][j]) for i in range(T + 1) if per_example[i][j] is not None} for j in cols}
     paired = all(per_example[i][j] is not None for i in range(T + 1) for j in cols) and all(len(s) == 1 for s in sizes.values())
-    draws: dict[str, list[float]] = {"acc": [], "bwt": [], "fwt": []}
+    draws: dict[str, list[float]] = {"acc": [], "bwt": [], "fwt": [], "bwt_relative": []}
     if paired:
         rng = np.random.default_rng(0)
         for _ in range(RESAMPLES):
@@ -157,8 +174,12 @@ def markdown(result: dict[str, Any]) -> list[str]:
 
     units = {"accuracy": "points", "reward": "reward units"}.get(result["units"], "mixed units: read the matrix")
     kl = ", ".join("–" if k is None else f"{k:.3f}" for k in result["prior_kl_after_stage"])
+    rel = result.get("bwt_relative") or {"value": None}
+    rel_text = "–" if rel["value"] is None else f"{100 * rel['value']:+.0f}%" + (
+        "" if rel["lo"] is None else f" [{100 * rel['lo']:+.0f}%, {100 * rel['hi']:+.0f}%]")
     lines += ["", f"ACC {fmt(result['acc'])}, BWT {fmt(result['bwt'])}, FWT {fmt(result['fwt'])} ({units}, "
-                  f"95% paired bootstrap over examples); mean prior-task KL after each stage: {kl}."]
+                  f"95% paired bootstrap over examples); BWT relative to each stage's own gain {rel_text}; "
+                  f"mean prior-task KL after each stage: {kl}."]
     return lines
 
 

@@ -56,7 +56,9 @@ def _sequence_section(runs: list[RunSummary], settings: dict, out: Path, figures
     lines = ["", "## Task sequences: the forgetting matrix", "",
              "R[i][j]: task j after stage i (row 0: the base model), in the task's primary metric (points, or "
              "reward units), 95% interval; ACC = mean_j R[T][j], BWT = mean_{j<T} (R[T][j] − R[j][j]), "
-             f"FWT = mean_{{j>1}} (R[j−1][j] − R[0][j]). Numbers also in `{continual.MATRIX_FILE}`.", ""]
+             f"FWT = mean_{{j>1}} (R[j−1][j] − R[0][j]); BWT relative to each stage's own gain = mean_{{j<T}} "
+             "(R[T][j] − R[j][j]) / (R[j][j] − R[j−1][j]), unitless (−10%: a tenth of the gains lost). "
+             f"Numbers also in `{continual.MATRIX_FILE}`.", ""]
     for r in results:
         lines += [f"### {r['labels'][0]} → … ({len(r['stage_tasks'])} stages)", "", *continual.markdown(r), ""]
     if figures and continual.plot(results, out / "forgetting_matrix.png") is not None:
