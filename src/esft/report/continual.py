@@ -14,9 +14,9 @@ For a chain of T stages with target tasks 1..T (and any prior tasks evaluated be
 each in the task's primary metric (accuracy, or mean reward for reward-measured tasks; a
 chain mixing the two averages unlike units, which the report says). BWT_rel is unitless:
 the share of each stage's own gain lost by the end (−0.1: a tenth of it), so it averages
-tasks whose rewards differ in scale; it is undefined when a stage did not gain. The intervals come from
-a paired bootstrap over each task's evaluation examples (the same test examples at every
-stage, resampled together), 2,000 replicates, seed 0.
+tasks whose rewards differ in scale; it is undefined when a stage did not gain. The
+intervals come from a paired bootstrap over each task's evaluation examples (the same test
+examples at every stage, resampled together), 2,000 replicates, seed 0.
 """
 
 from __future__ import annotations
@@ -114,17 +114,16 @@ def acc_bwt_fwt(matrix: Sequence[Sequence[float | None]], T: int) -> dict[str, f
     def mean(xs: list[float | None]) -> float | None:
         return None if not xs or any(x is None for x in xs) else float(np.mean(xs))
 
+    def change(later: float | None, earlier: float | None) -> float | None:
+        return None if later is None or earlier is None else later - earlier
+
     acc = mean([matrix[T][j] for j in range(T)])
-    bwt = mean([None if matrix[T][j] is None or matrix[j + 1][j] is None else matrix[T][j] - matrix[j + 1][j]
-                for j in range(T - 1)])
-    fwt = mean([None if matrix[j][j] is None or matrix[0][j] is None else matrix[j][j] - matrix[0][j]
-                for j in range(1, T)])
-    rel: list[float | None] = []
-    for j in range(T - 1):
-        before, own, end = matrix[j][j], matrix[j + 1][j], matrix[T][j]
-        gain = None if before is None or own is None else own - before
-        rel.append(None if gain is None or end is None or gain <= 0 else (end - own) / gain)
-    return {"acc": acc, "bwt": bwt, "fwt": fwt, "bwt_relative": mean(rel)}
+    # Stage j's own task: what stage j gained on it, and what the later stages did to that.
+    gained = [change(matrix[j + 1][j], matrix[j][j]) for j in range(T - 1)]
+    kept = [change(matrix[T][j], matrix[j + 1][j]) for j in range(T - 1)]
+    fwt = mean([change(matrix[j][j], matrix[0][j]) for j in range(1, T)])
+    rel = [None if g is None or k is None or g <= 0 else k / g for g, k in zip(gained, kept)]
+    return {"acc": acc, "bwt": mean(kept), "fwt": fwt, "bwt_relative": mean(rel)}
 
 
 def _summaries(matrix: list[list[float | None]], per_example: list[list[np.ndarray | None]], T: int) -> dict[str, Any]:
@@ -165,20 +164,18 @@ def markdown(result: dict[str, Any]) -> list[str]:
             cells.append("–" if v is None else f"{scale * v:.1f}" + ("" if b is None else f" [{scale * b[0]:.1f}, {scale * b[1]:.1f}]"))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
 
-    def fmt(s: dict[str, Any]) -> str:
+    def fmt(s: dict[str, Any], share: bool = False) -> str:
+        """A summary with its interval: in the matrix's units, or (`share`) as a percentage."""
         if s["value"] is None:
             return "–"
-        scale = 1.0 if result["units"] == REWARD else 100.0
-        text = f"{scale * s['value']:+.2f}"
-        return text + ("" if s["lo"] is None else f" [{scale * s['lo']:+.2f}, {scale * s['hi']:+.2f}]")
+        scale, form = (100.0, "{:+.0f}%") if share else (1.0 if result["units"] == REWARD else 100.0, "{:+.2f}")
+        text = form.format(scale * s["value"])
+        return text + ("" if s["lo"] is None else f" [{form.format(scale * s['lo'])}, {form.format(scale * s['hi'])}]")
 
     units = {"accuracy": "points", "reward": "reward units"}.get(result["units"], "mixed units: read the matrix")
     kl = ", ".join("–" if k is None else f"{k:.3f}" for k in result["prior_kl_after_stage"])
-    rel = result.get("bwt_relative") or {"value": None}
-    rel_text = "–" if rel["value"] is None else f"{100 * rel['value']:+.0f}%" + (
-        "" if rel["lo"] is None else f" [{100 * rel['lo']:+.0f}%, {100 * rel['hi']:+.0f}%]")
     lines += ["", f"ACC {fmt(result['acc'])}, BWT {fmt(result['bwt'])}, FWT {fmt(result['fwt'])} ({units}, "
-                  f"95% paired bootstrap over examples); BWT relative to each stage's own gain {rel_text}; "
+                  f"95% paired bootstrap over examples); BWT relative to each stage's own gain {fmt(result['bwt_relative'], share=True)}; "
                   f"mean prior-task KL after each stage: {kl}."]
     return lines
 
