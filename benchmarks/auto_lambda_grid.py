@@ -9,6 +9,9 @@ the ladder's best rung (the largest KL cut among the rungs, auto included, that 
 of the gain; null if none). Prints the same as a markdown table with every rung.
 
     python benchmarks/auto_lambda_grid.py runs/auto-grid runs/paper-claims --json benchmarks/results/auto_lambda_grid.json
+    # runs kept in the repository, beside cells measured before records were kept:
+    python benchmarks/auto_lambda_grid.py benchmarks/results/kept/auto-grid \
+        --earlier benchmarks/results/auto_lambda_grid.json --json benchmarks/results/auto_lambda_grid.json
 """
 
 from __future__ import annotations
@@ -58,7 +61,16 @@ def arm_of(config: dict[str, Any]) -> tuple[tuple[int, int], str] | None:
     return (T, N), f"c{c:.3g}"
 
 
-def cells(roots: list[Path]) -> list[dict[str, Any]]:
+def _rung(row: dict[str, Any], ref_gain: float | None, ref_kl: float | None) -> dict[str, Any]:
+    """A rung measured earlier (from `--earlier`), its share and KL cut against the cell's reference."""
+    return {**row, "share": row["gain"] / ref_gain if row["gain"] is not None and ref_gain else None,
+            "kl_cut": ref_kl / row["kl"] if row["kl"] and ref_kl else None}
+
+
+def cells(roots: list[Path], earlier: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """One object per cell of the runs under `roots`; `earlier`: cells of a previous result whose
+    runs are gone (measured on another machine before records were kept). Their rungs stay in the
+    cell, and a run under `roots` adds a rung to it or replaces the rung of the same name."""
     runs: dict[tuple[int, int], dict[str, dict[str, Any]]] = {}
     settings: dict[tuple[int, int], str] = {}
     for root in roots:
@@ -75,21 +87,33 @@ def cells(roots: list[Path]) -> list[dict[str, Any]]:
             if settings.setdefault(cell, same) != same:
                 raise ValueError(f"{path}: another setting than the other runs of cell {cell}")
             runs.setdefault(cell, {}).setdefault(arm, run)
+    before = {(int(c["cell"]["max_steps"]), int(c["cell"]["population_size"])): c for c in earlier or []}
     out = []
-    for (T, N), arms in sorted(runs.items()):
-        if "es" not in arms or "auto" not in arms:
+    for (T, N) in sorted(set(runs) | set(before)):
+        arms, old = runs.get((T, N), {}), before.get((T, N))
+        if "es" in arms:
+            ref_pair = target_rewards(arms["es"])
+            ref_gain = paired_gain(*ref_pair)[0] if ref_pair else None
+            ref_kl = mean_kl(arms["es"])
+            task = arms["es"]["config"]["task"]
+        elif old is not None:
+            ref_gain, ref_kl, task = old["es_gain"], old["es_kl"], old["cell"]["task"]
+        else:
             continue
-        ref_pair = target_rewards(arms["es"])
-        ref_gain = paired_gain(*ref_pair)[0] if ref_pair else None
-        ref_kl = mean_kl(arms["es"])
-        rows = {arm: arm_row(run, ref_gain, ref_kl) for arm, run in arms.items()}
-        ladder = [r for arm, r in rows.items() if arm != "es"]
+        rows = {r["run"]: _rung(r, ref_gain, ref_kl) for r in (old["rungs"] if old else [])}
+        names = {arm: run["name"] for arm, run in arms.items()}
+        rows.update({run["name"]: arm_row(run, ref_gain, ref_kl) for run in arms.values()})
+        auto_name = names.get("auto", old["auto_run"] if old else None)
+        es_name = names.get("es", old and next((r["run"] for r in old["rungs"] if r["lambda"] is None), None))
+        if auto_name not in rows or es_name not in rows:
+            continue
+        ladder = [r for name, r in rows.items() if name != es_name]
         kept = [r for r in ladder if r["share"] is not None and r["share"] >= KEEP and r["kl_cut"] is not None]
         best = max(kept, key=lambda r: r["kl_cut"], default=None)
-        auto = rows["auto"]
+        auto, es = rows[auto_name], rows[es_name]
         out.append({
-            "cell": {"max_steps": T, "population_size": N, "task": arms["es"]["config"]["task"], "seed": 0},
-            "es_gain": rows["es"]["gain"], "es_gain_ci": rows["es"]["gain_ci"], "es_kl": ref_kl,
+            "cell": {"max_steps": T, "population_size": N, "task": task, "seed": 0},
+            "es_gain": es["gain"], "es_gain_ci": es["gain_ci"], "es_kl": ref_kl,
             "auto_run": auto["run"], "auto_lambda": auto["lambda"], "auto_share": auto["share"], "auto_kl_cut": auto["kl_cut"],
             "auto_goal_met": bool(auto["share"] is not None and auto["share"] >= KEEP
                                   and auto["kl_cut"] is not None and auto["kl_cut"] >= 2.0),
@@ -128,8 +152,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("sweep_dirs", nargs="+")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--earlier", default=None, help="a previous --json result: its cells and rungs whose runs are "
+                    "not among the sweep directories are kept (a run given here replaces its rung)")
     a = ap.parse_args()
-    result = cells([Path(d) for d in a.sweep_dirs])
+    earlier = json.loads(Path(a.earlier).read_text()) if a.earlier else None
+    result = cells([Path(d) for d in a.sweep_dirs], earlier)
     print(markdown(result))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1) + "\n")

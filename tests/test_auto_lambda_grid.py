@@ -62,3 +62,22 @@ def test_a_cell_whose_runs_differ_in_another_setting_is_refused(tmp_path: Path) 
     write_run(tmp_path, "auto", 9.0, 0.1, max_steps=10, population_size=4, awd="l2", awd_lambda="auto", sigma=0.001)
     with pytest.raises(ValueError, match="another setting"):
         auto_lambda_grid.cells([tmp_path])
+
+
+def test_earlier_cells_keep_their_rungs_and_a_new_run_joins_its_cell(tmp_path: Path) -> None:
+    cell = {"max_steps": 10, "population_size": 4}
+    first, second = tmp_path / "first", tmp_path / "second"
+    write_run(first, "es", 10.0, 0.2, **cell)
+    write_run(first, "auto", 5.0, 0.08, **cell, awd="l2", awd_lambda="auto", awd_lambda_chosen=20.0)
+    earlier = json.loads(json.dumps(auto_lambda_grid.cells([first])))   # as read back from --json
+    assert earlier[0]["best_run"] is None, "auto keeps 50%: no rung keeps 90%"
+    write_run(second, "c0.5", 9.2, 0.09, **cell, awd="l2", awd_lambda=10)                   # joins the old cell
+    write_run(second, "t40-es", 12.0, 0.3, max_steps=40, population_size=4)                # a new cell
+    write_run(second, "t40-auto", 11.0, 0.1, max_steps=40, population_size=4, awd="l2", awd_lambda="auto",
+              awd_lambda_chosen=5.0)
+    old, new = auto_lambda_grid.cells([second], earlier)
+    assert [r["run"] for r in old["rungs"]] == ["es", "c0.5", "auto"] and old["es_gain"] == pytest.approx(10.0)
+    assert (old["best_run"], old["best_share"], old["best_kl_cut"]) == ("c0.5", pytest.approx(0.92), pytest.approx(0.2 / 0.09))
+    assert old["auto_share"] == pytest.approx(0.5) and old["auto_goal_met"] is False
+    assert new["cell"]["max_steps"] == 40 and new["auto_share"] == pytest.approx(11 / 12) and new["auto_goal_met"]
+    assert auto_lambda_grid.cells([], earlier) == earlier, "nothing new: the earlier result unchanged"

@@ -54,6 +54,17 @@ def test_a_chain_copied_elsewhere_links_through_its_sibling_directories(tmp_path
     assert sequences([s3, other, s2, s1]) == [[s1, s2, s3]]
 
 
+def test_a_grpo_sequence_links_through_the_final_model_each_stage_loads(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from esft.report.continual import sequences
+
+    g1 = SimpleNamespace(path=tmp_path / "grpo.s1-a", config={"trainer": "grpo", "model": "embedded"})
+    g2 = SimpleNamespace(path=tmp_path / "grpo.s2-b", config={"trainer": "grpo", "model": str(tmp_path / "grpo.s1-a" / "final")})
+    hub = SimpleNamespace(path=tmp_path / "grpo-x", config={"trainer": "grpo", "model": "org/final"})  # a model named final
+    assert sequences([g2, hub, g1]) == [[g1, g2]]
+
+
 BAD = [
     ({"stages": []}, "stages: expected a non-empty list"),
     ({"stages": [{"task": "conciseness"}, {"task": "nosuchtask"}]}, r"stages\[1\]: task: unknown task 'nosuchtask'"),
@@ -88,6 +99,27 @@ def test_each_arm_runs_every_stage_from_the_previous_one() -> None:
     from pathlib import Path
 
     assert runs["es.s2-countdown"].resolved(Path("/x")).init_from == "/x/es.s1-conciseness"
+    # A stage draws its own noise: the same seed's stream k−1, never stage k−1's perturbations again.
+    assert [runs[f"{arm}.s{k}-{t}"].config.noise_stream for arm in ("es", "kl")
+            for k, t in ((1, "conciseness"), (2, "countdown"))] == [0, 1, 0, 1]
+    given = parse_spec({"base": {**BASE, "noise_stream": 5}, "stages": [{"task": "conciseness"},
+                        {"task": "countdown"}, {"task": "conciseness", "noise_stream": 0}]})
+    assert [r.config.noise_stream for r in given.runs] == [5, 6, 0], "base's stream, then one more per stage; a stage's own"
+
+
+def test_a_run_that_redraws_the_noise_of_the_run_it_starts_from_is_warned(tmp_path, caplog) -> None:
+    from esft.config import ESConfig
+    from esft.trainer import _warn_on_shared_noise
+
+    earlier = tmp_path / "stage1"
+    earlier.mkdir()
+    (earlier / "config.yaml").write_text(yaml.safe_dump({**BASE, "seed": 3, "output_dir": str(earlier)}))
+    with caplog.at_level("WARNING", logger="esft.trainer"):
+        _warn_on_shared_noise(ESConfig(**{**BASE, "seed": 3, "init_from": str(earlier), "output_dir": str(tmp_path / "a")}))
+        _warn_on_shared_noise(ESConfig(**{**BASE, "seed": 3, "noise_stream": 1, "init_from": str(earlier),
+                                          "output_dir": str(tmp_path / "b")}))
+    (warning,) = caplog.records
+    assert "same noise seeds as the run it starts from" in warning.getMessage() and "--noise_stream 1" in warning.getMessage()
 
 
 def sequence_spec() -> dict[str, Any]:

@@ -148,3 +148,15 @@ def test_anchor_file_roundtrip_and_awd_pulls_master_toward_theta0(tmp_path) -> N
     assert anchor.norm(state.names) == pytest.approx(
         math.sqrt(sum(float(p.detach().double().square().sum()) for p in Tiny().parameters()))
     )
+
+
+def test_noise_stream_0_draws_what_runs_drew_before_streams_and_other_streams_are_fresh() -> None:
+    # The key runs have always used: seed logs written before streams existed stay valid.
+    old = np.random.default_rng([7, 3, 0x5EED]).integers(0, 2**31 - 1, size=6)
+    assert es.iteration_seeds(7, 3, 6) == es.iteration_seeds(7, 3, 6, stream=0) == [int(s) for s in old]
+    old_subset = sorted(int(i) for i in np.random.default_rng([7, 3, 0x9409]).choice(20, size=4, replace=False))
+    assert es.prompt_subset(7, 3, 20, 4) == old_subset
+    streams = [set(es.iteration_seeds(7, 3, 6, stream=k)) for k in range(3)]
+    assert all(not (streams[i] & streams[j]) for i in range(3) for j in range(i + 1, 3)), "streams share seeds"
+    plan = es.plan_iteration(7, 3, 6, False, 20, 4, stream=2)
+    assert plan.seeds == es.iteration_seeds(7, 3, 6, stream=2) and plan.subset == es.prompt_subset(7, 3, 20, 4, stream=2)

@@ -166,3 +166,13 @@ def test_eq2_random_walk_and_the_l2_recursion() -> None:
     x_star = l2_stationary_sq(alpha, d, N, s)
     assert x_star == pytest.approx((1 - s) ** 2 * (x_star + update_sq(alpha, d, N))), "a fixed point"
     assert l2_transient_sq(alpha, d, N, [s] * 5000)[-1] == pytest.approx(x_star, rel=1e-9)
+
+
+def test_a_config_written_before_a_field_existed_is_the_same_setting_as_one_at_its_default() -> None:
+    from esft.report.seeds import setting_key
+
+    old = {"model": "embedded", "population_size": 32, "seed": 0, "output_dir": "runs/a"}
+    new = {**old, "seed": 1, "output_dir": "runs/b", "noise_stream": 0}   # the field written out at its default
+    assert setting_key(old) == setting_key(new)
+    assert setting_key(old) != setting_key({**new, "noise_stream": 1}), "a stream other than the default is a setting"
+    assert setting_key(old) != setting_key({**old, "population_size": 16})

@@ -195,6 +195,33 @@ def test_dry_run_lists_each_run_with_what_differs_from_base_and_runs_nothing(tmp
     assert not out.exists()
 
 
+def test_only_picks_runs_by_name_pattern_and_a_stage_brings_the_stages_before_it() -> None:
+    from esft.sweep_spec import select
+
+    spec = parse_spec({"base": BASE, "grid": [{"awd": ["l2"], "awd_lambda": [1, 10]}, {"seed": [1, 2]}]})
+    assert [r.name for r in select(spec, ["l2-*"]).runs] == ["l2-lambda1", "l2-lambda10"]
+    assert [r.name for r in select(spec, ["seed2", "l2-lambda1"]).runs] == ["l2-lambda1", "seed2"], "spec order kept"
+    seq = parse_spec({"base": BASE, "stages": [{"task": "conciseness"}, {"task": "countdown"}, {"task": "conciseness"}],
+                      "variants": [{"name": "es"}, {"name": "awd", "awd": "l2", "awd_lambda": 10}]})
+    assert [r.name for r in select(seq, ["awd.s3-*"]).runs] == [
+        "awd.s1-conciseness", "awd.s2-countdown", "awd.s3-conciseness"], "stage 3 needs stages 1 and 2"
+    assert [r.arm for r in select(seq, ["es"]).runs] == ["es"] * 3, "an arm's name picks its stages"
+    with pytest.raises(ValueError, match=r"--only 'l3-\*': matches no run of the spec \(its runs: l2-lambda1, "):
+        select(spec, ["l2-lambda1", "l3-*"])
+
+
+def test_only_on_the_command_line_lists_the_chosen_runs_and_refuses_an_empty_pattern(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({"base": BASE, "grid": {"seed": [0, 1, 2]}}))
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(path), "--output_dir", str(out), "--only", "seed1,seed2", "--dry_run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("sweep: 2 runs in") and [ln.split()[0] for ln in lines[1:3]] == ["seed1", "seed2"]
+    with pytest.raises(SystemExit) as e:  # argparse: one line, exit code 2
+        main(["sweep", str(path), "--output_dir", str(out), "--only", " , "])
+    assert e.value.code == 2 and not out.exists()
+
+
 # ------------------------------------------------------------------ GRPO arm
 def test_grpo_arm_inherits_base_model_and_data_unless_it_sets_them(tmp_path: Path) -> None:
     pytest.importorskip("trl", reason="the GRPO arm needs TRL")
@@ -355,6 +382,21 @@ def test_rerunning_a_finished_sweep_redoes_nothing(killed_sweep: dict[str, Any],
     for line in ("es: already trained", "l2-lambda10: eval already done", "es: KL already in kl.json",
                  "l2-lambda10: drift already in drift.json"):
         assert line in text, text
+
+
+@pytest.mark.slow
+def test_only_touches_the_chosen_runs_and_reports_every_run_measured(killed_sweep: dict[str, Any], capsys) -> None:
+    out = killed_sweep["out"]
+    spec = tiny_spec()
+    spec["variants"].append({"name": "never-run", "seed": 5})
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "l2-lambda10").rglob("*") if p.is_file()}
+    report = run_sweep(spec, out, progress=False, only=["es"])
+    text = capsys.readouterr().out
+    assert "es: already trained" in text and "l2-lambda10" not in text and "never-run" not in text, text
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items()), "a run left out by --only was touched"
+    assert not (out / "never-run").exists()
+    md = report.read_text()
+    assert "l2-lambda10" in md and "never-run" not in md, "the report: every measured run, not the unmeasured one"
 
 
 # ------------------------------------------------------------ eval caps and the ETA

@@ -151,6 +151,11 @@ class ESConfig:
 
     Parameters of the run directory and logging:
         output_dir, seed, logging_steps, save_steps, report_to, resume.
+        noise_stream: which of the seed's independent streams of noise seeds and prompt
+            subsets the run draws (0, the default, is what every run drew before streams
+            existed). Two runs with one seed and one stream perturb along the same directions
+            at every iteration; a task sequence gives stage k stream k−1, so a stage never
+            redraws the noise of the stage before it.
         num_threads, disable_tqdm: torch CPU threads; no progress bar.
     """
 
@@ -248,6 +253,10 @@ class ESConfig:
     # Run directory and logging
     output_dir: str = option("run directory", default="runs/esft")
     seed: int = option("seed of seeds and prompt subsets", default=0)
+    noise_stream: int = option(
+        "which independent stream of the seed's noise seeds and prompt subsets to draw (a sequence's stage k: k-1)",
+        default=0,
+    )
     logging_steps: int = option("print a metrics line every k iterations", default=1)
     save_steps: int = option("checkpoint every k iterations (0: final only)", default=0)
     report_to: Literal["none", "tensorboard", "wandb"] = option("metrics sink", default="none")
@@ -294,7 +303,7 @@ class ESConfig:
             errors.append(f"prompts_per_step must be >= 1 (got {self.prompts_per_step})")
         if self.eval_tasks and self.eval_steps < 1:
             errors.append("eval_tasks needs eval_steps >= 1")
-        for name in ("seed", "logging_steps", "save_steps", "eval_steps"):
+        for name in ("seed", "noise_stream", "logging_steps", "save_steps", "eval_steps"):
             if getattr(self, name) < 0:
                 errors.append(f"{name} must be >= 0 (got {getattr(self, name)})")
         for name in ("eval_limit", "num_threads"):

@@ -26,17 +26,23 @@ class Member:
     sign: int  # +1 or -1 (mirror sampling)
 
 
-def iteration_seeds(run_seed: int, iteration: int, num_seeds: int) -> list[int]:
-    """The noise seeds of `iteration`, a pure function of (run seed, iteration)."""
-    rng = np.random.default_rng([run_seed, iteration, 0x5EED])
+def _key(run_seed: int, iteration: int, purpose: int, stream: int) -> list[int]:
+    """The RNG key of one draw; stream 0 is the key every run used before streams existed, so
+    its seed logs stay what they were."""
+    return [run_seed, iteration, purpose] if stream == 0 else [run_seed, iteration, purpose, stream]
+
+
+def iteration_seeds(run_seed: int, iteration: int, num_seeds: int, stream: int = 0) -> list[int]:
+    """The noise seeds of `iteration`, a pure function of (run seed, noise stream, iteration)."""
+    rng = np.random.default_rng(_key(run_seed, iteration, 0x5EED, stream))
     return [int(s) for s in rng.integers(0, _SEED_HIGH, size=num_seeds)]
 
 
-def prompt_subset(run_seed: int, iteration: int, num_prompts: int, k: int | None) -> list[int]:
+def prompt_subset(run_seed: int, iteration: int, num_prompts: int, k: int | None, stream: int = 0) -> list[int]:
     """Indices of the prompts every member sees in `iteration` (all of them by default)."""
     if k is None or k >= num_prompts:
         return list(range(num_prompts))
-    rng = np.random.default_rng([run_seed, iteration, 0x9409])
+    rng = np.random.default_rng(_key(run_seed, iteration, 0x9409, stream))
     return sorted(int(i) for i in rng.choice(num_prompts, size=k, replace=False))
 
 
@@ -74,20 +80,21 @@ class IterationPlan:
 
 def plan_iteration(
     run_seed: int, iteration: int, num_seeds: int, mirror: bool, num_prompts: int,
-    prompts_per_step: int | None, max_group: int = 1,
+    prompts_per_step: int | None, max_group: int = 1, stream: int = 0,
 ) -> IterationPlan:
     """The plan of `iteration`: a pure function of the run's seed and settings.
 
     `max_group` is the most members one pass may hold (1: one member at a time), which the
-    population derives from `--members_per_batch` and its memory budget.
+    population derives from `--members_per_batch` and its memory budget. `stream` picks one of
+    the run seed's independent streams (`--noise_stream`).
     """
-    seeds = iteration_seeds(run_seed, iteration, num_seeds)
+    seeds = iteration_seeds(run_seed, iteration, num_seeds, stream)
     population = members(seeds, mirror)
     groups, start = [], 0
     for size in balanced_groups(len(population), max_group):
         groups.append(list(range(start, start + size)))
         start += size
-    return IterationPlan(iteration, seeds, population, prompt_subset(run_seed, iteration, num_prompts, prompts_per_step), groups)
+    return IterationPlan(iteration, seeds, population, prompt_subset(run_seed, iteration, num_prompts, prompts_per_step, stream), groups)
 
 
 #: Above this magnitude sums of rewards can overflow float64 (1e308 + 1e308 = inf); such

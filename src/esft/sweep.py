@@ -57,6 +57,7 @@ from esft.sweep_spec import (
     grpo_run_args,
     load_spec,
     parse_spec,
+    select,
 )
 
 KL_FILE = "kl.json"
@@ -668,20 +669,24 @@ def _drift(stage: Stage, run_dir: Path, spec: SweepSpec, progress: _Progress) ->
 
 
 # ------------------------------------------------------------------------ sweep
-def run_sweep(spec: SweepSpec | Mapping[str, Any] | str | Path, output_dir: str | Path, progress: bool = True) -> Path:
+def run_sweep(spec: SweepSpec | Mapping[str, Any] | str | Path, output_dir: str | Path, progress: bool = True,
+              only: Sequence[str] | None = None) -> Path:
     """Train, evaluate and report every run of `spec` in `output_dir`; returns report.md's path.
 
     Validates the whole spec first (nothing is created for a bad one); rerunning after a
-    crash finishes the work without redoing any.
+    crash finishes the work without redoing any. `only`: shell-style patterns of the run
+    names (or sequence arms) to train and measure now; the report still covers every run of
+    the spec already evaluated in `output_dir`.
     """
     spec = as_spec(spec)
+    chosen = select(spec, only) if only else spec
     out = Path(output_dir)
     _check_existing_runs(spec, out)
     with run_lock(out, "sweep"):  # two sweeps on one DIR would train the same runs at once
-        return _run_sweep(spec, out, progress)
+        return _run_sweep(chosen, out, progress, reported=spec.runs)
 
 
-def _run_sweep(spec: SweepSpec, out: Path, progress: bool) -> Path:
+def _run_sweep(spec: SweepSpec, out: Path, progress: bool, reported: Sequence[RunSpec] | None = None) -> Path:
     text = yaml.safe_dump(spec.data, sort_keys=False, allow_unicode=True)
     if not (out / SPEC_FILE).exists() or (out / SPEC_FILE).read_text() != text:
         write_text_atomic(out / SPEC_FILE, text)
@@ -703,7 +708,10 @@ def _run_sweep(spec: SweepSpec, out: Path, progress: bool) -> Path:
         with _run_output(out / LOG_FILE, "report"):
             from esft.report.runs import build_report
 
-            report = build_report([out / r.name for r in spec.runs], out / REPORT_DIR)
+            ran = {r.name for r in spec.runs}
+            report = build_report([out / r.name for r in (reported or spec.runs)
+                                   if r.name in ran or (out / r.name / "eval" / "forgetting.jsonl").exists()],
+                                  out / REPORT_DIR)
         bar.finish()
     finally:
         bar.close()
@@ -732,14 +740,24 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--output_dir", default=None, help="sweep directory (default: runs/<spec file name>)")
     p.add_argument("--dry_run", action="store_true", help="validate and list the runs; run nothing")
     p.add_argument("--no_progress", action="store_true", help="no sweep progress bar (stage lines only)")
+    p.add_argument("--only", default=None, metavar="PATTERNS",
+                   help="comma-separated shell-style patterns of run names (or sequence arms) to run now, e.g. "
+                        "'t40-*,grpo-seed1'; a chosen stage brings the stages before it; the report covers every "
+                        "run of the spec already evaluated in the directory (default: every run)")
     a = p.parse_args(list(argv))
-    spec = load_spec(a.spec)
+    full = load_spec(a.spec)
+    only = None
+    if a.only is not None:
+        only = [x.strip() for x in a.only.split(",") if x.strip()]
+        if not only:
+            p.error("--only: expected at least one run name or pattern")
+    spec = select(full, only) if only else full  # a pattern matching nothing fails here, before anything runs
     out = Path(a.output_dir or Path("runs") / Path(a.spec).stem)
     if a.dry_run:
         print(f"sweep: {len(spec.runs)} runs in {out}, report in {out / REPORT_DIR} (dry run: nothing runs)")
         print(describe(spec))
         return 0
-    run_sweep(spec, out, progress=not a.no_progress)
+    run_sweep(full, out, progress=not a.no_progress, only=only)
     return 0
 
 

@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import fnmatch
 import functools
 import itertools
 import json
@@ -358,6 +359,10 @@ def _sequence_runs(
             merged = {**values, **stage}
             if anchor == "stage":
                 merged["anchor_at"] = "start"
+            if "noise_stream" not in stage and k > 1:
+                # The same seed would redraw stage k−1's perturbations iteration by iteration, and a
+                # stage rewarding the opposite would step straight back along them: a fresh stream.
+                merged["noise_stream"] = int(values.get("noise_stream", base.get("noise_stream", 0))) + k - 1
             if merged.get("kl_tasks") == PREVIOUS:
                 earlier = [s["task"] for s, _ in stages[: k - 1]]
                 priors = [t for t in ev.tasks if t not in {s["task"] for s, _ in stages}]
@@ -678,6 +683,27 @@ def as_spec(spec: SweepSpec | Mapping[str, Any] | str | Path) -> SweepSpec:
 
 
 
+def select(spec: SweepSpec, patterns: Sequence[str]) -> SweepSpec:
+    """The spec cut down to the runs whose name (or, in a task sequence, arm) matches one of the
+    shell-style `patterns`, plus the earlier stages a chosen stage starts from; a pattern that
+    matches nothing is an error naming it, so a typo never runs an empty sweep."""
+    chosen: set[str] = set()
+    for pattern in patterns:
+        hits = {r.name for r in spec.runs if fnmatch.fnmatchcase(r.name, pattern)
+                or (r.arm is not None and fnmatch.fnmatchcase(r.arm, pattern))}
+        if not hits:
+            names = ", ".join(r.name for r in spec.runs)
+            raise ValueError(f"sweep --only {pattern!r}: matches no run of the spec (its runs: {names})")
+        chosen |= hits
+    by_name = {r.name: r for r in spec.runs}
+    for name in list(chosen):  # a stage needs the stages before it
+        previous = by_name[name].previous
+        while previous is not None and previous in by_name:
+            chosen.add(previous)
+            previous = by_name[previous].previous
+    return dataclasses.replace(spec, runs=[r for r in spec.runs if r.name in chosen])
+
+
 def _show(value: Any) -> str:
     if isinstance(value, bool) or value is None:
         return str(value).lower()
@@ -710,5 +736,5 @@ def describe(spec: SweepSpec) -> str:
 __all__ = [
     "EvalSpec", "GRPO_NAME", "LOG_FILE", "REPORT_DIR", "RunSpec", "SPEC_FILE", "SweepSpec", "as_spec", "build_grpo",
     "derived_name",
-    "describe", "expand_grid", "grpo_run_args", "load_spec", "parse_spec",
+    "describe", "expand_grid", "grpo_run_args", "load_spec", "parse_spec", "select",
 ]

@@ -51,6 +51,17 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------ trainer
+def _warn_on_shared_noise(cfg: ESConfig) -> None:
+    """A run that starts from another with the same seed and noise stream perturbs along that
+    run's directions, iteration by iteration: a reward opposite to the earlier one then steps
+    straight back along them. Legal (and reproducible), rarely meant."""
+    earlier = ESConfig.from_yaml(Path(cfg.init_from) / CONFIG_FILE)
+    if (earlier.seed, earlier.noise_stream) == (cfg.seed, cfg.noise_stream):
+        log.warning("this run draws the same noise seeds as the run it starts from (%s: seed %d, noise_stream %d); "
+                    "set --noise_stream %d (what esft sweep gives a sequence's next stage) for fresh directions",
+                    cfg.init_from, cfg.seed, cfg.noise_stream, cfg.noise_stream + 1)
+
+
 class ESTrainer:
     """Fine-tune a causal LM with Evolution Strategies (+ optional Anchored Weight Decay).
 
@@ -150,6 +161,8 @@ class ESTrainer:
         # (θ₀ of a resumed run is its file; a fresh start writes it anew, whatever a failed start left.)
         resumed = cfg.resume and bool(SeedLog(self.run_dir).records())
         self._base_anchor = prepare_start(cfg, self.state, self.run_dir / ANCHOR_FILE if resumed else None)
+        if cfg.init_from:
+            _warn_on_shared_noise(cfg)
         self.engine = HFEngine(self.model, self.tokenizer, cfg.max_new_tokens, cfg.generation_batch_size)
         self.seedlog = SeedLog(self.run_dir)
         self.anchor: AnchorFile | None = None
@@ -342,7 +355,7 @@ class ESTrainer:
         cfg = self.args
         return es.plan_iteration(
             cfg.seed, iteration, cfg.num_seeds, cfg.mirror_sampling, num_prompts, cfg.prompts_per_step,
-            population.max_group(),
+            population.max_group(), cfg.noise_stream,
         )
 
     def evaluate_population(

@@ -34,6 +34,17 @@ RESAMPLES = 2000
 MATRIX_FILE = "forgetting_matrix.json"
 
 
+def started_from(config: dict[str, Any]) -> str | None:
+    """The run directory a stage started from: an ES stage's `init_from`; a GRPO stage loads
+    the previous stage's `final/` as its model."""
+    if config.get("init_from"):
+        return str(config["init_from"])
+    model = str(config.get("model") or "")
+    if config.get("trainer") == "grpo" and Path(model).name == "final":
+        return str(Path(model).parent)
+    return None
+
+
 def sequences(runs: Sequence[Any]) -> list[list[Any]]:
     """Chains of at least two runs linked by `init_from`, in stage order (first: no init_from).
 
@@ -42,7 +53,7 @@ def sequences(runs: Sequence[Any]) -> list[list[Any]]:
     by_path = {Path(r.path).resolve(): r for r in runs}
     child: dict[Path, Any] = {}
     for r in runs:
-        parent = r.config.get("init_from")
+        parent = started_from(r.config)
         if not parent:
             continue
         linked = Path(parent).resolve()
@@ -50,7 +61,7 @@ def sequences(runs: Sequence[Any]) -> list[list[Any]]:
             linked = Path(r.path).resolve().parent / Path(parent).name
         if linked in by_path:
             child[linked] = r
-    heads = [r for r in runs if not r.config.get("init_from") and Path(r.path).resolve() in child]
+    heads = [r for r in runs if not started_from(r.config) and Path(r.path).resolve() in child]
     out = []
     for head in heads:
         chain = [head]
