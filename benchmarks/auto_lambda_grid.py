@@ -100,11 +100,19 @@ def cells(roots: list[Path], earlier: list[dict[str, Any]] | None = None) -> lis
             ref_gain, ref_kl, task = old["es_gain"], old["es_kl"], old["cell"]["task"]
         else:
             continue
-        rows = {r["run"]: _rung(r, ref_gain, ref_kl) for r in (old["rungs"] if old else [])}
+        old_es = old and next((r["run"] for r in old["rungs"] if r["lambda"] is None), None)
+        if old is not None:
+            for run in arms.values():
+                if run["config"]["task"] != old["cell"]["task"]:
+                    raise ValueError(f"{run['name']}: task {run['config']['task']!r}, but the earlier cell {(T, N)} "
+                                     f"was measured on {old['cell']['task']!r}")
+        # A new plain-ES or auto run replaces the earlier one of that arm, whatever its name.
+        replaced = {old_es if "es" in arms else None, old["auto_run"] if old and "auto" in arms else None}
+        rows = {r["run"]: _rung(r, ref_gain, ref_kl) for r in (old["rungs"] if old else []) if r["run"] not in replaced}
         names = {arm: run["name"] for arm, run in arms.items()}
         rows.update({run["name"]: arm_row(run, ref_gain, ref_kl) for run in arms.values()})
         auto_name = names.get("auto", old["auto_run"] if old else None)
-        es_name = names.get("es", old and next((r["run"] for r in old["rungs"] if r["lambda"] is None), None))
+        es_name = names.get("es", old_es)
         if auto_name not in rows or es_name not in rows:
             continue
         ladder = [r for name, r in rows.items() if name != es_name]

@@ -81,3 +81,18 @@ def test_earlier_cells_keep_their_rungs_and_a_new_run_joins_its_cell(tmp_path: P
     assert old["auto_share"] == pytest.approx(0.5) and old["auto_goal_met"] is False
     assert new["cell"]["max_steps"] == 40 and new["auto_share"] == pytest.approx(11 / 12) and new["auto_goal_met"]
     assert auto_lambda_grid.cells([], earlier) == earlier, "nothing new: the earlier result unchanged"
+
+
+def test_a_new_plain_es_run_replaces_the_earlier_one_and_another_task_is_refused(tmp_path: Path) -> None:
+    cell = {"max_steps": 10, "population_size": 4}
+    first, second, third = tmp_path / "first", tmp_path / "second", tmp_path / "third"
+    write_run(first, "es-old", 10.0, 0.2, **cell)
+    write_run(first, "auto", 9.5, 0.08, **cell, awd="l2", awd_lambda="auto", awd_lambda_chosen=20.0)
+    earlier = json.loads(json.dumps(auto_lambda_grid.cells([first])))
+    write_run(second, "es-new", 20.0, 0.2, **cell)  # plain ES measured again under another name
+    (result,) = auto_lambda_grid.cells([second], earlier)
+    assert [r["run"] for r in result["rungs"]] == ["es-new", "auto"], "one plain-ES rung: the new one"
+    assert result["auto_share"] == pytest.approx(9.5 / 20) and result["best_run"] is None
+    write_run(third, "c3", 8.0, 0.02, **cell, awd="l2", awd_lambda=60, task="countdown")
+    with pytest.raises(ValueError, match="task 'countdown', but the earlier cell"):
+        auto_lambda_grid.cells([third], earlier)

@@ -160,3 +160,17 @@ def test_noise_stream_0_draws_what_runs_drew_before_streams_and_other_streams_ar
     assert all(not (streams[i] & streams[j]) for i in range(3) for j in range(i + 1, 3)), "streams share seeds"
     plan = es.plan_iteration(7, 3, 6, False, 20, 4, stream=2)
     assert plan.seeds == es.iteration_seeds(7, 3, 6, stream=2) and plan.subset == es.prompt_subset(7, 3, 20, 4, stream=2)
+
+
+def test_the_trainer_plans_each_iteration_from_its_noise_stream() -> None:
+    from types import SimpleNamespace
+
+    from esft.config import ESConfig
+    from esft.trainer import ESTrainer
+
+    one_at_a_time = SimpleNamespace(max_group=lambda: 1)
+    for stream in (0, 3):
+        cfg = ESConfig(seed=11, noise_stream=stream, population_size=4, prompts_per_step=2)
+        plan = ESTrainer.plan(SimpleNamespace(args=cfg), 5, 10, one_at_a_time)
+        assert plan.seeds == es.iteration_seeds(11, 5, 4, stream=stream)
+        assert plan.subset == es.prompt_subset(11, 5, 10, 2, stream=stream)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -388,15 +389,23 @@ def test_rerunning_a_finished_sweep_redoes_nothing(killed_sweep: dict[str, Any],
 def test_only_touches_the_chosen_runs_and_reports_every_run_measured(killed_sweep: dict[str, Any], capsys) -> None:
     out = killed_sweep["out"]
     spec = tiny_spec()
-    spec["variants"].append({"name": "never-run", "seed": 5})
+    spec["variants"] += [{"name": "never-run", "seed": 5}, {"name": "half-run", "seed": 6}]
+    half = out / "half-run"  # killed before its first iteration, yet its evaluation file exists
+    (half / "eval").mkdir(parents=True)
+    (half / "config.yaml").write_text((out / "es" / "config.yaml").read_text())
+    (half / "eval" / "forgetting.jsonl").write_text((out / "es" / "eval" / "forgetting.jsonl").read_text())
     stamps = {p: p.stat().st_mtime_ns for p in (out / "l2-lambda10").rglob("*") if p.is_file()}
-    report = run_sweep(spec, out, progress=False, only=["es"])
+    try:
+        report = run_sweep(spec, out, progress=False, only=["es"])
+    finally:
+        shutil.rmtree(half)
     text = capsys.readouterr().out
     assert "es: already trained" in text and "l2-lambda10" not in text and "never-run" not in text, text
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items()), "a run left out by --only was touched"
     assert not (out / "never-run").exists()
     md = report.read_text()
-    assert "l2-lambda10" in md and "never-run" not in md, "the report: every measured run, not the unmeasured one"
+    assert "l2-lambda10" in md, "the report keeps every run the spec's eval has measured"
+    assert "never-run" not in md and "half-run" not in md, "but not one never run or not trained"
 
 
 # ------------------------------------------------------------ eval caps and the ETA

@@ -9,7 +9,7 @@ never disagree.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -439,3 +439,17 @@ class ESConfig:
             if a != b:
                 out.append(f"{f.name}: {a!r} != {b!r}")
         return out
+
+
+#: ESConfig's defaults, for configs read back as plain mappings (reports, benchmark scripts).
+ES_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(ESConfig) if f.default is not MISSING}
+
+
+def without_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """An ES run's saved config without the fields at their defaults, so that a config written
+    before a field existed compares equal to one that writes the default out; a GRPO config
+    (TRL's fields, its own defaults) is returned as it is."""
+    if config.get("trainer") == "grpo":
+        return dict(config)
+    return {k: v for k, v in config.items() if not (k in ES_DEFAULTS and v == ES_DEFAULTS[k])}
+

@@ -114,10 +114,13 @@ def _check_existing_runs(spec: SweepSpec, out: Path) -> None:
         if diffs:
             stale.append(f"{run.name} ({run.where}): " + "; ".join(diffs))
     if stale:
+        hint = ("\n(a sequence's stage k draws noise_stream k−1 since 2026-12-06; a stage made before drew stream 0, "
+                "the noise of the stage before it: retrain it, or give that stage noise_stream: 0 to keep the old run)"
+                if any("noise_stream" in line for line in stale) else "")
         raise ValueError(
             f"sweep {out}: these runs were made with other settings than the spec now gives them:\n  "
             + "\n  ".join(stale)
-            + "\nmove or delete those run directories, or use another --output_dir"
+            + "\nmove or delete those run directories, or use another --output_dir" + hint
         )
 
 
@@ -210,6 +213,15 @@ def _measure(stage: Stage, run_dir: Path, ev: EvalSpec, data_dir: str | None) ->
         stage.units = load + _REPLAY * step * len(its)
         stage.done = stage.units if not _missing_drift(run_dir, its) else 0.0
     return stage
+
+
+def _evaluated(run: RunSpec, run_dir: Path, spec: SweepSpec) -> bool:
+    """A run left out by --only that the report can show: trained, with every evaluation row the
+    spec's eval asks for (a run killed mid-training or scored under an older eval is not)."""
+    if not _is_trained(run, run_dir):
+        return False
+    its = chosen_iterations(_available(run, run_dir), spec.eval.every)
+    return _eval_rows_done(run_dir, spec.eval, its, spec.data_dir) >= len(its) * len(spec.eval.tasks)
 
 
 def _trained_steps(run: RunSpec, run_dir: Path) -> int:
@@ -710,8 +722,7 @@ def _run_sweep(spec: SweepSpec, out: Path, progress: bool, reported: Sequence[Ru
 
             ran = {r.name for r in spec.runs}
             report = build_report([out / r.name for r in (reported or spec.runs)
-                                   if r.name in ran or (out / r.name / "eval" / "forgetting.jsonl").exists()],
-                                  out / REPORT_DIR)
+                                   if r.name in ran or _evaluated(r, out / r.name, spec)], out / REPORT_DIR)
         bar.finish()
     finally:
         bar.close()

@@ -161,7 +161,7 @@ class ESTrainer:
         # (θ₀ of a resumed run is its file; a fresh start writes it anew, whatever a failed start left.)
         resumed = cfg.resume and bool(SeedLog(self.run_dir).records())
         self._base_anchor = prepare_start(cfg, self.state, self.run_dir / ANCHOR_FILE if resumed else None)
-        if cfg.init_from:
+        if cfg.init_from and not resumed:
             _warn_on_shared_noise(cfg)
         self.engine = HFEngine(self.model, self.tokenizer, cfg.max_new_tokens, cfg.generation_batch_size)
         self.seedlog = SeedLog(self.run_dir)

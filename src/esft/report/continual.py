@@ -1,7 +1,8 @@
 """Task sequences: the forgetting matrix and the continual-learning summaries.
 
 A sequence is a chain of ordinary runs, each started from the previous one's final weights
-(`init_from`): the report finds the chains among its runs, nothing else knows about stages.
+(an ES stage's `init_from`, a GRPO stage's `model: <previous>/final`): the report finds the
+chains among its runs, nothing else knows about stages.
 For a chain of T stages with target tasks 1..T (and any prior tasks evaluated beside them):
 
     R[0][j]   task j on the base model (the first stage's iteration 0)
@@ -46,7 +47,7 @@ def started_from(config: dict[str, Any]) -> str | None:
 
 
 def sequences(runs: Sequence[Any]) -> list[list[Any]]:
-    """Chains of at least two runs linked by `init_from`, in stage order (first: no init_from).
+    """Chains of at least two runs linked by `started_from`, in stage order (first: no parent among the runs).
 
     A stage's `init_from` names the directory it trained in; a chain whose records were copied
     elsewhere together (benchmarks/keep_records.py) links through the sibling of that name."""
@@ -61,7 +62,10 @@ def sequences(runs: Sequence[Any]) -> list[list[Any]]:
             linked = Path(r.path).resolve().parent / Path(parent).name
         if linked in by_path:
             child[linked] = r
-    heads = [r for r in runs if not started_from(r.config) and Path(r.path).resolve() in child]
+    # A head is a parent that is nobody's child: a first stage may itself name a model directory
+    # outside the sweep (a GRPO arm whose base model is some run's final/).
+    children = {id(r) for r in child.values()}
+    heads = [r for r in runs if Path(r.path).resolve() in child and id(r) not in children]
     out = []
     for head in heads:
         chain = [head]

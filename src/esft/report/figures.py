@@ -24,7 +24,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator, NullLocator  # noqa: E402
 
-from esft.config import RESUMABLE_FIELDS, unused_kl_fields  # noqa: E402
+from esft.config import RESUMABLE_FIELDS, unused_kl_fields, without_defaults  # noqa: E402
 from esft.report.evals import (  # noqa: E402
     ACCURACY,
     REWARD,
@@ -256,8 +256,9 @@ class Sweep:
 
 def _comparable(config: dict[str, Any], free: frozenset[str] | set[str]) -> dict[str, Any]:
     # Runs made before a KL default changed would otherwise split one λ ladder in two.
+    # So would runs made before a field existed (read as its default): see without_defaults.
     ignored = set(free) | unused_kl_fields(config.get("kl_budget"))
-    return {k: v for k, v in config.items() if k not in ignored}
+    return {k: v for k, v in without_defaults(config).items() if k not in ignored}
 
 
 def lambda_sweeps(runs: Sequence[RunSummary], rows: Sequence[ComparisonRow]) -> list[Sweep]:

@@ -11,14 +11,13 @@ mean with a t-interval over its seeds beside the typical per-example interval.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from esft.config import INFO_KEYS, RESUMABLE_FIELDS, ESConfig
+from esft.config import INFO_KEYS, RESUMABLE_FIELDS, without_defaults
 from esft.report.intervals import Estimate, t_interval
 
 #: A `tables.ComparisonRow` (the run, its changes and prior average); named loosely here,
@@ -53,16 +52,10 @@ class SeedGroup:
         return [v for v in (mean_kl(r) for r in self.rows) if v is not None]
 
 
-#: ESConfig's defaults: a field at its default is left out of a setting's key.
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ESConfig) if f.default is not dataclasses.MISSING}
-
-
 def setting_key(config: dict[str, Any]) -> str:
-    """Everything that decides a run but its seed, as a comparable string. A field at its
-    default counts as absent: a run written before the field existed is the same setting as one
-    that writes the default out."""
-    return json.dumps({k: v for k, v in config.items()
-                       if k not in SEED_FREE and not (k in _DEFAULTS and v == _DEFAULTS[k])},
+    """Everything that decides a run but its seed, as a comparable string (a field at its
+    default counts as absent: see `without_defaults`)."""
+    return json.dumps({k: v for k, v in without_defaults(config).items() if k not in SEED_FREE},
                       sort_keys=True, default=str)
 
 
