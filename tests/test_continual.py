@@ -125,7 +125,8 @@ def test_a_run_that_redraws_the_noise_of_the_run_it_starts_from_is_warned(tmp_pa
 def sequence_spec() -> dict[str, Any]:
     return {"base": BASE, "stages": [{"task": "conciseness"}, {"task": "countdown"}],
             "variants": [{"name": "es"}, {"name": "re", "awd": "l2", "awd_lambda": 10, "anchor": "stage"}],
-            "eval": {"tasks": ["conciseness", "countdown"], "limit": 2, "max_new_tokens": 6}}
+            "eval": {"tasks": ["conciseness", "countdown"], "limit": 2, "max_new_tokens": 6,
+                     "kl_tasks": ["conciseness"], "kl_num_prompts": 2, "kl_max_tokens": 4}}
 
 
 @pytest.fixture(scope="module")
@@ -204,8 +205,29 @@ def test_the_report_holds_the_forgetting_matrix_with_its_summaries_and_figure(se
         assert seq["tasks"][:2] == ["conciseness", "countdown"] and len(seq["matrix"]) == 3  # base + 2 stages
         assert all(key in seq for key in ("acc", "bwt", "fwt", "bwt_relative", "prior_kl_after_stage"))
         assert seq["matrix"][0] is not None and seq["acc"]["value"] is not None
-    for stage2 in ("es.s2-countdown", "re.s2-countdown"):  # iteration 0 is stage 1's end, never the base model's rows
-        rows = read_jsonl(sequence["out"] / stage2 / "eval" / "forgetting.jsonl")
-        assert not [r for r in rows if r["iteration"] == 0 and "copied_from" in r], stage2
+    for arm in ("es", "re"):  # stage 2's iteration 0 is stage 1's end (its rows), never the base model's
+        stage1, stage2 = sequence["out"] / f"{arm}.s1-conciseness", sequence["out"] / f"{arm}.s2-countdown"
+        start = [r for r in read_jsonl(stage2 / "eval" / "forgetting.jsonl") if r["iteration"] == 0]
+        end = [r for r in read_jsonl(stage1 / "eval" / "forgetting.jsonl") if r["iteration"] == 2]
+        assert len(start) == 2 and {r["copied_from"] for r in start} == {f"{arm}.s1-conciseness@2"}, start
+        strip = ("iteration", "copied_from")
+        assert sorted(({k: v for k, v in r.items() if k not in strip} for r in start), key=str) == sorted(
+            ({k: v for k, v in r.items() if k not in strip} for r in end), key=str)
     md = (out / "report.md").read_text()
     assert "## Task sequences: the forgetting matrix" in md and (out / "forgetting_matrix.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_a_stage_takes_its_iteration_0_kl_from_the_previous_stage_and_it_is_what_measuring_gives(sequence) -> None:
+    import json
+
+    from esft.evaluation.kl import kl_report
+
+    out = sequence["out"]
+    stage1, stage2 = out / "es.s1-conciseness", out / "es.s2-countdown"
+    (start,) = [r for r in json.loads((stage2 / "kl.json").read_text()) if r["iteration"] == 0]
+    (end,) = [r for r in json.loads((stage1 / "kl.json").read_text()) if r["iteration"] == 2]
+    assert start["copied_from"] == "es.s1-conciseness@2" and start["kl_exact_token"] == end["kl_exact_token"] > 0
+    (measured,) = kl_report(stage2, ["conciseness"], iterations=[0], num_prompts=2, max_tokens=4)
+    assert measured["kl_exact_token"] == pytest.approx(start["kl_exact_token"], rel=1e-6), "borrowed = measured"
+

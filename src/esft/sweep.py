@@ -39,7 +39,12 @@ import yaml
 from tqdm.auto import tqdm
 
 from esft.config import ESConfig
-from esft.evaluation.sharing import borrow_base_rows, borrow_kl_cache
+from esft.evaluation.sharing import (
+    borrow_base_rows,
+    borrow_kl_cache,
+    borrow_start_rows,
+    stage_start,
+)
 from esft.io import read_jsonl, write_text_atomic
 from esft.runlock import run_lock
 from esft.sweep_spec import (
@@ -265,6 +270,23 @@ def _kl_rows(run_dir: Path, ev: EvalSpec) -> list[dict[str, Any]]:
     """kl.json rows made with this eval's prompts and token budget."""
     return [r for r in _read_rows(run_dir / KL_FILE)
             if r.get("num_prompts") == ev.kl_num_prompts and r.get("max_tokens") == ev.kl_max_tokens]
+
+
+def _borrow_start_kl(run_dir: Path, ev: EvalSpec) -> bool:
+    """A stage's iteration-0 KL rows from the previous stage's last iteration (the same weights,
+    the same base-model continuations); True when rows were added."""
+    start = stage_start(run_dir)
+    if start is None:
+        return False
+    parent, last = start
+    have = {(r.get("iteration"), r.get("task")) for r in _kl_rows(run_dir, ev)}
+    rows = [{**r, "iteration": 0, "copied_from": f"{parent.name}@{last}"} for r in _kl_rows(parent, ev)
+            if r.get("iteration") == last and r.get("task") in ev.kl_tasks and (0, r.get("task")) not in have]
+    if not rows:
+        return False
+    write_text_atomic(run_dir / KL_FILE, json.dumps(sorted(_read_rows(run_dir / KL_FILE) + rows,
+                                                           key=lambda r: (r["iteration"], str(r["task"]))), indent=1) + "\n")
+    return True
 
 
 def _missing_kl(run_dir: Path, ev: EvalSpec, its: Sequence[int]) -> list[int]:
@@ -601,6 +623,7 @@ def _evaluate_locked(stage: Stage, run_dir: Path, spec: SweepSpec, progress: _Pr
     run, ev = stage.run, spec.eval
     if 0 in its:
         borrow_base_rows(run_dir)
+        borrow_start_rows(run_dir)
     total_rows = len(its) * len(ev.tasks)
     done = _eval_rows_done(run_dir, ev, its, spec.data_dir)
     # evaluate_run resumes by itself, but is not called when nothing is left (no model to load).
@@ -647,6 +670,11 @@ def _kl(stage: Stage, run_dir: Path, spec: SweepSpec, progress: _Progress) -> st
     progress.advance(0, f"{run.name}: KL")
     with run_lock(run_dir, "KL measurement"):
         borrow_kl_cache(run_dir)
+        if 0 in missing and _borrow_start_kl(run_dir, ev):
+            missing = _missing_kl(run_dir, ev, its)
+            if not missing:
+                progress.advance(stage.units - stage.done)
+                return f"{run.name}: KL at iteration 0 taken from the previous stage's last"
         with _run_output(run_dir / LOG_FILE, f"kl {run.name}"):
             rows = kl_report(run_dir, list(ev.kl_tasks), iterations=missing, num_prompts=ev.kl_num_prompts,
                              max_tokens=ev.kl_max_tokens, data_dir=spec.data_dir, device=spec.device)

@@ -3,7 +3,8 @@
 Runs side by side in one folder (a sweep, the quickstart) evaluate the base model at
 iteration 0 and sample base-model continuations for KL; both are deterministic and the
 same for every run of that base (same model name and dtype), so they are computed once and
-copied to the siblings, each copied row marked `copied_from`.
+copied to the siblings, each copied row marked `copied_from`. A stage of a task sequence
+starts from the previous stage's final weights, so its iteration 0 takes that run's last rows.
 """
 
 from __future__ import annotations
@@ -53,6 +54,51 @@ def borrow_base_rows(run_dir: Path) -> int:
     return copied
 
 
+def stage_start(run_dir: Path) -> tuple[Path, int] | None:
+    """(previous run, its last iteration) for a stage of a task sequence: its iteration 0 is
+    that run's final weights, bit for bit (`init_from`), so what was measured there holds here.
+    None for a run that starts from the base model, or whose previous run is on another base
+    or data folder."""
+    import yaml
+
+    def config(d: Path) -> dict[str, Any]:
+        path = d / "config.yaml"
+        return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+    mine = config(run_dir)
+    if not mine.get("init_from"):
+        return None
+    parent = Path(mine["init_from"])
+    theirs = config(parent)
+    same = ("model", "torch_dtype", "data_dir")
+    if not theirs or theirs.get("trainer") == "grpo" or any(mine.get(k) != theirs.get(k) for k in same):
+        return None
+    return parent, int(theirs["max_steps"])
+
+
+def borrow_start_rows(run_dir: Path) -> int:
+    """Copy the previous stage's evaluation rows of its last iteration as this stage's
+    iteration 0 (marked `copied_from: <run>@<iteration>`). Returns rows copied."""
+    from esft.evaluation.accuracy import FORGETTING_FILE, row_key
+    from esft.io import append_jsonl
+
+    start = stage_start(run_dir)
+    if start is None:
+        return 0
+    parent, last = start
+    path = run_dir / "eval" / FORGETTING_FILE
+    have = {row_key(r) for r in read_jsonl(path)} if path.exists() else set()
+    copied = 0
+    for row in read_jsonl(parent / "eval" / FORGETTING_FILE):
+        moved = {**row, "iteration": 0, "copied_from": f"{parent.name}@{last}"}
+        if row.get("iteration") == last and row_key(moved) not in have:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            append_jsonl(path, moved)
+            have.add(row_key(moved))
+            copied += 1
+    return copied
+
+
 def borrow_kl_cache(run_dir: Path) -> None:
     """Copy sibling runs' cached base-model continuations this run lacks (each cache file
     names its base model and prompts, and is checked when read)."""
@@ -68,4 +114,4 @@ def borrow_kl_cache(run_dir: Path) -> None:
                 shutil.copy2(f, target)
 
 
-__all__ = ["borrow_base_rows", "borrow_kl_cache", "same_base_siblings"]
+__all__ = ["borrow_base_rows", "borrow_kl_cache", "borrow_start_rows", "same_base_siblings", "stage_start"]
