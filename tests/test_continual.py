@@ -9,6 +9,7 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 from helpers import TINY, assert_bitwise_equal
@@ -231,3 +232,33 @@ def test_a_stage_takes_its_iteration_0_kl_from_the_previous_stage_and_it_is_what
     (measured,) = kl_report(stage2, ["conciseness"], iterations=[0], num_prompts=2, max_tokens=4)
     assert measured["kl_exact_token"] == pytest.approx(start["kl_exact_token"], rel=1e-6), "borrowed = measured"
 
+
+
+def test_sequences_that_differ_only_in_seed_are_summarised_over_seeds() -> None:
+    from types import SimpleNamespace
+
+    from scipy import stats
+
+    from esft.report.continual import over_seeds, over_seeds_markdown
+
+    def chain(arm: str, seed: int, **awd: Any) -> list[SimpleNamespace]:
+        s1 = SimpleNamespace(path=f"/x/{arm}-seed{seed}.s1", config={**BASE, "seed": seed, **awd})
+        s2 = SimpleNamespace(path=f"/x/{arm}-seed{seed}.s2", config={**BASE, "seed": seed, "task": "countdown", **awd,
+                                                                   "noise_stream": 1, "init_from": s1.path})
+        return [s1, s2]
+
+    def result(acc: float, bwt: float, kl: float) -> dict[str, Any]:
+        value = {"value": None, "lo": None, "hi": None}
+        return {"acc": {**value, "value": acc}, "bwt": {**value, "value": bwt}, "fwt": {**value, "value": 0.5},
+                "bwt_relative": value, "prior_kl_after_stage": [kl / 2, kl]}
+
+    chains = [chain("es", 0), chain("awd", 0, awd="l2", awd_lambda=10), chain("es", 1), chain("es", 2)]
+    results = [result(1.0, -3.0, 0.3), result(9.0, 9.0, 0.1), result(2.0, -5.0, 0.5), result(4.0, -1.0, 0.4)]
+    (row,) = over_seeds(chains, results)  # awd has one seed: no summary over seeds
+    assert row["seeds"] == [0, 1, 2] and row["label"] == "ES (4)"
+    bwt = [-3.0, -5.0, -1.0]
+    half = stats.t.ppf(0.975, 2) * np.std(bwt, ddof=1) / np.sqrt(3)
+    assert row["bwt"]["values"] == bwt and row["bwt"]["mean"] == pytest.approx(-3.0)
+    assert (row["bwt"]["lo"], row["bwt"]["hi"]) == (pytest.approx(-3.0 - half), pytest.approx(-3.0 + half))
+    assert row["prior_kl_after_stage"][1]["mean"] == pytest.approx(0.4) and row["bwt_relative"] is None
+    assert "| ES (4) | 0, 1, 2 | +2.33 [" in "\n".join(over_seeds_markdown([row], "reward"))

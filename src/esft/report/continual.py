@@ -123,6 +123,80 @@ def forgetting_matrix(chain: Sequence[Any], settings: dict[str, Setting]) -> dic
     }
 
 
+def _arm_key(chain: Sequence[Any]) -> str:
+    """Everything that decides a chain but its seed: each stage's setting without the link to
+    the stage before (whose directory name carries the seed)."""
+    import json
+
+    from esft.report.seeds import setting_key
+
+    keys = []
+    for r in chain:
+        config = dict(r.config)
+        if started_from(config):
+            config.pop("init_from", None)
+            if config.get("trainer") == "grpo":
+                config.pop("model", None)
+        keys.append(setting_key(config))
+    return json.dumps(keys)
+
+
+def over_seeds(chains: Sequence[Sequence[Any]], results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Sequences that differ only in the training seed, summarised over the seeds: ACC, BWT,
+    FWT, BWT_rel and the prior KL after each stage, each as the mean over seeds with a 95%
+    t-interval over them and the per-seed values (an ES run at small N is one draw of many:
+    the interval over examples says how well that draw was measured, not what the next gives)."""
+    from esft.report.intervals import t_interval
+    from esft.report.summary import run_label
+
+    groups: dict[str, list[tuple[Any, dict[str, Any]]]] = {}
+    for chain, result in zip(chains, results):
+        groups.setdefault(_arm_key(chain), []).append((chain, result))
+    out = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        members.sort(key=lambda m: int(m[0][0].config.get("seed") or 0))
+        first = members[0][0]
+        label = run_label(first[-1].config) + (", re-anchored" if first[-1].config.get("anchor_at") == "start" else "")
+
+        def estimate(values: list[float | None]) -> dict[str, Any] | None:
+            if any(v is None for v in values):
+                return None
+            e = t_interval([float(v) for v in values])
+            return {"mean": e.value, "lo": e.lo, "hi": e.hi, "values": values}
+
+        row: dict[str, Any] = {"label": label, "seeds": [int(m[0][0].config.get("seed") or 0) for m in members],
+                               "runs": [[str(r.path) for r in m[0]] for m in members]}
+        for key in ("acc", "bwt", "fwt", "bwt_relative"):
+            row[key] = estimate([m[1][key]["value"] for m in members])
+        stages = len(first)
+        row["prior_kl_after_stage"] = [estimate([m[1]["prior_kl_after_stage"][i] for m in members]) for i in range(stages)]
+        out.append(row)
+    return out
+
+
+def over_seeds_markdown(rows: Sequence[dict[str, Any]], units: str) -> list[str]:
+    """The over-seed summaries as a table for report.md."""
+    if not rows:
+        return []
+
+    def fmt(e: dict[str, Any] | None, form: str = "{:+.2f}", scale: float = 1.0) -> str:
+        if e is None:
+            return "–"
+        values = ", ".join(form.format(scale * v) for v in e["values"])
+        return f"{form.format(scale * e['mean'])} [{form.format(scale * e['lo'])}, {form.format(scale * e['hi'])}] ({values})"
+
+    scale = 1.0 if units == REWARD else 100.0
+    lines = ["", "Over training seeds (mean, 95% t-interval over seeds, then each seed):", "",
+             "| arm | seeds | ACC | BWT | BWT / own gain | FWT | prior KL after the last stage |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['label']} | {', '.join(map(str, r['seeds']))} | {fmt(r['acc'], scale=scale)} | "
+                     f"{fmt(r['bwt'], scale=scale)} | {fmt(r['bwt_relative'], '{:+.0f}%', 100.0)} | "
+                     f"{fmt(r['fwt'], scale=scale)} | {fmt(r['prior_kl_after_stage'][-1], '{:.3f}')} |")
+    return lines
+
+
 def acc_bwt_fwt(matrix: Sequence[Sequence[float | None]], T: int) -> dict[str, float | None]:
     """ACC, BWT, FWT and BWT_rel of a (T+1) × ≥T matrix (row 0 the base model); None where a cell
     is missing, and BWT_rel None where a stage's own gain is not positive."""
@@ -226,4 +300,5 @@ def plot(results: Sequence[dict[str, Any]], path: Path) -> Path | None:
     return path
 
 
-__all__ = ["MATRIX_FILE", "acc_bwt_fwt", "forgetting_matrix", "markdown", "plot", "sequences"]
+__all__ = ["MATRIX_FILE", "acc_bwt_fwt", "forgetting_matrix", "markdown", "over_seeds", "over_seeds_markdown", "plot",
+           "sequences", "started_from"]

@@ -52,7 +52,8 @@ def _sequence_section(runs: list[RunSummary], settings: dict, out: Path, figures
     if not chains:
         return ""
     results = [continual.forgetting_matrix(chain, settings) for chain in chains]
-    write_text_atomic(out / continual.MATRIX_FILE, json.dumps({"sequences": results}, indent=1) + "\n")
+    seeds = continual.over_seeds(chains, results)
+    write_text_atomic(out / continual.MATRIX_FILE, json.dumps({"sequences": results, "over_seeds": seeds}, indent=1) + "\n")
     lines = ["", "## Task sequences: the forgetting matrix", "",
              "R[i][j]: task j after stage i (row 0: the base model), in the task's primary metric (points, or "
              "reward units), 95% interval; ACC = mean_j R[T][j], BWT = mean_{j<T} (R[T][j] − R[j][j]), "
@@ -61,6 +62,8 @@ def _sequence_section(runs: list[RunSummary], settings: dict, out: Path, figures
              f"Numbers also in `{continual.MATRIX_FILE}`.", ""]
     for r in results:
         lines += [f"### {r['labels'][0]} → … ({len(r['stage_tasks'])} stages)", "", *continual.markdown(r), ""]
+    if seeds:
+        lines += continual.over_seeds_markdown(seeds, results[0]["units"]) + [""]
     if figures and continual.plot(results, out / "forgetting_matrix.png") is not None:
         lines += ["![forgetting matrix](forgetting_matrix.png)", ""]
     return "\n".join(lines)
