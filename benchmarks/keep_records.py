@@ -18,8 +18,10 @@ import shutil
 from pathlib import Path
 
 #: What a record keeps, relative to its run directory (the scripts' inputs and the seed log);
-#: drift.json holds a GRPO run's drift (an ES run's is in its metrics), when the sweep measured it.
-KEPT = ("config.yaml", "seedlog.jsonl", "metrics.jsonl", "kl.json", "eval/forgetting.jsonl", "drift.json")
+#: drift.json holds a GRPO run's drift (an ES run's is in its metrics), when the sweep measured it;
+#: auto_lambda.json, `--awd_lambda auto`'s choice and prediction.
+KEPT = ("config.yaml", "seedlog.jsonl", "metrics.jsonl", "kl.json", "eval/forgetting.jsonl", "drift.json",
+        "auto_lambda.json")
 
 
 def finished(run: Path, kl: bool = True) -> bool:

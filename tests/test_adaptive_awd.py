@@ -454,6 +454,29 @@ def test_auto_lambda_records_its_choice_and_evidence(auto_run: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_kept_record_resumed_without_its_evidence_file_recovers_the_choice_from_the_log(
+        tmp_path, auto_run: Path, monkeypatch) -> None:
+    import esft.auto_lambda
+    from esft.trainer import ESTrainer
+
+    monkeypatch.setattr(esft.auto_lambda, "evidence_for", lambda cfg: pytest.fail("a resume must not choose again"))
+    run = tmp_path / "kept"  # what benchmarks/keep_records.py kept before it kept auto_lambda.json
+    run.mkdir()
+    config = yaml.safe_load((auto_run / "config.yaml").read_text())
+    chosen = config.pop("awd_lambda_chosen")
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "output_dir": str(run)}, sort_keys=False))
+    for name in ("seedlog.jsonl", "metrics.jsonl"):
+        (run / name).write_bytes((auto_run / name).read_bytes())
+    ESTrainer(args=ESConfig(**{**TINY, **AUTO}, output_dir=str(run), resume=True)).train()
+    assert yaml.safe_load((run / "config.yaml").read_text())["awd_lambda_chosen"] == pytest.approx(chosen)
+    evidence = json.loads((run / "auto_lambda.json").read_text())
+    assert evidence["rebuilt_from"] == "seed log" and evidence["chosen_step"] == 1 / TINY["max_steps"]
+    assert [r["iteration"] for r in read_jsonl(run / "metrics.jsonl")].count(0) <= 1, "no second iteration-0 row"
+    final = load_checkpoint_tensors(run / "final")
+    assert_bitwise_equal(final, load_checkpoint_tensors(auto_run / "final"), "the rebuilt final")
+
+
+@pytest.mark.slow
 def test_a_resumed_auto_run_keeps_its_step_and_never_chooses_again(tmp_path, auto_run: Path, monkeypatch) -> None:
     import esft.auto_lambda
     from esft.trainer import ESTrainer

@@ -91,8 +91,13 @@ def choose_step(trainer: Any, records: list[IterationRecord]) -> float:
         evidence = json.loads(path.read_text())
         log.info("awd_lambda auto: λ=%g, chosen before (%s)", evidence["chosen_lambda"], path)
         return float(evidence["chosen_step"])
-    if records:  # the evidence file is gone, the log still says what was applied
-        return float(records[0].extra[AWD_STEP_KEY])
+    if records:  # the evidence file is gone (a kept record resumed): the log says what was applied
+        step = float(records[0].extra[AWD_STEP_KEY])
+        evidence = {"rule": "horizon", "penalty": cfg.awd, "chosen_step": step,
+                    "chosen_lambda": cfg.lambda_for_step(step), "rebuilt_from": "seed log"}
+        write_text_atomic(path, json.dumps(evidence, indent=1) + "\n")
+        _record_choice(trainer, evidence, metrics_row=False)
+        return step
     evidence = evidence_for(cfg)
     write_text_atomic(path, json.dumps(evidence, indent=1) + "\n")
     _record_choice(trainer, evidence)
@@ -110,8 +115,9 @@ def describe(evidence: dict[str, Any]) -> str:
     return head
 
 
-def _record_choice(trainer: Any, evidence: dict[str, Any]) -> None:
-    """The choice in config.yaml and metrics.jsonl (an iteration-0 row), beside auto_lambda.json."""
+def _record_choice(trainer: Any, evidence: dict[str, Any], metrics_row: bool = True) -> None:
+    """The choice in config.yaml and (`metrics_row`) metrics.jsonl's iteration-0 row, beside
+    auto_lambda.json."""
     import yaml
 
     from esft.seedlog import CONFIG_FILE
@@ -120,6 +126,8 @@ def _record_choice(trainer: Any, evidence: dict[str, Any]) -> None:
     saved = yaml.safe_load(path.read_text()) or {}
     saved["awd_lambda_chosen"] = evidence["chosen_lambda"]
     write_text_atomic(path, yaml.safe_dump(saved, sort_keys=False))
+    if not metrics_row:
+        return
     row = {"iteration": 0, "awd/lambda": evidence["chosen_lambda"], "awd/step": evidence["chosen_step"],
            "awd/auto/horizon_c": evidence["horizon_c"]}
     if "predicted_kl_cut" in evidence:
