@@ -26,6 +26,7 @@ def write_run(root: Path, name: str, finished: bool = True) -> Path:
     (run / "metrics.jsonl").write_text("".join(json.dumps({"iteration": k, "drift/norm": 1.5 * k,
                                                            "params/trainable": 10}) + "\n" for k in (1, 2)))
     (run / "drift.json").write_text(json.dumps([{"iteration": 2, "global": {"norm": 3.0}}]))
+    (run / "auto_lambda.json").write_text(json.dumps({"chosen_lambda": 5.0}))
     (run / "theta0.safetensors").write_bytes(b"\0" * 1024)
     (run / "final" / "model.safetensors").write_bytes(b"\0" * 1024)
     if finished:
