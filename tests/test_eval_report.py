@@ -133,3 +133,41 @@ def test_lambda_sweep_report_plots_accuracy_against_lambda(tmp_path) -> None:
     assert "| ES (30) + AWD L2 λ=1 | +20.0 | -10.0 | -10.0 |" in md
     assert "| ES (30) + AWD L2 λ=10 | +18.0 | -5.0 | -5.0 |" in md
     assert (tmp_path / "rep" / "lambda.png").exists()
+
+
+def test_a_grpo_stage_measures_kl_and_drift_against_the_sequences_base(tmp_path, embedded_dir) -> None:
+    """Stage 2 of a GRPO sequence loads stage 1's final/: its KL and drift are to the first
+    stage's model, so stage 2 at iteration 0 equals stage 1 at its end (not 0)."""
+    import os
+
+    import torch
+
+    from esft.evaluation.drift import drift_report
+    from esft.evaluation.kl import kl_report
+    from esft.evaluation.runs import RunView
+    from esft.models import load_model
+
+    model, tokenizer = load_model(str(embedded_dir), "float32", "cpu")
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        for p in model.model.layers[0].parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    stage1, stage2 = tmp_path / "s1", tmp_path / "s2"
+    stage1.mkdir()
+    stage2.mkdir()
+    model.save_pretrained(stage1 / "checkpoint-1")
+    tokenizer.save_pretrained(stage1 / "checkpoint-1")
+    os.symlink(stage1 / "checkpoint-1", stage1 / "final")
+    os.symlink(stage1 / "checkpoint-1", stage2 / "checkpoint-1")
+    grpo = {"trainer": "grpo", "task": "conciseness", "beta": 0.005, "torch_dtype": "float32"}
+    (stage1 / "config.yaml").write_text(yaml.safe_dump({**grpo, "model": "embedded"}))
+    (stage2 / "config.yaml").write_text(yaml.safe_dump({**grpo, "model": str(stage1 / "final")}))
+
+    assert RunView.open(stage2).origin_model == "embedded"
+    assert RunView.open(stage2).base_model == str(stage1 / "final"), "iteration 0 is still the stage's start"
+    kl1 = kl_report(stage1, ["conciseness"], iterations=[1], num_prompts=2, max_tokens=4)
+    kl2 = kl_report(stage2, ["conciseness"], iterations=[0, 1], num_prompts=2, max_tokens=4)
+    assert kl1[0]["kl_exact_token"] > 0
+    assert [r["kl_exact_token"] for r in kl2] == pytest.approx([kl1[0]["kl_exact_token"]] * 2, rel=1e-6)
+    d1, d2 = drift_report(stage1, iterations=[1]), drift_report(stage2, iterations=[0])
+    assert d2[0]["global"]["norm"] == pytest.approx(d1[0]["global"]["norm"], rel=1e-6) and d2[0]["global"]["norm"] > 0

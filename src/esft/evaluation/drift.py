@@ -215,7 +215,7 @@ def drift_report(
     """One drift_stats dict (plus "iteration") per chosen iteration of an ES or GRPO run.
 
     θ₀ is the run's memory-mapped theta0.safetensors where it has the tensor, else the
-    base model, which is loaded on the host in the run model's dtype so that frozen
+    base model (for a GRPO stage of a sequence, the first stage's: `RunView.origin_model`), which is loaded on the host in the run model's dtype so that frozen
     tensors compare bit for bit and accelerator memory is not doubled.
     """
     from esft.anchor import AnchorFile
@@ -237,11 +237,11 @@ def drift_report(
         if anchor is not None and name in anchored:
             return anchor.get(name)
         if base is None:  # loaded only once, and only if some tensor is not anchored
-            model, _ = load_model(run.base_model, _dtype_name(dtype), "cpu")
+            model, _ = load_model(run.origin_model, _dtype_name(dtype), "cpu")
             base = {n: p.detach() for n, p in model.named_parameters()}
             del model
         if name not in base:
-            raise ValueError(f"{name} is not a parameter of the base model {run.base_model!r}")
+            raise ValueError(f"{name} is not a parameter of the base model {run.origin_model!r}")
         return base[name]
 
     report = []

@@ -350,7 +350,8 @@ def kl_report(
     progress: bool = False,
     dataset: str | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per (iteration, task): KL of the iteration's model from the base model.
+    """One row per (iteration, task): KL of the iteration's model from the base model (for a
+    GRPO stage of a sequence, the first stage's: `RunView.origin_model`).
 
     A `module:function` task's prompts come from `dataset`, or the run's own when the run
     trained on that task.
@@ -373,7 +374,8 @@ def kl_report(
     if dataset is None and view.config.get("task") in tasks:
         dataset = view.config.get("dataset")
     task_objs = [get_task(name, data_dir=data_dir, dataset=dataset) for name in tasks]
-    base, tokenizer = load_model(view.base_model, str(view.config.get("torch_dtype", "auto")), device)
+    origin = view.origin_model  # a GRPO stage's KL is to the sequence's base, not its own start
+    base, tokenizer = load_model(origin, str(view.config.get("torch_dtype", "auto")), device)
     engine = HFEngine(base, tokenizer)
     pad = engine.pad_id
     samples: dict[str, tuple[list[list[int]], list[list[int]]]] = {}
@@ -383,7 +385,7 @@ def kl_report(
             raise ValueError(f"task {name!r} has no test examples")
         prompts = engine.encode([task.messages(e) for e in examples])
         conts = base_continuations(
-            view.run_dir, name, view.base_model, base, tokenizer, prompts,
+            view.run_dir, name, origin, base, tokenizer, prompts,
             num_prompts, max_tokens, seed, batch_size,
         )
         samples[name] = (prompts, conts)

@@ -49,6 +49,26 @@ class RunView:
             "HF checkpoints (checkpoint-<step>/); point --run at the run's --output_dir"
         )
 
+    @property
+    def origin_model(self) -> str:
+        """θ₀ of the sequence this run belongs to, the model KL and drift compare against.
+
+        An ES stage replays from its `model` (the sequence's base) already. A GRPO stage loads
+        the previous stage's `final/` as its `model`; measured against that, its KL and drift
+        would be the stage's own movement, not the sequence's. So follow such stages back to
+        the first one's model. A plain run's origin is its base model.
+        """
+        view, seen = self, {self.run_dir.resolve()}
+        while view.kind == "checkpoints" and view.config.get("trainer") == "grpo":
+            parent = Path(view.base_model)
+            if parent.name != "final" or not (parent.parent / CONFIG_FILE).exists():
+                break
+            if parent.parent.resolve() in seen:
+                raise ValueError(f"{self.run_dir}: its chain of stages loops back to {parent.parent}")
+            seen.add(parent.parent.resolve())
+            view = RunView.open(parent.parent)
+        return view.base_model
+
     # ---------------------------------------------------------------- iterations
     def iterations(self) -> list[int]:
         """All iterations whose weights can be produced (0 = the base model)."""
