@@ -262,3 +262,15 @@ def test_sequences_that_differ_only_in_seed_are_summarised_over_seeds() -> None:
     assert (row["bwt"]["lo"], row["bwt"]["hi"]) == (pytest.approx(-3.0 - half), pytest.approx(-3.0 + half))
     assert row["prior_kl_after_stage"][1]["mean"] == pytest.approx(0.4) and row["bwt_relative"] is None
     assert "| ES (4) | 0, 1, 2 | +2.33 [" in "\n".join(over_seeds_markdown([row], "reward"))
+
+
+def test_an_arm_is_named_by_its_setting_and_whether_it_re_anchors() -> None:
+    from types import SimpleNamespace
+
+    from esft.report.continual import arm_label
+
+    awd = {**BASE, "awd": "l2", "awd_lambda": 10}
+    at_base = [SimpleNamespace(path="/x/a.s1", config=awd), SimpleNamespace(path="/x/a.s2", config={**awd, "anchor_at": "base"})]
+    at_start = [SimpleNamespace(path="/x/b.s1", config=awd), SimpleNamespace(path="/x/b.s2", config={**awd, "anchor_at": "start"})]
+    assert arm_label(at_start) == arm_label(at_base) + ", re-anchored"
+    assert "AWD L2" in arm_label(at_base) and "[" not in arm_label(at_base)

@@ -117,10 +117,18 @@ def forgetting_matrix(chain: Sequence[Any], settings: dict[str, Setting]) -> dic
     summary = _summaries(matrix, per_example, T)
     kl = [float(np.mean(list(r.kl.values()))) if r.kl else None for r in chain]
     return {
-        "runs": [str(r.path) for r in chain], "labels": [r.label for r in chain], "tasks": tasks,
+        "runs": [str(r.path) for r in chain], "labels": [r.label for r in chain], "arm": arm_label(chain), "tasks": tasks,
         "stage_tasks": stage_tasks, "metrics": metrics, "units": "mixed" if len(set(metrics[:T])) > 1 else metrics[0],
         "matrix": matrix, "intervals": intervals, **summary, "prior_kl_after_stage": kl,
     }
+
+
+def arm_label(chain: Sequence[Any]) -> str:
+    """The setting of a chain in words: its last stage's label without the run name, and whether
+    its stages re-anchor (two AWD arms differ only in that)."""
+    from esft.report.summary import run_label
+
+    return run_label(chain[-1].config) + (", re-anchored" if chain[-1].config.get("anchor_at") == "start" else "")
 
 
 def _arm_key(chain: Sequence[Any]) -> str:
@@ -147,7 +155,6 @@ def over_seeds(chains: Sequence[Sequence[Any]], results: Sequence[dict[str, Any]
     t-interval over them and the per-seed values (an ES run at small N is one draw of many:
     the interval over examples says how well that draw was measured, not what the next gives)."""
     from esft.report.intervals import t_interval
-    from esft.report.summary import run_label
 
     groups: dict[str, list[tuple[Any, dict[str, Any]]]] = {}
     for chain, result in zip(chains, results):
@@ -158,7 +165,7 @@ def over_seeds(chains: Sequence[Sequence[Any]], results: Sequence[dict[str, Any]
             continue
         members.sort(key=lambda m: int(m[0][0].config.get("seed") or 0))
         first = members[0][0]
-        label = run_label(first[-1].config) + (", re-anchored" if first[-1].config.get("anchor_at") == "start" else "")
+        label = arm_label(first)
 
         def estimate(values: list[float | None]) -> dict[str, Any] | None:
             if any(v is None for v in values):
@@ -289,10 +296,12 @@ def plot(results: Sequence[dict[str, Any]], path: Path) -> Path | None:
             for j in range(m.shape[1]):
                 if np.isfinite(m[i, j]):
                     scale = 1.0 if r["metrics"][j] == REWARD else 100.0
-                    ax.text(j, i, f"{scale * m[i, j]:.1f}", ha="center", va="center", fontsize=8)
+                    dark = abs(change[i, j] / spread[j]) > 0.6  # white on the deep reds and blues
+                    ax.text(j, i, f"{scale * m[i, j]:.1f}", ha="center", va="center", fontsize=8,
+                            color="white" if dark else "black")
         ax.set_xticks(range(len(r["tasks"])), r["tasks"], rotation=30, ha="right", fontsize=8)
         ax.set_yticks(range(m.shape[0]), ["base"] + [f"after {i}" for i in range(1, m.shape[0])], fontsize=8)
-        ax.set_title(r["labels"][0].split(" [")[0], fontsize=9)
+        ax.set_title(r.get("arm") or r["labels"][0].split(" [")[0], fontsize=9)
     fig.suptitle("Forgetting matrix: score of each task (column) after each stage (row); colour: change from the "
                  "base model, per column", fontsize=9)
     fig.savefig(path, dpi=120)
