@@ -215,8 +215,9 @@ def drift_report(
     """One drift_stats dict (plus "iteration") per chosen iteration of an ES or GRPO run.
 
     θ₀ is the run's memory-mapped theta0.safetensors where it has the tensor, else the
-    base model (for a GRPO stage of a sequence, the first stage's: `RunView.origin_model`), which is loaded on the host in the run model's dtype so that frozen
-    tensors compare bit for bit and accelerator memory is not doubled.
+    base model (for a GRPO stage of a sequence, the first stage's: `RunView.origin_model`),
+    which is loaded on the host in the run model's dtype so that frozen tensors compare bit
+    for bit and accelerator memory is not doubled.
     """
     from esft.anchor import AnchorFile
     from esft.evaluation.runs import RunView

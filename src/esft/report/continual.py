@@ -117,7 +117,8 @@ def forgetting_matrix(chain: Sequence[Any], settings: dict[str, Setting]) -> dic
     summary = _summaries(matrix, per_example, T)
     kl = [float(np.mean(list(r.kl.values()))) if r.kl else None for r in chain]
     return {
-        "runs": [str(r.path) for r in chain], "labels": [r.label for r in chain], "arm": arm_label(chain), "tasks": tasks,
+        "runs": [str(r.path) for r in chain], "labels": [r.label for r in chain], "arm": arm_label(chain),
+        "tasks": tasks,
         "stage_tasks": stage_tasks, "metrics": metrics, "units": "mixed" if len(set(metrics[:T])) > 1 else metrics[0],
         "matrix": matrix, "intervals": intervals, **summary, "prior_kl_after_stage": kl,
     }
