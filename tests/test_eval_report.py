@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -171,3 +172,35 @@ def test_a_grpo_stage_measures_kl_and_drift_against_the_sequences_base(tmp_path,
     assert [r["kl_exact_token"] for r in kl2] == pytest.approx([kl1[0]["kl_exact_token"]] * 2, rel=1e-6)
     d1, d2 = drift_report(stage1, iterations=[1]), drift_report(stage2, iterations=[0])
     assert d2[0]["global"]["norm"] == pytest.approx(d1[0]["global"]["norm"], rel=1e-6) and d2[0]["global"]["norm"] > 0
+
+
+def test_a_grpo_stage_finds_its_sequences_base_from_the_configs_alone(tmp_path, monkeypatch) -> None:
+    """Three stages with `model:` relative to where the sweep ran, stage 1's checkpoints gone;
+    a GRPO run on an ES run's final/ keeps that as its base; a loop is an error."""
+    from esft.evaluation.runs import RunView
+
+    def stage(name: str, **config: Any) -> Path:
+        run = tmp_path / "runs" / name
+        (run / "checkpoint-1").mkdir(parents=True)
+        (run / "config.yaml").write_text(yaml.safe_dump({"trainer": "grpo", **config}))
+        return run
+
+    s1 = stage("g.s1", model="embedded")
+    shutil.rmtree(s1 / "checkpoint-1")
+    stage("g.s2", model="runs/g.s1/final")
+    s3 = stage("g.s3", model="runs/g.s2/final")
+    monkeypatch.chdir(tmp_path)
+    assert RunView.open(s3).origin_model == "embedded"
+    monkeypatch.chdir(s1)  # elsewhere: the relative paths resolve through the stages' siblings
+    assert RunView.open(s3).origin_model == "embedded"
+
+    es = tmp_path / "runs" / "es"
+    es.mkdir()
+    (es / "config.yaml").write_text(yaml.safe_dump({"model": "embedded", "seed": 0}))
+    on_es = stage("on-es", model=str(es / "final"))
+    assert RunView.open(on_es).origin_model == str(es / "final")
+
+    stage("loop.a", model=str(tmp_path / "runs" / "loop.b" / "final"))
+    loop_b = stage("loop.b", model=str(tmp_path / "runs" / "loop.a" / "final"))
+    with pytest.raises(ValueError, match="loops back"):
+        _ = RunView.open(loop_b).origin_model

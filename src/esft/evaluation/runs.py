@@ -54,20 +54,32 @@ class RunView:
         """θ₀ of the sequence this run belongs to, the model KL and drift compare against.
 
         An ES stage replays from its `model` (the sequence's base) already. A GRPO stage loads
-        the previous stage's `final/` as its `model`; measured against that, its KL and drift
-        would be the stage's own movement, not the sequence's. So follow such stages back to
-        the first one's model. A plain run's origin is its base model.
+        the previous GRPO stage's `final/` as its `model`; measured against that, its KL and
+        drift would be the stage's own movement, not the sequence's. So follow such stages back
+        to the first one's model (only their config.yaml is read: a stage whose checkpoints
+        were deleted still links). A plain run's origin is its base model, and so is that of
+        a GRPO run trained on top of an ES run's `final/`.
         """
-        view, seen = self, {self.run_dir.resolve()}
-        while view.kind == "checkpoints" and view.config.get("trainer") == "grpo":
-            parent = Path(view.base_model)
-            if parent.name != "final" or not (parent.parent / CONFIG_FILE).exists():
+        model, config, run_dir = self.base_model, self.config, self.run_dir
+        seen = {run_dir.resolve()}
+        while config.get("trainer") == "grpo" and Path(model).name == "final":
+            parent = Path(model).parent
+            if not (parent / CONFIG_FILE).exists():
+                # `model:` is relative to where the sweep ran; its stages are siblings.
+                parent = run_dir.parent / parent.name
+            if not (parent / CONFIG_FILE).exists():
                 break
-            if parent.parent.resolve() in seen:
-                raise ValueError(f"{self.run_dir}: its chain of stages loops back to {parent.parent}")
-            seen.add(parent.parent.resolve())
-            view = RunView.open(parent.parent)
-        return view.base_model
+            parent_config = yaml.safe_load((parent / CONFIG_FILE).read_text()) or {}
+            if parent_config.get("trainer") != "grpo":
+                break
+            if parent.resolve() in seen:
+                raise ValueError(f"{self.run_dir}: its chain of stages loops back to {parent}")
+            seen.add(parent.resolve())
+            parent_model = parent_config.get("model") or _base_from_checkpoints(parent)
+            if parent_model is None:
+                break
+            model, config, run_dir = str(parent_model), parent_config, parent
+        return model
 
     # ---------------------------------------------------------------- iterations
     def iterations(self) -> list[int]:
