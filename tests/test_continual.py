@@ -206,6 +206,8 @@ def test_the_report_holds_the_forgetting_matrix_with_its_summaries_and_figure(se
         assert seq["tasks"][:2] == ["conciseness", "countdown"] and len(seq["matrix"]) == 3  # base + 2 stages
         assert all(key in seq for key in ("acc", "bwt", "fwt", "bwt_relative", "prior_kl_after_stage"))
         assert seq["matrix"][0] is not None and seq["acc"]["value"] is not None
+    assert sorted(seq["arm"].endswith(", re-anchored") for seq in data) == [False, True]
+    assert {seq["seed"] for seq in data} == {BASE["seed"]}
     for arm in ("es", "re"):  # stage 2's iteration 0 is stage 1's end (its rows), never the base model's
         stage1, stage2 = sequence["out"] / f"{arm}.s1-conciseness", sequence["out"] / f"{arm}.s2-countdown"
         start = [r for r in read_jsonl(stage2 / "eval" / "forgetting.jsonl") if r["iteration"] == 0]

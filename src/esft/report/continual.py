@@ -118,7 +118,7 @@ def forgetting_matrix(chain: Sequence[Any], settings: dict[str, Setting]) -> dic
     kl = [float(np.mean(list(r.kl.values()))) if r.kl else None for r in chain]
     return {
         "runs": [str(r.path) for r in chain], "labels": [r.label for r in chain], "arm": arm_label(chain),
-        "tasks": tasks,
+        "seed": int(chain[0].config.get("seed") or 0), "tasks": tasks,
         "stage_tasks": stage_tasks, "metrics": metrics, "units": "mixed" if len(set(metrics[:T])) > 1 else metrics[0],
         "matrix": matrix, "intervals": intervals, **summary, "prior_kl_after_stage": kl,
     }
@@ -302,7 +302,8 @@ def plot(results: Sequence[dict[str, Any]], path: Path) -> Path | None:
                             color="white" if dark else "black")
         ax.set_xticks(range(len(r["tasks"])), r["tasks"], rotation=30, ha="right", fontsize=8)
         ax.set_yticks(range(m.shape[0]), ["base"] + [f"after {i}" for i in range(1, m.shape[0])], fontsize=8)
-        ax.set_title(r.get("arm") or r["labels"][0].split(" [")[0], fontsize=9)
+        title = r.get("arm") or r["labels"][0].split(" [")[0]
+        ax.set_title(title + (f", seed {r['seed']}" if "seed" in r else ""), fontsize=9)
     fig.suptitle("Forgetting matrix: score of each task (column) after each stage (row); colour: change from the "
                  "base model, per column", fontsize=9)
     fig.savefig(path, dpi=120)
