@@ -62,8 +62,7 @@ class RunView:
         """
         model, config, run_dir = self.base_model, self.config, self.run_dir
         seen = {run_dir.resolve()}
-        while config.get("trainer") == "grpo" and Path(model).name == "final":
-            parent = Path(model).parent
+        while (parent := grpo_parent(config, model)) is not None:
             if not (parent / CONFIG_FILE).exists():
                 # `model:` is relative to where the sweep ran; its stages are siblings.
                 parent = run_dir.parent / parent.name
@@ -138,6 +137,14 @@ class RunView:
                 check_same_architecture(self.base_model, model)
             yield k, model, tokenizer
 
+
+
+def grpo_parent(config: dict, model: str | None = None) -> Path | None:
+    """The run directory a GRPO stage started from, or None: a stage of a GRPO sequence loads
+    the previous stage's `final/` as its model (`model`: the run's base model, when config.yaml
+    does not name it). The one rule that links GRPO stages, for evaluation and the report."""
+    model = str(model if model is not None else config.get("model") or "")
+    return Path(model).parent if config.get("trainer") == "grpo" and Path(model).name == "final" else None
 
 
 def _base_from_checkpoints(run_dir: Path) -> str | None:

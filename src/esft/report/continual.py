@@ -38,12 +38,12 @@ MATRIX_FILE = "forgetting_matrix.json"
 def started_from(config: dict[str, Any]) -> str | None:
     """The run directory a stage started from: an ES stage's `init_from`; a GRPO stage loads
     the previous stage's `final/` as its model."""
+    from esft.evaluation.runs import grpo_parent
+
     if config.get("init_from"):
         return str(config["init_from"])
-    model = str(config.get("model") or "")
-    if config.get("trainer") == "grpo" and Path(model).name == "final":
-        return str(Path(model).parent)
-    return None
+    parent = grpo_parent(config)
+    return None if parent is None else str(parent)
 
 
 def sequences(runs: Sequence[Any]) -> list[list[Any]]:
@@ -302,8 +302,7 @@ def plot(results: Sequence[dict[str, Any]], path: Path) -> Path | None:
                             color="white" if dark else "black")
         ax.set_xticks(range(len(r["tasks"])), r["tasks"], rotation=30, ha="right", fontsize=8)
         ax.set_yticks(range(m.shape[0]), ["base"] + [f"after {i}" for i in range(1, m.shape[0])], fontsize=8)
-        title = r.get("arm") or r["labels"][0].split(" [")[0]
-        ax.set_title(title + (f", seed {r['seed']}" if "seed" in r else ""), fontsize=9)
+        ax.set_title(f"{r['arm']}, seed {r['seed']}", fontsize=9)
     fig.suptitle("Forgetting matrix: score of each task (column) after each stage (row); colour: change from the "
                  "base model, per column", fontsize=9)
     fig.savefig(path, dpi=120)
