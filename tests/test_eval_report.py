@@ -172,6 +172,7 @@ def test_a_grpo_stage_measures_kl_and_drift_against_the_sequences_base(tmp_path,
     assert [r["kl_exact_token"] for r in kl2] == pytest.approx([kl1[0]["kl_exact_token"]] * 2, rel=1e-6)
     d1, d2 = drift_report(stage1, iterations=[1]), drift_report(stage2, iterations=[0])
     assert d2[0]["global"]["norm"] == pytest.approx(d1[0]["global"]["norm"], rel=1e-6) and d2[0]["global"]["norm"] > 0
+    assert {r["reference"] for r in kl2 + d2} == {"embedded"}, "each row names what it was measured against"
 
 
 def test_a_grpo_stage_finds_its_sequences_base_from_the_configs_alone(tmp_path, monkeypatch) -> None:

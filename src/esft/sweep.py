@@ -266,10 +266,20 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     return rows if isinstance(rows, list) else []
 
 
+def _run_config(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "config.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
 def _kl_rows(run_dir: Path, ev: EvalSpec) -> list[dict[str, Any]]:
-    """kl.json rows made with this eval's prompts and token budget."""
+    """kl.json rows made with this eval's prompts and token budget, against the run's origin."""
+    from esft.evaluation.runs import measured_against, origin_of  # torch: not at import time
+
+    config = _run_config(run_dir)
+    origin = origin_of(run_dir, config)
     return [r for r in _read_rows(run_dir / KL_FILE)
-            if r.get("num_prompts") == ev.kl_num_prompts and r.get("max_tokens") == ev.kl_max_tokens]
+            if r.get("num_prompts") == ev.kl_num_prompts and r.get("max_tokens") == ev.kl_max_tokens
+            and measured_against(r, config, origin)]
 
 
 def _borrow_start_kl(run_dir: Path, ev: EvalSpec) -> bool:
@@ -307,8 +317,17 @@ def _missing_harness(run_dir: Path, ev: EvalSpec, its: Sequence[int]) -> list[tu
     return list(groups.items())
 
 
+def _drift_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """drift.json rows measured against what `esft drift` compares this run with now."""
+    from esft.evaluation.runs import drift_reference, measured_against
+
+    config = _run_config(run_dir)
+    reference = drift_reference(run_dir, config)
+    return [r for r in _read_rows(run_dir / DRIFT_FILE) if measured_against(r, config, reference)]
+
+
 def _missing_drift(run_dir: Path, its: Sequence[int]) -> list[int]:
-    have = {r.get("iteration") for r in _read_rows(run_dir / DRIFT_FILE)}
+    have = {r.get("iteration") for r in _drift_rows(run_dir)}
     return [k for k in its if k not in have]
 
 
@@ -701,7 +720,7 @@ def _drift(stage: Stage, run_dir: Path, spec: SweepSpec, progress: _Progress) ->
     with run_lock(run_dir, "drift measurement"):
         with _run_output(run_dir / LOG_FILE, f"drift {run.name}"):
             rows = drift_report(run_dir, iterations=missing, device=spec.device)
-        kept = [r for r in _read_rows(run_dir / DRIFT_FILE) if r.get("iteration") not in missing]
+        kept = [r for r in _drift_rows(run_dir) if r.get("iteration") not in missing]
         merged = sorted(kept + rows, key=lambda r: r["iteration"])
         write_text_atomic(run_dir / DRIFT_FILE, json.dumps(merged, indent=1) + "\n")
     progress.advance(stage.units - stage.done)

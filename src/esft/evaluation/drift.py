@@ -220,7 +220,7 @@ def drift_report(
     for bit and accelerator memory is not doubled.
     """
     from esft.anchor import AnchorFile
-    from esft.evaluation.runs import RunView
+    from esft.evaluation.runs import RunView, drift_reference
     from esft.models import load_model, resolve_device, resolve_dtype
     from esft.seedlog import ANCHOR_FILE
 
@@ -245,11 +245,14 @@ def drift_report(
             raise ValueError(f"{name} is not a parameter of the base model {run.origin_model!r}")
         return base[name]
 
+    # Rows name what they were measured against, so a sweep recomputes rows from before a change.
+    reference = drift_reference(run.run_dir, run.config) if run.kind == "es" else run.origin_model
     report = []
     norms: dict[str, float] = {}
     # ES runs yield one model mutated in place: each is fully read before the next step.
     for k, model, _tok in run.models(chosen, device):
-        report.append({"iteration": k, **drift_stats(model.named_parameters(), theta0, taus, norms)})
+        report.append({"iteration": k, **drift_stats(model.named_parameters(), theta0, taus, norms),
+                       "reference": reference})
     return report
 
 

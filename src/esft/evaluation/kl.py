@@ -399,7 +399,7 @@ def kl_report(
             prompts, conts = samples[name]
             stats = kl_on_continuations(base, model, prompts, conts, batch_size, pad_id=pad)
             log.info("iteration %d %s: KL exact %.4g, MC %.4g", k, name, stats["kl_exact_token"], stats["kl_mc_token"])
-            rows.append({"iteration": k, "task": name, **stats})
+            rows.append({"iteration": k, "task": name, **stats, "reference": origin})
             bar.update(1)
     bar.close()
     return rows

@@ -60,25 +60,7 @@ class RunView:
         were deleted still links). A plain run's origin is its base model, and so is that of
         a GRPO run trained on top of an ES run's `final/`.
         """
-        model, config, run_dir = self.base_model, self.config, self.run_dir
-        seen = {run_dir.resolve()}
-        while (parent := grpo_parent(config, model)) is not None:
-            if not (parent / CONFIG_FILE).exists():
-                # `model:` is relative to where the sweep ran; its stages are siblings.
-                parent = run_dir.parent / parent.name
-            if not (parent / CONFIG_FILE).exists():
-                break
-            parent_config = yaml.safe_load((parent / CONFIG_FILE).read_text()) or {}
-            if parent_config.get("trainer") != "grpo":
-                break
-            if parent.resolve() in seen:
-                raise ValueError(f"{self.run_dir}: its chain of stages loops back to {parent}")
-            seen.add(parent.resolve())
-            parent_model = parent_config.get("model") or _base_from_checkpoints(parent)
-            if parent_model is None:
-                break
-            model, config, run_dir = str(parent_model), parent_config, parent
-        return model
+        return origin_of(self.run_dir, self.config, self.base_model)
 
     # ---------------------------------------------------------------- iterations
     def iterations(self) -> list[int]:
@@ -137,6 +119,52 @@ class RunView:
                 check_same_architecture(self.base_model, model)
             yield k, model, tokenizer
 
+
+
+def origin_of(run_dir: Path, config: dict, model: str | None = None) -> str:
+    """θ₀ of the sequence a run belongs to, from config.yaml files alone (`RunView.origin_model`
+    explains why); usable before the run has trained, e.g. to find the siblings that share it."""
+    model = str(model if model is not None else config.get("model", "embedded"))
+    start = run_dir
+    seen = {Path(run_dir).resolve()}
+    while (parent := grpo_parent(config, model)) is not None:
+        if not (parent / CONFIG_FILE).exists():
+            # `model:` is relative to where the sweep ran; its stages are siblings.
+            parent = Path(run_dir).parent / parent.name
+        if not (parent / CONFIG_FILE).exists():
+            break
+        parent_config = yaml.safe_load((parent / CONFIG_FILE).read_text()) or {}
+        if parent_config.get("trainer") != "grpo":
+            break
+        if parent.resolve() in seen:
+            raise ValueError(f"{start}: its chain of stages loops back to {parent}")
+        seen.add(parent.resolve())
+        parent_model = parent_config.get("model") or _base_from_checkpoints(parent)
+        if parent_model is None:
+            break
+        model, config, run_dir = str(parent_model), parent_config, parent
+    return model
+
+
+def drift_reference(run_dir: Path, config: dict) -> str:
+    """What `esft drift` measures a run against: an ES stage re-anchored at its start
+    (`anchor_at: start`) against that start, held in its θ₀ file; any other run (or one whose
+    θ₀ file is gone) against its origin."""
+    from esft.seedlog import ANCHOR_FILE
+
+    restaged = config.get("trainer", "es") != "grpo" and config.get("init_from") and config.get("anchor_at") == "start"
+    if restaged and (Path(run_dir) / ANCHOR_FILE).exists():
+        return str(config["init_from"])
+    return origin_of(run_dir, config)
+
+
+def measured_against(row: dict, config: dict, reference: str) -> bool:
+    """Whether a kl.json / drift.json row was measured against `reference`. Rows carry their
+    `reference`; older rows do not, and only a GRPO stage's reference has changed since
+    (it was the stage's own start, its `model`), so those are read as measured against that."""
+    if "reference" in row:
+        return row["reference"] == reference
+    return config.get("model") == reference if config.get("trainer") == "grpo" else True
 
 
 def grpo_parent(config: dict, model: str | None = None) -> Path | None:

@@ -19,8 +19,12 @@ def same_base_siblings(run_dir: Path, same_start: bool = True) -> list[Path]:
     """Other runs beside this one on the same base model and data (base model, dtype and
     data folder); with `same_start`, also starting from the same weights: a stage of a task
     sequence starts from its previous stage's final weights (`init_from`), so its iteration
-    0 is not the base model's. The base model's KL samples are shared either way."""
+    0 is not the base model's. The base model's KL samples are shared either way: without
+    `same_start` the model is the sequence's origin, since a GRPO stage loads the previous
+    stage's `final/` as its `model` yet measures KL against the first stage's base."""
     import yaml
+
+    from esft.evaluation.runs import origin_of
 
     def base(d: Path) -> tuple[Any, ...] | None:
         path = d / "config.yaml"
@@ -28,8 +32,13 @@ def same_base_siblings(run_dir: Path, same_start: bool = True) -> list[Path]:
             return None
         cfg = yaml.safe_load(path.read_text()) or {}
         # The data folder too: the same task name over another data pack is other examples.
-        key = (cfg.get("model"), cfg.get("torch_dtype", "auto"), cfg.get("data_dir"))
-        return (*key, cfg.get("init_from")) if same_start else key
+        if same_start:
+            return (cfg.get("model"), cfg.get("torch_dtype", "auto"), cfg.get("data_dir"), cfg.get("init_from"))
+        try:
+            origin = origin_of(d, cfg) if cfg.get("model") else None
+        except ValueError:  # a chain of stages that loops: that run's own KL says so
+            return None
+        return (origin, cfg.get("torch_dtype", "auto"), cfg.get("data_dir"))
 
     mine = base(run_dir)
     return [d for d in sorted(run_dir.parent.iterdir())
