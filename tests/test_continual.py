@@ -276,3 +276,21 @@ def test_an_arm_is_named_by_its_setting_and_whether_it_re_anchors() -> None:
     at_start = [SimpleNamespace(path="/x/b.s1", config=awd), SimpleNamespace(path="/x/b.s2", config={**awd, "anchor_at": "start"})]
     assert arm_label(at_start) == arm_label(at_base) + ", re-anchored"
     assert "AWD L2" in arm_label(at_base) and "[" not in arm_label(at_base)
+
+
+def test_the_figures_put_each_arm_on_a_row_and_each_seed_in_a_column(tmp_path) -> None:
+    import matplotlib.image
+
+    from esft.report.continual import plot, plot_summary
+
+    def result(arm: str, seed: int, rel: float | None) -> dict[str, Any]:
+        return {"arm": arm, "seed": seed, "tasks": ["conciseness", "verbosity", "piqa"], "metrics": ["reward", "reward", "accuracy"],
+                "matrix": [[-80.0, 87.0, 0.4], [-60.0, 60.0, 0.4], [-75.0, 90.0, 0.3]],
+                "bwt_relative": {"value": rel, "lo": None if rel is None else rel - 0.2, "hi": None if rel is None else rel + 0.2},
+                "prior_kl_after_stage": [0.1, 0.2]}
+
+    results = [result("ES (8)", 1, -0.6), result("AWD", 0, -0.3), result("ES (8)", 0, -0.5)]
+    heatmaps = matplotlib.image.imread(plot(results, tmp_path / "matrix.png"))
+    assert heatmaps.shape[:2] == (2 * 432, 2 * 540), "2 arms × 2 seeds at 4.5 × 3.6 inches, 120 dpi"
+    assert plot_summary(results, tmp_path / "summary.png").stat().st_size > 0
+    assert plot_summary([result("ES (8)", 0, None)], tmp_path / "none.png") is None, "no stage gained: nothing to plot"

@@ -286,8 +286,15 @@ def plot(results: Sequence[dict[str, Any]], path: Path) -> Path | None:
 
     if not results:
         return None
-    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.6), squeeze=False, layout="constrained")
-    for ax, r in zip(axes[0], results):
+    # One row per arm, one column per seed: ten sequences in one row would be 45 inches wide.
+    grid = _by_arm_and_seed(results)
+    cols = max(len(row) for row in grid)
+    fig, axes = plt.subplots(len(grid), cols, figsize=(4.5 * cols, 3.6 * len(grid)), squeeze=False, layout="constrained")
+    for ax in axes.flat:
+        ax.set_axis_off()
+    placed = [(axes[i][j], r) for i, row in enumerate(grid) for j, r in enumerate(row)]
+    for ax, r in placed:
+        ax.set_axis_on()
         m = np.array([[math.nan if v is None else v for v in row] for row in r["matrix"]], dtype=float)
         change = m - m[0]
         spread = np.nanmax(np.abs(change), axis=0)
@@ -310,5 +317,58 @@ def plot(results: Sequence[dict[str, Any]], path: Path) -> Path | None:
     return path
 
 
+def _by_arm_and_seed(results: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The sequences grouped by arm (in the order they first appear), each group by seed."""
+    arms: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        arms.setdefault(r["arm"], []).append(r)
+    return [sorted(group, key=lambda r: r["seed"]) for group in arms.values()]
+
+
+def plot_summary(results: Sequence[dict[str, Any]], path: Path, goal: float = -0.10) -> Path | None:
+    """Per arm, one dot per seed: the share of the stages' own gains kept at the end (BWT
+    relative, with its interval over examples) beside the prior-task KL after the last stage.
+    The arms' forgetting and cost side by side, which the heatmaps show only cell by cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = [g for g in _by_arm_and_seed(results) if any(r["bwt_relative"]["value"] is not None for r in g)]
+    if not grid:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 0.6 * len(grid) + 1.6), sharey=True, layout="constrained",
+                                      gridspec_kw={"width_ratios": [3, 2]})
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    seeds = sorted({r["seed"] for g in grid for r in g})
+    for y, group in enumerate(grid):
+        for r in group:
+            k = seeds.index(r["seed"])
+            offset = y + 0.12 * (k - (len(seeds) - 1) / 2)
+            colour = colours[k % len(colours)]
+            rel = r["bwt_relative"]
+            if rel["value"] is not None:
+                if rel["lo"] is not None:
+                    left.plot([100 * rel["lo"], 100 * rel["hi"]], [offset, offset], color=colour, lw=1.2)
+                left.plot(100 * rel["value"], offset, "o", color=colour, label=f"seed {r['seed']}")
+            kl = r["prior_kl_after_stage"][-1]
+            if kl is not None:
+                right.plot(kl, offset, "o", color=colour)
+    left.axvline(0, color="0.5", lw=0.8)
+    left.axvline(100 * goal, color="tab:green", lw=0.8, ls="--", label=f"goal: {100 * goal:+.0f}%")
+    left.set_yticks(range(len(grid)), [g[0]["arm"] for g in grid], fontsize=8)
+    left.invert_yaxis()
+    left.set_xlabel("BWT / own gain, % (95% interval over examples)", fontsize=8)
+    right.set_xlabel("mean prior-task KL after the last stage (nats/token)", fontsize=8)
+    right.set_xlim(left=0)
+    handles, labels = left.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    left.legend(unique.values(), unique.keys(), fontsize=7, loc="best")
+    fig.suptitle("Task sequences: how much of each stage's gain is kept, and at what KL (one dot per seed)", fontsize=9)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 __all__ = ["MATRIX_FILE", "acc_bwt_fwt", "forgetting_matrix", "markdown", "over_seeds", "over_seeds_markdown", "plot",
-           "sequences", "started_from"]
+           "plot_summary", "sequences", "started_from"]

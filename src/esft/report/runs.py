@@ -66,6 +66,8 @@ def _sequence_section(runs: list[RunSummary], settings: dict, out: Path, figures
         lines += continual.over_seeds_markdown(seeds, results[0]["units"]) + [""]
     if figures and continual.plot(results, out / "forgetting_matrix.png") is not None:
         lines += ["![forgetting matrix](forgetting_matrix.png)", ""]
+    if figures and continual.plot_summary(results, out / "forgetting_summary.png") is not None:
+        lines += ["![kept gains and prior KL per arm and seed](forgetting_summary.png)", ""]
     return "\n".join(lines)
 
 
