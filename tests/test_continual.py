@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -236,6 +237,24 @@ def test_a_stage_takes_its_iteration_0_kl_from_the_previous_stage_and_it_is_what
 
 
 
+@pytest.mark.slow
+def test_each_stage_names_what_its_kl_and_drift_were_measured_against_and_a_rerun_keeps_them(sequence) -> None:
+    import json
+
+    from esft.sweep import _missing_drift, _missing_kl
+    from esft.sweep_spec import EvalSpec
+
+    out = sequence["out"]
+    ev = EvalSpec(kl_tasks=("conciseness",), kl_num_prompts=2, kl_max_tokens=4)
+    expected = {"es": ("embedded", "embedded"), "re": ("embedded", str((out / "re.s1-conciseness").resolve()))}
+    for arm, (kl_reference, drift_reference) in expected.items():
+        stage2 = out / f"{arm}.s2-countdown"
+        kl_rows, drift_rows = (json.loads((stage2 / name).read_text()) for name in ("kl.json", "drift.json"))
+        assert {r["reference"] for r in kl_rows} == {kl_reference}, "KL is to the base model, re-anchored or not"
+        assert {str(Path(r["reference"]).resolve()) if arm == "re" else r["reference"] for r in drift_rows} == {drift_reference}
+        assert _missing_kl(stage2, ev, [0, 2]) == [] and _missing_drift(stage2, [0, 2]) == [], "nothing to measure again"
+
+
 def test_sequences_that_differ_only_in_seed_are_summarised_over_seeds() -> None:
     from types import SimpleNamespace
 
@@ -278,19 +297,30 @@ def test_an_arm_is_named_by_its_setting_and_whether_it_re_anchors() -> None:
     assert "AWD L2" in arm_label(at_base) and "[" not in arm_label(at_base)
 
 
-def test_the_figures_put_each_arm_on_a_row_and_each_seed_in_a_column(tmp_path) -> None:
+def test_the_figures_put_each_arm_on_a_row_and_each_seed_in_its_column(tmp_path) -> None:
     import matplotlib.image
 
-    from esft.report.continual import plot, plot_summary
+    from esft.report.continual import _by_arm_and_seed, plot, plot_summary
 
-    def result(arm: str, seed: int, rel: float | None) -> dict[str, Any]:
-        return {"arm": arm, "seed": seed, "tasks": ["conciseness", "verbosity", "piqa"], "metrics": ["reward", "reward", "accuracy"],
+    def result(arm: str, seed: int, rel: float | None, tasks: tuple[str, ...] = ("conciseness", "verbosity")) -> dict[str, Any]:
+        return {"arm": arm, "seed": seed, "tasks": [*tasks, "piqa"], "stage_tasks": list(tasks),
+                "metrics": ["reward", "reward", "accuracy"],
                 "matrix": [[-80.0, 87.0, 0.4], [-60.0, 60.0, 0.4], [-75.0, 90.0, 0.3]],
                 "bwt_relative": {"value": rel, "lo": None if rel is None else rel - 0.2, "hi": None if rel is None else rel + 0.2},
                 "prior_kl_after_stage": [0.1, 0.2]}
 
-    results = [result("ES (8)", 1, -0.6), result("AWD", 0, -0.3), result("ES (8)", 0, -0.5)]
+    results = [result("ES (8)", 1, -0.6), result("AWD", 1, -0.3), result("ES (8)", 0, -0.5),
+               result("ES (8)", 0, -0.4, ("verbosity", "conciseness"))]
+    grid = _by_arm_and_seed(results)
+    assert [(label, [r["seed"] for r in group]) for label, group in grid] == [
+        ("ES (8) (conciseness → verbosity)", [0, 1]), ("AWD", [1]), ("ES (8) (verbosity → conciseness)", [0])]
     heatmaps = matplotlib.image.imread(plot(results, tmp_path / "matrix.png"))
-    assert heatmaps.shape[:2] == (2 * 432, 2 * 540), "2 arms × 2 seeds at 4.5 × 3.6 inches, 120 dpi"
+    assert heatmaps.shape[:2] == (3 * 432, 2 * 540), "3 arms × seeds 0 and 1 at 4.5 × 3.6 inches, 120 dpi"
+    # AWD ran seed 1 only: its panel is in seed 1's column, the one left of it is blank (white).
+    awd_seed0 = heatmaps[432 + 50:2 * 432 - 50, 50:540 - 50, :3]
+    assert awd_seed0.min() == 1.0 and heatmaps[432 + 50:2 * 432 - 50, 540 + 50:-50, :3].min() < 1.0
     assert plot_summary(results, tmp_path / "summary.png").stat().st_size > 0
-    assert plot_summary([result("ES (8)", 0, None)], tmp_path / "none.png") is None, "no stage gained: nothing to plot"
+    assert plot_summary([result("ES (8)", 0, None)], tmp_path / "kl-only.png") is not None, "no stage gained: KL still shown"
+    none = result("ES (8)", 0, None)
+    none["prior_kl_after_stage"] = [None, None]
+    assert plot_summary([none], tmp_path / "none.png") is None, "nothing measured: no figure"

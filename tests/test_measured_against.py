@@ -35,14 +35,22 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
 def test_a_grpo_stage_borrows_the_base_models_kl_samples_from_its_sequence(tmp_path: Path) -> None:
     s1 = make_run(tmp_path, "g.s1", trainer="grpo", model="embedded")
     s2 = make_run(tmp_path, "g.s2", trainer="grpo", model=str(s1 / "final"))
+    s3 = make_run(tmp_path, "g.s3", trainer="grpo", model=str(s2 / "final"))
     other = make_run(tmp_path, "other", trainer="grpo", model="HuggingFaceTB/SmolLM2-360M-Instruct")
-    (s1 / CACHE_DIR).mkdir()
-    (s1 / CACHE_DIR / "piqa-n16-t32-s0.json").write_text('{"base_model": "embedded"}\n')
+    base = '{"base_model": "embedded"}\n'
+    for run, text in ((s1, base), (s2, '{"base_model": "%s"}\n' % (s1 / "final"))):
+        (run / CACHE_DIR).mkdir()
+        (run / CACHE_DIR / "piqa-n16-t32-s0.json").write_text(text)  # s2's: its own start, from before the fix
 
-    borrow_kl_cache(s2)
-    borrow_kl_cache(other)
+    (s1 / CACHE_DIR / "piqa-n16-t32-s0.json").rename(tmp_path / "aside.json")
+    borrow_kl_cache(s3)
+    assert not (s3 / CACHE_DIR).exists(), "a sibling's cache for another base is not borrowed"
+    (tmp_path / "aside.json").rename(s1 / CACHE_DIR / "piqa-n16-t32-s0.json")
+    for run in (s2, s3, other):
+        borrow_kl_cache(run)
 
-    assert (s2 / CACHE_DIR / "piqa-n16-t32-s0.json").read_text() == '{"base_model": "embedded"}\n'
+    assert (s2 / CACHE_DIR / "piqa-n16-t32-s0.json").read_text() == base, "its stale cache is replaced"
+    assert (s3 / CACHE_DIR / "piqa-n16-t32-s0.json").read_text() == base
     assert not (other / CACHE_DIR).exists(), "another base model's samples are not this one's"
 
 

@@ -212,7 +212,8 @@ def drift_report(
     taus: Iterable[float] = DEFAULT_TAUS,
     device: str = "cpu",
 ) -> list[dict[str, Any]]:
-    """One drift_stats dict (plus "iteration") per chosen iteration of an ES or GRPO run.
+    """One drift_stats dict (plus "iteration" and "reference", what θ₀ is) per chosen iteration
+    of an ES or GRPO run.
 
     θ₀ is the run's memory-mapped theta0.safetensors where it has the tensor, else the
     base model (for a GRPO stage of a sequence, the first stage's: `RunView.origin_model`),

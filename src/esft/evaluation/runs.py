@@ -124,7 +124,9 @@ class RunView:
 def origin_of(run_dir: Path, config: dict, model: str | None = None) -> str:
     """θ₀ of the sequence a run belongs to, from config.yaml files alone (`RunView.origin_model`
     explains why); usable before the run has trained, e.g. to find the siblings that share it."""
-    model = str(model if model is not None else config.get("model", "embedded"))
+    if model is None:  # as RunView.open reads it
+        model = config.get("model") or _base_from_checkpoints(Path(run_dir)) or "embedded"
+    model = str(model)
     start = run_dir
     seen = {Path(run_dir).resolve()}
     while (parent := grpo_parent(config, model)) is not None:

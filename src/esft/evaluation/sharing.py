@@ -109,16 +109,31 @@ def borrow_start_rows(run_dir: Path) -> int:
 
 
 def borrow_kl_cache(run_dir: Path) -> None:
-    """Copy sibling runs' cached base-model continuations this run lacks (each cache file
-    names its base model and prompts, and is checked when read)."""
+    """Copy sibling runs' cached base-model continuations this run lacks, or holds for another
+    base model (a GRPO stage's cache from before its KL was to the sequence's base). Each file
+    names its base model and prompts, and is checked again when read."""
+    import json
     import shutil
 
-    from esft.evaluation.kl import CACHE_DIR
+    import yaml
 
+    from esft.evaluation.kl import CACHE_DIR
+    from esft.evaluation.runs import origin_of
+
+    def base_of(f: Path) -> object:
+        try:
+            return json.loads(f.read_text()).get("base_model")
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return
+    origin = origin_of(run_dir, yaml.safe_load(path.read_text()) or {})
     for sibling in same_base_siblings(run_dir, same_start=False):
         for f in sorted((sibling / CACHE_DIR).glob("*.json")):
             target = run_dir / CACHE_DIR / f.name
-            if not target.exists():
+            if (not target.exists() or base_of(target) != origin) and base_of(f) == origin:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(f, target)
 

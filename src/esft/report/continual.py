@@ -287,13 +287,13 @@ def plot(results: Sequence[dict[str, Any]], path: Path) -> Path | None:
     if not results:
         return None
     # One row per arm, one column per seed: ten sequences in one row would be 45 inches wide.
-    grid = _by_arm_and_seed(results)
-    cols = max(len(row) for row in grid)
-    fig, axes = plt.subplots(len(grid), cols, figsize=(4.5 * cols, 3.6 * len(grid)), squeeze=False, layout="constrained")
+    grid, seeds = _by_arm_and_seed(results), sorted({r["seed"] for r in results})
+    fig, axes = plt.subplots(len(grid), len(seeds), figsize=(4.5 * len(seeds), 3.6 * len(grid)), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat:
         ax.set_axis_off()
-    placed = [(axes[i][j], r) for i, row in enumerate(grid) for j, r in enumerate(row)]
-    for ax, r in placed:
+    placed = [(axes[i][seeds.index(r["seed"])], label, r) for i, (label, group) in enumerate(grid) for r in group]
+    for ax, label, r in placed:
         ax.set_axis_on()
         m = np.array([[math.nan if v is None else v for v in row] for row in r["matrix"]], dtype=float)
         change = m - m[0]
@@ -309,7 +309,7 @@ def plot(results: Sequence[dict[str, Any]], path: Path) -> Path | None:
                             color="white" if dark else "black")
         ax.set_xticks(range(len(r["tasks"])), r["tasks"], rotation=30, ha="right", fontsize=8)
         ax.set_yticks(range(m.shape[0]), ["base"] + [f"after {i}" for i in range(1, m.shape[0])], fontsize=8)
-        ax.set_title(f"{r['arm']}, seed {r['seed']}", fontsize=9)
+        ax.set_title(f"{label}, seed {r['seed']}", fontsize=9)
     fig.suptitle("Forgetting matrix: score of each task (column) after each stage (row); colour: change from the "
                  "base model, per column", fontsize=9)
     fig.savefig(path, dpi=120)
@@ -317,34 +317,42 @@ def plot(results: Sequence[dict[str, Any]], path: Path) -> Path | None:
     return path
 
 
-def _by_arm_and_seed(results: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """The sequences grouped by arm (in the order they first appear), each group by seed."""
-    arms: dict[str, list[dict[str, Any]]] = {}
+def _by_arm_and_seed(results: Sequence[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """(label, its sequences by seed) per arm, in the order the arms first appear. An arm is its
+    setting and its tasks in order; the label names the tasks only where two arms share a setting."""
+    arms: dict[tuple[str, tuple[str, ...]], list[dict[str, Any]]] = {}
     for r in results:
-        arms.setdefault(r["arm"], []).append(r)
-    return [sorted(group, key=lambda r: r["seed"]) for group in arms.values()]
+        arms.setdefault((r["arm"], tuple(r["stage_tasks"])), []).append(r)
+    shared = {arm for arm, _ in arms if sum(a == arm for a, _ in arms) > 1}
+    return [(arm if arm not in shared else f"{arm} ({' → '.join(tasks)})", sorted(group, key=lambda r: r["seed"]))
+            for (arm, tasks), group in arms.items()]
 
 
 def plot_summary(results: Sequence[dict[str, Any]], path: Path, goal: float = -0.10) -> Path | None:
-    """Per arm, one dot per seed: the share of the stages' own gains kept at the end (BWT
-    relative, with its interval over examples) beside the prior-task KL after the last stage.
-    The arms' forgetting and cost side by side, which the heatmaps show only cell by cell."""
+    """Per arm, one dot per seed: the share of the stages' own gains lost by the end (BWT
+    relative, with its interval over examples; "n/a" where no stage gained) beside the
+    prior-task KL after the last stage. The arms' forgetting and cost side by side, which the
+    heatmaps show only cell by cell."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid = [g for g in _by_arm_and_seed(results) if any(r["bwt_relative"]["value"] is not None for r in g)]
-    if not grid:
+    grid = _by_arm_and_seed(results)
+    if not any(r["bwt_relative"]["value"] is not None or r["prior_kl_after_stage"][-1] is not None
+               for _, group in grid for r in group):
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 0.6 * len(grid) + 1.6), sharey=True, layout="constrained",
                                       gridspec_kw={"width_ratios": [3, 2]})
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    seeds = sorted({r["seed"] for g in grid for r in g})
-    for y, group in enumerate(grid):
+    seeds = sorted({r["seed"] for _, group in grid for r in group})
+    step = min(0.12, 0.8 / len(seeds))  # the seeds of one arm stay within its row
+    for y, (_, group) in enumerate(grid):
+        if all(r["bwt_relative"]["value"] is None for r in group):
+            left.text(0, y, "n/a: no stage gained", ha="center", va="center", fontsize=7, color="0.4")
         for r in group:
             k = seeds.index(r["seed"])
-            offset = y + 0.12 * (k - (len(seeds) - 1) / 2)
+            offset = y + step * (k - (len(seeds) - 1) / 2)
             colour = colours[k % len(colours)]
             rel = r["bwt_relative"]
             if rel["value"] is not None:
@@ -353,18 +361,20 @@ def plot_summary(results: Sequence[dict[str, Any]], path: Path, goal: float = -0
                 left.plot(100 * rel["value"], offset, "o", color=colour, label=f"seed {r['seed']}")
             kl = r["prior_kl_after_stage"][-1]
             if kl is not None:
-                right.plot(kl, offset, "o", color=colour)
+                right.plot(kl, offset, "o", color=colour, label=f"seed {r['seed']}")
     left.axvline(0, color="0.5", lw=0.8)
     left.axvline(100 * goal, color="tab:green", lw=0.8, ls="--", label=f"goal: {100 * goal:+.0f}%")
-    left.set_yticks(range(len(grid)), [g[0]["arm"] for g in grid], fontsize=8)
+    left.set_yticks(range(len(grid)), [label for label, _ in grid], fontsize=8)
     left.invert_yaxis()
-    left.set_xlabel("BWT / own gain, % (95% interval over examples)", fontsize=8)
+    left.set_xlabel("BWT / own gain, % (−50%: half of the stages' gains lost; 95% interval over examples)", fontsize=8)
     right.set_xlabel("mean prior-task KL after the last stage (nats/token)", fontsize=8)
     right.set_xlim(left=0)
-    handles, labels = left.get_legend_handles_labels()
-    unique = dict(zip(labels, handles))
-    left.legend(unique.values(), unique.keys(), fontsize=7, loc="best")
-    fig.suptitle("Task sequences: how much of each stage's gain is kept, and at what KL (one dot per seed)", fontsize=9)
+    handles: dict[str, Any] = {}
+    for ax in (left, right):
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    left.legend(handles.values(), handles.keys(), fontsize=7, loc="best")
+    fig.suptitle("Task sequences: how much of each stage's gain is lost, and at what KL (one dot per seed)", fontsize=9)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
