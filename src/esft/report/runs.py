@@ -67,7 +67,7 @@ def _sequence_section(runs: list[RunSummary], settings: dict, out: Path, figures
     if figures and continual.plot(results, out / "forgetting_matrix.png") is not None:
         lines += ["![forgetting matrix](forgetting_matrix.png)", ""]
     if figures and continual.plot_summary(results, out / "forgetting_summary.png") is not None:
-        lines += ["![kept gains and prior KL per arm and seed](forgetting_summary.png)", ""]
+        lines += ["![gains lost and prior KL per arm and seed](forgetting_summary.png)", ""]
     return "\n".join(lines)
 
 
