@@ -16,7 +16,7 @@ import yaml
 from esft.evaluation.kl import CACHE_DIR
 from esft.evaluation.runs import drift_reference, measured_against, origin_of
 from esft.evaluation.sharing import borrow_kl_cache
-from esft.seedlog import ANCHOR_FILE
+from esft.seedlog import ANCHOR_FILE, SEEDLOG
 from esft.sweep import _kl_rows, _missing_drift, _missing_kl
 from esft.sweep_spec import EvalSpec
 
@@ -77,8 +77,9 @@ def test_drift_of_a_stage_re_anchored_at_its_start_is_against_that_start(tmp_pat
     s1 = make_run(tmp_path, "a.s1", model="embedded", seed=0)
     restaged = make_run(tmp_path, "a.s2", model="embedded", seed=0, init_from=str(s1), anchor_at="start")
     at_base = make_run(tmp_path, "b.s2", model="embedded", seed=0, init_from=str(s1), anchor_at="base")
-    for run in (restaged, at_base):
-        (run / ANCHOR_FILE).write_bytes(b"")  # the trainer writes θ₀ before its first iteration
+    for run in (restaged, at_base):  # ES runs: a seed log, and θ₀ written before the first iteration
+        (run / SEEDLOG).write_text("")
+        (run / ANCHOR_FILE).write_bytes(b"")
     assert drift_reference(restaged, yaml.safe_load((restaged / "config.yaml").read_text())) == str(s1)
     assert drift_reference(at_base, yaml.safe_load((at_base / "config.yaml").read_text())) == "embedded"
 

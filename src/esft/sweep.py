@@ -43,6 +43,7 @@ from esft.evaluation.sharing import (
     borrow_base_rows,
     borrow_kl_cache,
     borrow_start_rows,
+    saved_config,
     stage_start,
 )
 from esft.io import read_jsonl, write_text_atomic
@@ -266,16 +267,11 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     return rows if isinstance(rows, list) else []
 
 
-def _run_config(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "config.yaml"
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
-
-
 def _kl_rows(run_dir: Path, ev: EvalSpec) -> list[dict[str, Any]]:
     """kl.json rows made with this eval's prompts and token budget, against the run's origin."""
     from esft.evaluation.runs import measured_against, origin_of  # torch: not at import time
 
-    config = _run_config(run_dir)
+    config = saved_config(run_dir)
     origin = origin_of(run_dir, config)
     return [r for r in _read_rows(run_dir / KL_FILE)
             if r.get("num_prompts") == ev.kl_num_prompts and r.get("max_tokens") == ev.kl_max_tokens
@@ -321,7 +317,7 @@ def _drift_rows(run_dir: Path) -> list[dict[str, Any]]:
     """drift.json rows measured against what `esft drift` compares this run with now."""
     from esft.evaluation.runs import drift_reference, measured_against
 
-    config = _run_config(run_dir)
+    config = saved_config(run_dir)
     reference = drift_reference(run_dir, config)
     return [r for r in _read_rows(run_dir / DRIFT_FILE) if measured_against(r, config, reference)]
 

@@ -247,7 +247,7 @@ def drift_report(
         return base[name]
 
     # Rows name what they were measured against, so a sweep recomputes rows from before a change.
-    reference = drift_reference(run.run_dir, run.config) if run.kind == "es" else run.origin_model
+    reference = drift_reference(run.run_dir, run.config)
     report = []
     norms: dict[str, float] = {}
     # ES runs yield one model mutated in place: each is fully read before the next step.

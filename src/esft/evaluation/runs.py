@@ -151,10 +151,11 @@ def origin_of(run_dir: Path, config: dict, model: str | None = None) -> str:
 def drift_reference(run_dir: Path, config: dict) -> str:
     """What `esft drift` measures a run against: an ES stage re-anchored at its start
     (`anchor_at: start`) against that start, held in its θ₀ file; any other run (or one whose
-    θ₀ file is gone) against its origin."""
+    θ₀ file is gone) against its origin. An ES run is one with a seed log, as `RunView.open` has it."""
     from esft.seedlog import ANCHOR_FILE
 
-    restaged = config.get("trainer", "es") != "grpo" and config.get("init_from") and config.get("anchor_at") == "start"
+    es = (Path(run_dir) / SEEDLOG).exists()
+    restaged = es and config.get("init_from") and config.get("anchor_at") == "start"
     if restaged and (Path(run_dir) / ANCHOR_FILE).exists():
         return str(config["init_from"])
     return origin_of(run_dir, config)

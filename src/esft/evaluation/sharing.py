@@ -15,6 +15,14 @@ from typing import Any
 from esft.io import read_jsonl
 
 
+def saved_config(run_dir: Path) -> dict[str, Any]:
+    """A run directory's config.yaml as a dict; {} where there is none (not started yet)."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
 def same_base_siblings(run_dir: Path, same_start: bool = True) -> list[Path]:
     """Other runs beside this one on the same base model and data (base model, dtype and
     data folder); with `same_start`, also starting from the same weights: a stage of a task
@@ -68,17 +76,11 @@ def stage_start(run_dir: Path) -> tuple[Path, int] | None:
     that run's final weights, bit for bit (`init_from`), so what was measured there holds here.
     None for a run that starts from the base model, or whose previous run is on another base
     or data folder."""
-    import yaml
-
-    def config(d: Path) -> dict[str, Any]:
-        path = d / "config.yaml"
-        return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
-
-    mine = config(run_dir)
+    mine = saved_config(run_dir)
     if not mine.get("init_from"):
         return None
     parent = Path(mine["init_from"])
-    theirs = config(parent)
+    theirs = saved_config(parent)
     same = ("model", "torch_dtype", "data_dir")
     if not theirs or theirs.get("trainer") == "grpo" or any(mine.get(k) != theirs.get(k) for k in same):
         return None
@@ -115,8 +117,6 @@ def borrow_kl_cache(run_dir: Path) -> None:
     import json
     import shutil
 
-    import yaml
-
     from esft.evaluation.kl import CACHE_DIR
     from esft.evaluation.runs import origin_of
 
@@ -126,16 +126,19 @@ def borrow_kl_cache(run_dir: Path) -> None:
         except (OSError, ValueError, AttributeError):
             return None
 
-    path = run_dir / "config.yaml"
-    if not path.is_file():
+    if not (run_dir / "config.yaml").is_file():
         return
-    origin = origin_of(run_dir, yaml.safe_load(path.read_text()) or {})
+    origin = origin_of(run_dir, saved_config(run_dir))
+    held: dict[str, object] = {}  # file name → the base model this run's copy is for (read once)
     for sibling in same_base_siblings(run_dir, same_start=False):
         for f in sorted((sibling / CACHE_DIR).glob("*.json")):
             target = run_dir / CACHE_DIR / f.name
-            if (not target.exists() or base_of(target) != origin) and base_of(f) == origin:
+            if f.name not in held:
+                held[f.name] = base_of(target) if target.exists() else None
+            if held[f.name] != origin and base_of(f) == origin:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(f, target)
+                held[f.name] = origin
 
 
-__all__ = ["borrow_base_rows", "borrow_kl_cache", "borrow_start_rows", "same_base_siblings", "stage_start"]
+__all__ = ["borrow_base_rows", "borrow_kl_cache", "borrow_start_rows", "same_base_siblings", "saved_config", "stage_start"]
