@@ -3,7 +3,7 @@
 Reads the run directories of sweeps (`examples/auto_lambda_grid_cpu.yaml`, and for the
 T=20, N=8 cell `examples/paper_claims_cpu.yaml`, whose plain ES and λ = 3, 10, 30 runs are
 that cell's ladder) and sorts their seed-0 runs by their config into cells of (T, N) and
-arms: plain ES, `auto`, and L2 rungs by c = s·T. Writes one object per cell: its settings,
+arms: plain ES, `auto`, and L2 rungs by c = s·T; a cell is one target task at one (T, N). Writes one object per cell: its settings,
 auto's λ, auto's share of plain ES's held-out gain and its cut of the mean prior-task KL, and
 the ladder's best rung (the largest KL cut among the rungs, auto included, that keep >= 90%
 of the gain; null if none). Prints the same as a markdown table with every rung.
@@ -45,20 +45,23 @@ def arm_row(run: dict[str, Any], ref_gain: float | None, ref_kl: float | None) -
     }
 
 
-def arm_of(config: dict[str, Any]) -> tuple[tuple[int, int], str] | None:
-    """((T, N), arm) of a seed-0 ES run with plain ES or fixed/auto L2; None for anything else."""
+Cell = tuple[str, int, int]  # (target task, T, N)
+
+
+def arm_of(config: dict[str, Any]) -> tuple[Cell, str] | None:
+    """((task, T, N), arm) of a seed-0 ES run with plain ES or fixed/auto L2; None for anything else."""
     if config.get("trainer") == "grpo" or config.get("kl_budget") is not None or int(config.get("seed", 0)) != 0:
         return None
-    T, N = int(config["max_steps"]), int(config["population_size"])
+    cell = (str(config["task"]), int(config["max_steps"]), int(config["population_size"]))
     awd = config.get("awd", "none")
     if awd == "none":
-        return (T, N), "es"
+        return cell, "es"
     if awd != "l2" or config.get("awd_decoupled"):
         return None
     if config.get("awd_lambda") == "auto":
-        return (T, N), "auto"
-    c = float(config["learning_rate"]) * float(config.get("awd_lambda") or 10.0) * T
-    return (T, N), f"c{c:.3g}"
+        return cell, "auto"
+    c = float(config["learning_rate"]) * float(config.get("awd_lambda") or 10.0) * cell[1]
+    return cell, f"c{c:.3g}"
 
 
 def _rung(row: dict[str, Any], ref_gain: float | None, ref_kl: float | None) -> dict[str, Any]:
@@ -71,8 +74,8 @@ def cells(roots: list[Path], earlier: list[dict[str, Any]] | None = None) -> lis
     """One object per cell of the runs under `roots`; `earlier`: cells of a previous result whose
     runs are gone (measured on another machine before records were kept). Their rungs stay in the
     cell, and a run under `roots` adds a rung to it or replaces the rung of the same name."""
-    runs: dict[tuple[int, int], dict[str, dict[str, Any]]] = {}
-    settings: dict[tuple[int, int], str] = {}
+    runs: dict[Cell, dict[str, dict[str, Any]]] = {}
+    settings: dict[Cell, str] = {}
     for root in roots:
         for path in sorted(root.iterdir()):
             if not ((path / "config.yaml").exists() and (path / "kl.json").exists()):
@@ -82,30 +85,27 @@ def cells(roots: list[Path], earlier: list[dict[str, Any]] | None = None) -> lis
             if where is None:
                 continue
             cell, arm = where
-            # One cell holds runs of one setting but T, N and the AWD strength.
+            # One cell holds runs of one setting but the AWD strength.
             same = json.dumps({k: run["config"].get(k) for k in SETTING}, sort_keys=True)
             if settings.setdefault(cell, same) != same:
                 raise ValueError(f"{path}: another setting than the other runs of cell {cell}")
             runs.setdefault(cell, {}).setdefault(arm, run)
-    before = {(int(c["cell"]["max_steps"]), int(c["cell"]["population_size"])): c for c in earlier or []}
+    before = {(str(c["cell"]["task"]), int(c["cell"]["max_steps"]), int(c["cell"]["population_size"])): c
+              for c in earlier or []}
     out = []
-    for (T, N) in sorted(set(runs) | set(before)):
-        arms, old = runs.get((T, N), {}), before.get((T, N))
+    # Cells of the first task the earlier result (or else the runs) names come first, each task's by (T, N).
+    first = [c["cell"]["task"] for c in earlier or []][:1]
+    for (task, T, N) in sorted(set(runs) | set(before), key=lambda c: (c[0] not in first, c)):
+        arms, old = runs.get((task, T, N), {}), before.get((task, T, N))
         if "es" in arms:
             ref_pair = target_rewards(arms["es"])
             ref_gain = paired_gain(*ref_pair)[0] if ref_pair else None
             ref_kl = mean_kl(arms["es"])
-            task = arms["es"]["config"]["task"]
         elif old is not None:
-            ref_gain, ref_kl, task = old["es_gain"], old["es_kl"], old["cell"]["task"]
+            ref_gain, ref_kl = old["es_gain"], old["es_kl"]
         else:
             continue
         old_es = old and next((r["run"] for r in old["rungs"] if r["lambda"] is None), None)
-        if old is not None:
-            for run in arms.values():
-                if run["config"]["task"] != old["cell"]["task"]:
-                    raise ValueError(f"{run['name']}: task {run['config']['task']!r}, but the earlier cell {(T, N)} "
-                                     f"was measured on {old['cell']['task']!r}")
         # A new plain-ES or auto run replaces the earlier one of that arm, whatever its name.
         replaced = {old_es if "es" in arms else None, old["auto_run"] if old and "auto" in arms else None}
         rows = {r["run"]: _rung(r, ref_gain, ref_kl) for r in (old["rungs"] if old else []) if r["run"] not in replaced}
@@ -133,8 +133,8 @@ def cells(roots: list[Path], earlier: list[dict[str, Any]] | None = None) -> lis
 
 
 def markdown(result: list[dict[str, Any]]) -> str:
-    lines = ["| cell (T, N) | run | λ | held-out gain [95%] | share of ES's gain | mean prior KL | KL cut |",
-             "|---|---|---:|---|---:|---:|---:|"]
+    lines = ["| task | T, N | run | λ | held-out gain [95%] | share of ES's gain | mean prior KL | KL cut |",
+             "|---|---|---|---:|---|---:|---:|---:|"]
     for c in result:
         for r in c["rungs"]:
             gain = "–" if r["gain"] is None else f"{r['gain']:+.1f} [{r['gain_ci'][0]:+.1f}, {r['gain_ci'][1]:+.1f}]"
@@ -143,15 +143,15 @@ def markdown(result: list[dict[str, Any]]) -> str:
             cut = "–" if r["kl_cut"] is None else f"{r['kl_cut']:.2f}×"
             kl = "–" if r["kl"] is None else f"{r['kl']:.3f}"
             mark = " **auto**" if r["run"] == c["auto_run"] else ""
-            lines.append(f"| {c['cell']['max_steps']}, {c['cell']['population_size']} | {r['run']}{mark} | {lam} | "
+            lines.append(f"| {c['cell']['task']} | {c['cell']['max_steps']}, {c['cell']['population_size']} | {r['run']}{mark} | {lam} | "
                          f"{gain} | {share} | {kl} | {cut} |")
-    lines += ["", "| cell (T, N) | auto λ | auto share | auto KL cut | goal (≥ 90%, ≥ 2×) | best rung (share, cut) |",
-              "|---|---:|---:|---:|:---:|---|"]
+    lines += ["", "| task | T, N | auto λ | auto share | auto KL cut | goal (≥ 90%, ≥ 2×) | best rung (share, cut) |",
+              "|---|---|---:|---:|---:|:---:|---|"]
     for c in result:
         best = "none keeps 90%" if c["best_run"] is None else f"{c['best_run']} ({c['best_share']:.0%}, {c['best_kl_cut']:.2f}×)"
         share = "–" if c["auto_share"] is None else f"{c['auto_share']:.0%}"
         cut = "–" if c["auto_kl_cut"] is None else f"{c['auto_kl_cut']:.2f}×"
-        lines.append(f"| {c['cell']['max_steps']}, {c['cell']['population_size']} | {float(c['auto_lambda']):.3g} | "
+        lines.append(f"| {c['cell']['task']} | {c['cell']['max_steps']}, {c['cell']['population_size']} | {float(c['auto_lambda']):.3g} | "
                      f"{share} | {cut} | {'yes' if c['auto_goal_met'] else 'no'} | {best} |")
     return "\n".join(lines)
 

@@ -1,5 +1,5 @@
 """benchmarks/auto_lambda_grid.py on run directories written by hand (no model): runs are
-sorted into cells of (T, N) by their config, auto's share of plain ES's held-out gain and its
+sorted into cells of (target task, T, N) by their config, auto's share of plain ES's held-out gain and its
 KL cut are the ratios of the runs' own numbers, and the best rung is the largest KL cut among
 the rungs that keep at least 90% of the gain."""
 
@@ -26,7 +26,7 @@ def write_run(root: Path, name: str, gain: float, kl: float, **config: Any) -> P
            "max_train_samples": 8, "max_new_tokens": 24, "awd": "none", **config}
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     base = [-80.0 + (i % 7) for i in range(N_EXAMPLES)]
-    rows = [{"iteration": it, "task": "conciseness", "n": N_EXAMPLES, "limit": None, "max_new_tokens": 24,
+    rows = [{"iteration": it, "task": cfg["task"], "n": N_EXAMPLES, "limit": None, "max_new_tokens": 24,
              "accuracy": 0.0, "correct": [0] * N_EXAMPLES, "task_version": "2",
              "rewards": [b + (gain + (i % 3 - 1) if it else 0.0) for i, b in enumerate(base)]}
             for it in (0, cfg["max_steps"])]
@@ -54,7 +54,7 @@ def test_cells_compare_auto_with_plain_es_and_the_ladder(tmp_path: Path) -> None
     assert result["auto_goal_met"] is True
     assert (result["best_run"], result["best_kl_cut"]) == ("auto", pytest.approx(2.5))
     assert [r["run"] for r in result["rungs"]] == ["es", "c0.3", "auto", "c3"]
-    assert "| 10, 4 | c3 | 60 |" in auto_lambda_grid.markdown([result])
+    assert "| conciseness | 10, 4 | c3 | 60 |" in auto_lambda_grid.markdown([result])
 
 
 def test_a_cell_whose_runs_differ_in_another_setting_is_refused(tmp_path: Path) -> None:
@@ -83,7 +83,7 @@ def test_earlier_cells_keep_their_rungs_and_a_new_run_joins_its_cell(tmp_path: P
     assert auto_lambda_grid.cells([], earlier) == earlier, "nothing new: the earlier result unchanged"
 
 
-def test_a_new_plain_es_run_replaces_the_earlier_one_and_another_task_is_refused(tmp_path: Path) -> None:
+def test_a_new_plain_es_run_replaces_the_earlier_one_and_another_task_is_another_cell(tmp_path: Path) -> None:
     cell = {"max_steps": 10, "population_size": 4}
     first, second, third = tmp_path / "first", tmp_path / "second", tmp_path / "third"
     write_run(first, "es-old", 10.0, 0.2, **cell)
@@ -93,6 +93,15 @@ def test_a_new_plain_es_run_replaces_the_earlier_one_and_another_task_is_refused
     (result,) = auto_lambda_grid.cells([second], earlier)
     assert [r["run"] for r in result["rungs"]] == ["es-new", "auto"], "one plain-ES rung: the new one"
     assert result["auto_share"] == pytest.approx(9.5 / 20) and result["best_run"] is None
-    write_run(third, "c3", 8.0, 0.02, **cell, awd="l2", awd_lambda=60, task="countdown")
-    with pytest.raises(ValueError, match="task 'countdown', but the earlier cell"):
-        auto_lambda_grid.cells([third], earlier)
+    # The same (T, N) on another target task: a cell of its own, after the earlier task's cells.
+    write_run(third, "listing-es", 2.0, 0.4, **cell, task="listing")
+    write_run(third, "listing-auto", 1.9, 0.1, **cell, task="listing", awd="l2", awd_lambda="auto",
+              awd_lambda_chosen=20.0)
+    write_run(third, "listing-c3", 1.0, 0.02, **cell, task="listing", awd="l2", awd_lambda=60)
+    old, listing = auto_lambda_grid.cells([third], earlier)
+    assert old == earlier[0], "the conciseness cell is untouched by runs on another task"
+    assert listing["cell"] == {"max_steps": 10, "population_size": 4, "task": "listing", "seed": 0}
+    assert [r["run"] for r in listing["rungs"]] == ["listing-es", "listing-auto", "listing-c3"]
+    assert listing["auto_share"] == pytest.approx(0.95) and listing["auto_kl_cut"] == pytest.approx(4.0)
+    assert listing["best_run"] == "listing-auto", "c3 keeps 50%"
+    assert "| listing | 10, 4 | 20 | 95% | 4.00× | yes |" in auto_lambda_grid.markdown([old, listing])

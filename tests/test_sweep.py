@@ -448,3 +448,18 @@ def test_a_grid_over_seeds_names_its_runs_and_a_grpo_arm_takes_seeds() -> None:
     assert [(r.name, r.grpo_values["seed"]) for r in grpo.runs] == [("grpo-seed0", 0), ("grpo-seed3", 3)]
     with pytest.raises(ValueError, match="seed and seeds: give one"):
         parse_spec({"base": BASE, "grpo": {"seed": 1, "seeds": [0, 1]}})
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_every_example_spec_is_valid_and_states_its_measured_time(path: Path) -> None:
+    """A user runs these as they are: each must parse (unique run names, known keys and tasks),
+    and its header must say how long it took on 2 cores, dated, before anyone starts hours of work."""
+    spec = load_spec(path)
+    names = [run.name for run in spec.runs]
+    assert names and len(set(names)) == len(names)
+    header = "\n".join(line for line in path.read_text().splitlines() if line.startswith("#"))
+    assert re.search(r"[Mm]easured", header) and re.search(r"2026-\d\d-\d\d", header), path.name
+    assert re.search(r"\d+(\.\d+)?\s*(min|s|hours?)\b", header), f"{path.name}: no time in its header"
