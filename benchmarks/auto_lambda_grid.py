@@ -2,8 +2,8 @@
 
 Reads the run directories of sweeps (`examples/auto_lambda_grid_cpu.yaml`, and for the
 T=20, N=8 cell `examples/paper_claims_cpu.yaml`, whose plain ES and λ = 3, 10, 30 runs are
-that cell's ladder) and sorts their seed-0 runs by their config into cells of (T, N) and
-arms: plain ES, `auto`, and L2 rungs by c = s·T; a cell is one target task at one (T, N). Writes one object per cell: its settings,
+that cell's ladder) and sorts their seed-0 runs by their config into cells of (target task,
+T, N) and arms: plain ES, `auto`, and L2 rungs by c = s·T. Writes one object per cell: its settings,
 auto's λ, auto's share of plain ES's held-out gain and its cut of the mean prior-task KL, and
 the ladder's best rung (the largest KL cut among the rungs, auto included, that keep >= 90%
 of the gain; null if none). Prints the same as a markdown table with every rung.
@@ -52,7 +52,8 @@ def arm_of(config: dict[str, Any]) -> tuple[Cell, str] | None:
     """((task, T, N), arm) of a seed-0 ES run with plain ES or fixed/auto L2; None for anything else."""
     if config.get("trainer") == "grpo" or config.get("kl_budget") is not None or int(config.get("seed", 0)) != 0:
         return None
-    cell = (str(config["task"]), int(config["max_steps"]), int(config["population_size"]))
+    T = int(config["max_steps"])
+    cell = (str(config["task"]), T, int(config["population_size"]))
     awd = config.get("awd", "none")
     if awd == "none":
         return cell, "es"
@@ -60,7 +61,7 @@ def arm_of(config: dict[str, Any]) -> tuple[Cell, str] | None:
         return None
     if config.get("awd_lambda") == "auto":
         return cell, "auto"
-    c = float(config["learning_rate"]) * float(config.get("awd_lambda") or 10.0) * cell[1]
+    c = float(config["learning_rate"]) * float(config.get("awd_lambda") or 10.0) * T
     return cell, f"c{c:.3g}"
 
 
@@ -93,9 +94,9 @@ def cells(roots: list[Path], earlier: list[dict[str, Any]] | None = None) -> lis
     before = {(str(c["cell"]["task"]), int(c["cell"]["max_steps"]), int(c["cell"]["population_size"])): c
               for c in earlier or []}
     out = []
-    # Cells of the first task the earlier result (or else the runs) names come first, each task's by (T, N).
-    first = [c["cell"]["task"] for c in earlier or []][:1]
-    for (task, T, N) in sorted(set(runs) | set(before), key=lambda c: (c[0] not in first, c)):
+    # The earlier result's first task keeps its place at the top; then by task, each task's cells by (T, N).
+    first = earlier[0]["cell"]["task"] if earlier else None
+    for (task, T, N) in sorted(set(runs) | set(before), key=lambda c: (c[0] != first, c)):
         arms, old = runs.get((task, T, N), {}), before.get((task, T, N))
         if "es" in arms:
             ref_pair = target_rewards(arms["es"])
@@ -132,6 +133,11 @@ def cells(roots: list[Path], earlier: list[dict[str, Any]] | None = None) -> lis
     return out
 
 
+def _cell(c: dict[str, Any]) -> str:
+    """The task and "T, N" columns of a cell's table rows."""
+    return f"{c['cell']['task']} | {c['cell']['max_steps']}, {c['cell']['population_size']}"
+
+
 def markdown(result: list[dict[str, Any]]) -> str:
     lines = ["| task | T, N | run | λ | held-out gain [95%] | share of ES's gain | mean prior KL | KL cut |",
              "|---|---|---|---:|---|---:|---:|---:|"]
@@ -143,7 +149,7 @@ def markdown(result: list[dict[str, Any]]) -> str:
             cut = "–" if r["kl_cut"] is None else f"{r['kl_cut']:.2f}×"
             kl = "–" if r["kl"] is None else f"{r['kl']:.3f}"
             mark = " **auto**" if r["run"] == c["auto_run"] else ""
-            lines.append(f"| {c['cell']['task']} | {c['cell']['max_steps']}, {c['cell']['population_size']} | {r['run']}{mark} | {lam} | "
+            lines.append(f"| {_cell(c)} | {r['run']}{mark} | {lam} | "
                          f"{gain} | {share} | {kl} | {cut} |")
     lines += ["", "| task | T, N | auto λ | auto share | auto KL cut | goal (≥ 90%, ≥ 2×) | best rung (share, cut) |",
               "|---|---|---:|---:|---:|:---:|---|"]
@@ -151,7 +157,7 @@ def markdown(result: list[dict[str, Any]]) -> str:
         best = "none keeps 90%" if c["best_run"] is None else f"{c['best_run']} ({c['best_share']:.0%}, {c['best_kl_cut']:.2f}×)"
         share = "–" if c["auto_share"] is None else f"{c['auto_share']:.0%}"
         cut = "–" if c["auto_kl_cut"] is None else f"{c['auto_kl_cut']:.2f}×"
-        lines.append(f"| {c['cell']['task']} | {c['cell']['max_steps']}, {c['cell']['population_size']} | {float(c['auto_lambda']):.3g} | "
+        lines.append(f"| {_cell(c)} | {float(c['auto_lambda']):.3g} | "
                      f"{share} | {cut} | {'yes' if c['auto_goal_met'] else 'no'} | {best} |")
     return "\n".join(lines)
 
