@@ -299,3 +299,29 @@ def test_runs_that_differ_only_in_seed_are_summarised_over_seeds_with_a_figure(t
     assert "0.2000 [" in line, "the mean prior KL over the three seeds"
     assert "ES (8) + AWD" not in md.split("## Over training seeds", 1)[1].split("## Runs", 1)[0]
     assert (out / "seeds.png").exists() and "seeds.png" in md
+
+
+def test_the_report_reads_kl_and_drift_rows_only_against_the_runs_reference(tmp_path) -> None:
+    """A kl.json / drift.json row measured against another reference (a GRPO stage's own start,
+    as rows without `reference` were before that changed) is not mixed into the run's KL or drift."""
+    from esft.report.summary import load_run
+
+    run = write_run(tmp_path, "es", es(8), metrics=[{"iteration": 10, "drift/norm": 1.5}])
+    kl = [{"iteration": 10, "task": "piqa", "kl_exact_token": 0.2, "reference": "embedded"},
+          {"iteration": 20, "task": "piqa", "kl_exact_token": 9.0, "reference": "elsewhere/final"}]
+    (run / "kl.json").write_text(json.dumps(kl))
+    drift = [{"iteration": 10, "global": {"norm": 99.0}, "reference": "elsewhere/final"}]
+    (run / "drift.json").write_text(json.dumps(drift))
+    summary = load_run(run)
+    assert summary.kl == {"piqa": 0.2}, "the last iteration measured against the run's origin"
+    assert summary.drift == {10: 1.5}, "metrics.jsonl's drift, not a row against another θ₀"
+
+    # A GRPO stage: its old rows (no `reference`) were measured against its own start, not the origin.
+    grpo = {"trainer": "grpo", "task": "countdown", "learning_rate": 1e-6}
+    write_run(tmp_path, "stage1", {**grpo, "model": "embedded"})
+    stage2 = write_run(tmp_path, "stage2", {**grpo, "model": str(tmp_path / "stage1" / "final")})
+    (stage2 / "kl.json").write_text(json.dumps([{"iteration": 5, "task": "piqa", "kl_exact_token": 0.05}]))
+    assert load_run(stage2).kl == {}
+    (stage2 / "kl.json").write_text(json.dumps([{"iteration": 5, "task": "piqa", "kl_exact_token": 0.3,
+                                                 "reference": "embedded"}]))
+    assert load_run(stage2).kl == {"piqa": 0.3}

@@ -94,20 +94,31 @@ def run_label(config: dict[str, Any]) -> str:
     return label
 
 
-def _read_drift(path: Path, metrics: list[dict[str, Any]]) -> dict[int, float]:
-    """‖θ − θ₀‖ per iteration from metrics.jsonl, overridden by drift.json (float64 and exact)."""
+def _read_drift(path: Path, config: dict[str, Any], metrics: list[dict[str, Any]]) -> dict[int, float]:
+    """‖θ − θ₀‖ per iteration from metrics.jsonl, overridden by drift.json (float64 and exact)
+    where its rows were measured against what `esft drift` compares this run with now."""
+    from esft.evaluation.runs import drift_reference, measured_against  # torch: not at import time
+
     drift = {int(m["iteration"]): float(m["drift/norm"]) for m in metrics if m.get("drift/norm") is not None}
     drift_file = path / "drift.json"
     if drift_file.exists():
+        reference = drift_reference(path, config)
         for rec in json.loads(drift_file.read_text()):
-            drift[int(rec["iteration"])] = float(rec["global"]["norm"])
+            if measured_against(rec, config, reference):
+                drift[int(rec["iteration"])] = float(rec["global"]["norm"])
     return drift
 
 
-def _read_kl(path: Path) -> dict[str, float]:
-    """KL(base ‖ run) per task at the last iteration kl.json holds."""
+def _read_kl(path: Path, config: dict[str, Any]) -> dict[str, float]:
+    """KL(base ‖ run) per task at the last iteration kl.json holds, from rows measured against
+    the run's sequence origin: a row left from another reference (a GRPO stage's own start,
+    before that changed) would mix two different KLs in one table."""
+    from esft.evaluation.runs import measured_against, origin_of  # torch: not at import time
+
     kl_file = path / "kl.json"
     rows = json.loads(kl_file.read_text()) if kl_file.exists() else []
+    origin = origin_of(path, config)
+    rows = [r for r in rows if measured_against(r, config, origin)]
     if not rows:
         return {}
     last = max(r["iteration"] for r in rows)
@@ -127,7 +138,7 @@ def load_run(path: str | Path) -> RunSummary:
     return RunSummary(
         path, run_label(config), config, config.get("task"),
         evals=group_rows(read_jsonl(path / "eval" / FORGETTING_FILE)),
-        metrics=metrics, drift=_read_drift(path, metrics), kl=_read_kl(path),
+        metrics=metrics, drift=_read_drift(path, config, metrics), kl=_read_kl(path, config),
         harness=group_rows(read_jsonl(path / "eval" / HARNESS_FILE)),
     )
 
