@@ -161,6 +161,63 @@ def markdown(result: list[dict[str, Any]]) -> str:
                      f"{share} | {cut} | {'yes' if c['auto_goal_met'] else 'no'} | {best} |")
     return "\n".join(lines)
 
+def model_curve(T: int, c_values: list[float]) -> list[tuple[float, float]]:
+    """(KL cut, share kept) of L2 at c = s·T for a run whose gain grows in proportion to its
+    coherent displacement, from the sums `esft.auto_lambda` predicts with: the trade-off a task
+    without a saturating reward is held to. On it, keeping 90% needs c ≈ 0.2, where the cut is 1.2×."""
+    from esft.auto_lambda import predicted
+
+    return [(p["kl_cut"], p["coherent_share"]) for p in (predicted(c / T, T) for c in c_values)]
+
+
+def figure(result: list[dict[str, Any]], path: Path) -> Path:
+    """Every cell's ladder in the plane of the goal, KL cut against share of plain ES's gain (one
+    line per cell from plain ES at (1×, 100%) through its rungs by λ; a star marks `auto`; bars are
+    the rung's own 95% interval over held-out questions, divided by plain ES's gain), with the
+    goal's corner shaded and the proportional-gain model's curve: a rung above the curve kept more
+    than its coherent displacement would give, the sign of a reward that saturates."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8.5, 5.2))
+    ax.fill_between([2.0, 14.0], KEEP, 1.6, color="#2ca02c", alpha=0.10, lw=0, label="goal: ≥ 90% of the gain, ≥ 2× less KL")
+    cs = [0.02 * 1.15**k for k in range(45)]
+    cut, share = zip(*model_curve(20, cs))
+    ax.plot(cut, share, "k--", lw=1, label="gain ∝ coherent displacement (model)")
+    colours = plt.get_cmap("tab10")
+    for i, c in enumerate(result):
+        colour = colours(i % 10)
+        es_gain = c["es_gain"]
+        rungs = [r for r in c["rungs"] if r["share"] is not None and r["kl_cut"] is not None]
+        xs, ys = [r["kl_cut"] for r in rungs], [r["share"] for r in rungs]
+        label = f"{c['cell']['task']} T={c['cell']['max_steps']}, N={c['cell']['population_size']}"
+        ax.plot(xs, ys, "o-", color=colour, ms=4, lw=1.2, label=label)
+        for r in rungs:
+            if r["lambda"] is not None and r["gain_ci"] and es_gain:
+                lo, hi = sorted(v / es_gain for v in r["gain_ci"])
+                ax.plot([r["kl_cut"]] * 2, [lo, hi], color=colour, lw=0.6, alpha=0.35)
+            if r["run"] == c["auto_run"]:
+                ax.plot(r["kl_cut"], r["share"], "*", color=colour, ms=13, mec="black", mew=0.6)
+    ax.plot([], [], "*", color="grey", ms=11, mec="black", mew=0.6, label="auto (s·T = 1)")
+    ax.set_xscale("log")
+    ax.set_xlim(0.9, 14.0)
+    ax.set_ylim(-0.2, 1.6)
+    ax.set_xticks([1, 2, 4, 8])
+    ax.set_xticklabels(["1×", "2×", "4×", "8×"])
+    ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    ax.axhline(1.0, color="grey", lw=0.5)
+    ax.set_xlabel("mean prior-task KL cut against plain ES (log)")
+    ax.set_ylabel("share of plain ES's held-out gain kept")
+    ax.set_title("L2 AWD ladders per cell (seed 0): what each λ keeps and what it cuts", fontsize=10)
+    ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -168,12 +225,15 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--earlier", default=None, help="a previous --json result: its cells and rungs whose runs are "
                     "not among the sweep directories are kept (a run given here replaces its rung)")
+    ap.add_argument("--figure", default=None, help="PNG of every cell's ladder: share kept against KL cut")
     a = ap.parse_args()
     earlier = json.loads(Path(a.earlier).read_text()) if a.earlier else None
     result = cells([Path(d) for d in a.sweep_dirs], earlier)
     print(markdown(result))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
+    if a.figure:
+        figure(result, Path(a.figure))
 
 
 if __name__ == "__main__":

@@ -105,3 +105,23 @@ def test_a_new_plain_es_run_replaces_the_earlier_one_and_another_task_is_another
     assert listing["auto_share"] == pytest.approx(0.95) and listing["auto_kl_cut"] == pytest.approx(4.0)
     assert listing["best_run"] == "listing-auto", "c3 keeps 50%"
     assert "| listing | 10, 4 | 20 | 95% | 4.00× | yes |" in auto_lambda_grid.markdown([old, listing])
+
+
+def test_under_proportional_gain_no_l2_step_keeps_90_percent_with_2x_less_kl() -> None:
+    """The figure's model curve: where the share kept reaches 90% (c = s·T ≈ 0.2) the KL cut is
+    about 1.2×, and the curve never enters the goal's corner, at any horizon of the grid."""
+    cs = [0.01 * 1.1**k for k in range(80)]
+    for T in (10, 20, 40):
+        curve = auto_lambda_grid.model_curve(T, cs)
+        assert all(share < auto_lambda_grid.KEEP for cut, share in curve if cut >= 2.0)
+        assert max(cut for cut, share in curve if share >= auto_lambda_grid.KEEP) == pytest.approx(1.22, abs=0.03)
+        assert curve[0][1] > curve[-1][1] and curve[0][0] < curve[-1][0], "a stronger pull keeps less, cuts more"
+
+
+def test_the_figure_draws_every_cell(tmp_path: Path) -> None:
+    cell = {"max_steps": 10, "population_size": 4}
+    write_run(tmp_path, "es", 10.0, 0.2, **cell)
+    write_run(tmp_path, "auto", 9.5, 0.08, **cell, awd="l2", awd_lambda="auto", awd_lambda_chosen=20.0)
+    result = auto_lambda_grid.cells([tmp_path])
+    png = auto_lambda_grid.figure(result, tmp_path / "fig" / "grid.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
