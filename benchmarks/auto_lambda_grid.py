@@ -6,12 +6,16 @@ that cell's ladder) and sorts their seed-0 runs by their config into cells of (t
 T, N) and arms: plain ES, `auto`, and L2 rungs by c = s·T. Writes one object per cell: its settings,
 auto's λ, auto's share of plain ES's held-out gain and its cut of the mean prior-task KL, and
 the ladder's best rung (the largest KL cut among the rungs, auto included, that keep >= 90%
-of the gain; null if none). Prints the same as a markdown table with every rung.
+of the gain; null if none). Prints the same as a markdown table with every rung; `--figure`
+draws every cell's ladder as share kept against KL cut, beside the curve a gain proportional to
+the coherent displacement would follow (docs/results/auto-lambda.md says why no λ on it meets
+the goal).
 
     python benchmarks/auto_lambda_grid.py runs/auto-grid runs/paper-claims --json benchmarks/results/auto_lambda_grid.json
     # runs kept in the repository, beside cells measured before records were kept:
     python benchmarks/auto_lambda_grid.py benchmarks/results/kept/auto-grid \
-        --earlier benchmarks/results/auto_lambda_grid.json --json benchmarks/results/auto_lambda_grid.json
+        --earlier benchmarks/results/auto_lambda_grid.json --json benchmarks/results/auto_lambda_grid.json \
+        --figure docs/auto_lambda_grid.png
 """
 
 from __future__ import annotations
@@ -171,48 +175,56 @@ def model_curve(T: int, c_values: list[float]) -> list[tuple[float, float]]:
 
 
 def figure(result: list[dict[str, Any]], path: Path) -> Path:
-    """Every cell's ladder in the plane of the goal, KL cut against share of plain ES's gain (one
-    line per cell from plain ES at (1×, 100%) through its rungs by λ; a star marks `auto`; bars are
-    the rung's own 95% interval over held-out questions, divided by plain ES's gain), with the
-    goal's corner shaded and the proportional-gain model's curve: a rung above the curve kept more
-    than its coherent displacement would give, the sign of a reward that saturates."""
+    """Every cell's ladder in the plane of the goal, KL cut against share of plain ES's gain, one
+    panel per target task (one line per cell from plain ES at (1×, 100%) through its rungs by λ;
+    a star marks `auto`; bars are the rung's own 95% interval over held-out questions, divided by
+    plain ES's gain), with the goal's corner shaded and the proportional-gain model's curve: a
+    rung above the curve kept more than its coherent displacement would give, the sign of a
+    reward that saturates."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8.5, 5.2))
-    ax.fill_between([2.0, 14.0], KEEP, 1.6, color="#2ca02c", alpha=0.10, lw=0, label="goal: ≥ 90% of the gain, ≥ 2× less KL")
+    tasks = list(dict.fromkeys(c["cell"]["task"] for c in result))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.0 * len(tasks) + 2.6, 4.6), sharey=True, squeeze=False)
     cs = [0.02 * 1.15**k for k in range(45)]
     cut, share = zip(*model_curve(20, cs))
-    ax.plot(cut, share, "k--", lw=1, label="gain ∝ coherent displacement (model)")
     colours = plt.get_cmap("tab10")
-    for i, c in enumerate(result):
-        colour = colours(i % 10)
-        es_gain = c["es_gain"]
-        rungs = [r for r in c["rungs"] if r["share"] is not None and r["kl_cut"] is not None]
-        xs, ys = [r["kl_cut"] for r in rungs], [r["share"] for r in rungs]
-        label = f"{c['cell']['task']} T={c['cell']['max_steps']}, N={c['cell']['population_size']}"
-        ax.plot(xs, ys, "o-", color=colour, ms=4, lw=1.2, label=label)
-        for r in rungs:
-            if r["lambda"] is not None and r["gain_ci"] and es_gain:
-                lo, hi = sorted(v / es_gain for v in r["gain_ci"])
-                ax.plot([r["kl_cut"]] * 2, [lo, hi], color=colour, lw=0.6, alpha=0.35)
-            if r["run"] == c["auto_run"]:
-                ax.plot(r["kl_cut"], r["share"], "*", color=colour, ms=13, mec="black", mew=0.6)
-    ax.plot([], [], "*", color="grey", ms=11, mec="black", mew=0.6, label="auto (s·T = 1)")
-    ax.set_xscale("log")
-    ax.set_xlim(0.9, 14.0)
-    ax.set_ylim(-0.2, 1.6)
-    ax.set_xticks([1, 2, 4, 8])
-    ax.set_xticklabels(["1×", "2×", "4×", "8×"])
-    ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
-    ax.axhline(1.0, color="grey", lw=0.5)
-    ax.set_xlabel("mean prior-task KL cut against plain ES (log)")
-    ax.set_ylabel("share of plain ES's held-out gain kept")
-    ax.set_title("L2 AWD ladders per cell (seed 0): what each λ keeps and what it cuts", fontsize=10)
-    ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    fig.tight_layout()
+    # One colour per (T, N) on every panel, so a cell reads the same on both tasks.
+    settings = sorted({(c["cell"]["max_steps"], c["cell"]["population_size"]) for c in result})
+    handles: dict[str, Any] = {}
+    for ax, task in zip(axes[0], tasks):
+        handles["goal: ≥ 90% of the gain, ≥ 2× less KL"] = ax.fill_between([2.0, 14.0], KEEP, 1.6, color="#2ca02c",
+                                                                         alpha=0.10, lw=0)
+        (handles["gain ∝ coherent displacement (model)"],) = ax.plot(cut, share, "k--", lw=1)
+        for c in (x for x in result if x["cell"]["task"] == task):
+            setting = (c["cell"]["max_steps"], c["cell"]["population_size"])
+            colour = colours(settings.index(setting) % 10)
+            rungs = [r for r in c["rungs"] if r["share"] is not None and r["kl_cut"] is not None]
+            (handles["T={}, N={}".format(*setting)],) = ax.plot(
+                [r["kl_cut"] for r in rungs], [r["share"] for r in rungs], "o-", color=colour, ms=4, lw=1.2)
+            for r in rungs:
+                if r["lambda"] is not None and r["gain_ci"] and c["es_gain"]:
+                    lo, hi = sorted(v / c["es_gain"] for v in r["gain_ci"])
+                    ax.plot([r["kl_cut"]] * 2, [lo, hi], color=colour, lw=0.6, alpha=0.35)
+                if r["run"] == c["auto_run"]:
+                    ax.plot(r["kl_cut"], r["share"], "*", color=colour, ms=13, mec="black", mew=0.6)
+        ax.set_xscale("log")
+        ax.set_xlim(0.9, 14.0)
+        ax.set_ylim(-0.2, 1.6)
+        ax.set_xticks([1, 2, 4, 8])
+        ax.set_xticklabels(["1×", "2×", "4×", "8×"])
+        ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+        ax.axhline(1.0, color="grey", lw=0.5)
+        ax.set_xlabel("prior-task KL cut against plain ES (log)")
+        ax.set_title(f"{task} (seed 0)", fontsize=10)
+    (handles["auto (s·T = 1)"],) = axes[0][0].plot([], [], "*", color="grey", ms=11, mec="black", mew=0.6)
+    order = [k for k in handles if not k.startswith("T=")] + ["T={}, N={}".format(*st) for st in settings]
+    fig.legend([handles[k] for k in order], order, fontsize=8, loc="center right", frameon=False)
+    axes[0][0].set_ylabel("share of plain ES's held-out gain kept")
+    fig.suptitle("L2 AWD ladders per cell: what each λ keeps and what it cuts", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1 - 2.6 / fig.get_figwidth(), 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
