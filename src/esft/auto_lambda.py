@@ -11,8 +11,9 @@ same updates. L2 AWD with step s keeps a share of each:
     coherent part, summed:      g  · Σ_{k=1..T} (1 − s)^k      kept   = Σ (1 − s)^k / T   ≈ (1 − e^{−c}) / c
 
 with c = s·T, whatever N, α and d are. So the run's horizon decides the stable range:
-c ≈ 1 halves the KL and more while keeping most of the coherent displacement, c ≫ 1 throws
-the learning away, c ≪ 1 cuts nothing. Measured on the quickstart's cell (conciseness, T=20,
+c ≈ 1 halves the KL and more while keeping 59–63% of the coherent displacement (T ≥ 10; more of
+the held-out gain only where the reward saturates within the run), c ≫ 1 throws the learning
+away, c ≪ 1 cuts nothing. Measured on the quickstart's cell (conciseness, T=20,
 N=8, 2026-11-26): s·T = 0.3, 1 and 3 kept 89%, 118% and 35% of plain ES's held-out gain at
 1.37×, 2.58× and 9.3× less KL, where the sums above predict 1.35×, 2.48× and 7.7× (the
 random part dominates the KL less as λ grows). `auto` takes c = 1 (`HORIZON`): s = 1/T, capped
