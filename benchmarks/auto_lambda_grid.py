@@ -9,13 +9,17 @@ the ladder's best rung (the largest KL cut among the rungs, auto included, that 
 of the gain; null if none). Prints the same as a markdown table with every rung; `--figure`
 draws every cell's ladder as share kept against KL cut, beside the curve a gain proportional to
 the coherent displacement would follow (docs/results/auto-lambda.md says why no λ on it meets
-the goal).
+the goal). The cells run at several training seeds get a table of their own (`over_seeds`:
+per seed against that seed's plain ES, then over the seeds), `--seeds_json` and
+`--seeds_figure` write it.
 
     python benchmarks/auto_lambda_grid.py runs/auto-grid runs/paper-claims --json benchmarks/results/auto_lambda_grid.json
     # runs kept in the repository, beside cells measured before records were kept:
     python benchmarks/auto_lambda_grid.py benchmarks/results/kept/auto-grid \
         --earlier benchmarks/results/auto_lambda_grid.json --json benchmarks/results/auto_lambda_grid.json \
         --figure docs/auto_lambda_grid.png
+    python benchmarks/auto_lambda_grid.py benchmarks/results/kept/auto-grid benchmarks/results/kept/paper-claims \
+        --seeds_json benchmarks/results/auto_lambda_seeds.json --seeds_figure docs/auto_lambda_seeds.png
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paper_claims import load, mean_kl, paired_gain, target_rewards  # noqa: E402
+from paper_claims import _seed_estimate, load, mean_kl, paired_gain, target_rewards  # noqa: E402
+
+from esft.auto_lambda import HORIZON
 
 KEEP = 0.9  # the share of plain ES's gain a λ must keep
 #: What the runs of one cell must share (all but T, N and the AWD strength).
@@ -52,9 +58,12 @@ def arm_row(run: dict[str, Any], ref_gain: float | None, ref_kl: float | None) -
 Cell = tuple[str, int, int]  # (target task, T, N)
 
 
-def arm_of(config: dict[str, Any]) -> tuple[Cell, str] | None:
-    """((task, T, N), arm) of a seed-0 ES run with plain ES or fixed/auto L2; None for anything else."""
-    if config.get("trainer") == "grpo" or config.get("kl_budget") is not None or int(config.get("seed", 0)) != 0:
+def arm_of(config: dict[str, Any], any_seed: bool = False) -> tuple[Cell, str] | None:
+    """((task, T, N), arm) of an ES run with plain ES or fixed/auto L2 at seed 0 (at any seed
+    with `any_seed`); None for anything else."""
+    if config.get("trainer") == "grpo" or config.get("kl_budget") is not None:
+        return None
+    if not any_seed and int(config.get("seed", 0)) != 0:
         return None
     T = int(config["max_steps"])
     cell = (str(config["task"]), T, int(config["population_size"]))
@@ -135,6 +144,88 @@ def cells(roots: list[Path], earlier: list[dict[str, Any]] | None = None) -> lis
             "rungs": sorted(rows.values(), key=lambda r: (r["lambda"] is not None, float(r["lambda"] or 0))),
         })
     return out
+
+
+def over_seeds(roots: list[Path]) -> list[dict[str, Any]]:
+    """The cells run at more than one training seed: each arm's share of that seed's plain-ES
+    gain and its cut of that seed's plain-ES KL, per seed and over the seeds it shares with plain
+    ES (mean with a t-interval over seeds, and pooled: the ratio of the arms' mean gains and mean
+    KLs), and at how many seeds the arm meets the goal. A verdict drawn from one seed is a draw
+    where the seeds part (docs/results/auto-lambda.md, "More training seeds")."""
+    runs: dict[Cell, dict[str, dict[int, dict[str, Any]]]] = {}
+    settings: dict[Cell, str] = {}
+    for root in roots:
+        for path in sorted(root.iterdir()):
+            if not ((path / "config.yaml").exists() and (path / "kl.json").exists()):
+                continue
+            run = load(path)
+            where = arm_of(run["config"], any_seed=True)
+            if where is None or target_rewards(run) is None or mean_kl(run) is None:
+                continue
+            cell, arm = where
+            same = json.dumps({k: run["config"].get(k) for k in SETTING}, sort_keys=True)
+            if settings.setdefault(cell, same) != same:
+                raise ValueError(f"{path}: another setting than the other runs of cell {cell}")
+            # A fixed λ at auto's horizon (c = s·T = 1) is auto's run: the same λ and seed log.
+            if arm == f"c{HORIZON:.3g}":
+                arm = "auto"
+            runs.setdefault(cell, {}).setdefault(arm, {}).setdefault(int(run["config"].get("seed", 0)), run)
+    out = []
+    for (task, T, N), arms in sorted(runs.items()):
+        es = arms.get("es", {})
+        if len(es) < 2:
+            continue
+        ref = {seed: (paired_gain(*target_rewards(run))[0], mean_kl(run)) for seed, run in es.items()}
+        rows = []
+        for arm, by_seed in sorted(arms.items(), key=lambda a: (a[0] != "es", a[0] != "auto", a[0])):
+            seeds = sorted(set(by_seed) & set(ref))
+            if len(seeds) < 2:
+                continue
+            per_seed = []
+            for seed in seeds:
+                row = arm_row(by_seed[seed], *ref[seed])
+                per_seed.append({"seed": seed, "run": row["run"], "lambda": row["lambda"], "gain": row["gain"],
+                                 "kl": row["kl"], "share": row["share"], "kl_cut": row["kl_cut"],
+                                 "goal_met": None if arm == "es" else bool(row["share"] >= KEEP and row["kl_cut"] >= 2.0)})
+            mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+            pooled_share = mean([r["gain"] for r in per_seed]) / mean([ref[s][0] for s in seeds])
+            pooled_cut = mean([ref[s][1] for s in seeds]) / mean([r["kl"] for r in per_seed])
+            rows.append({
+                "arm": arm, "lambda": per_seed[0]["lambda"], "seeds": seeds, "per_seed": per_seed,
+                "share": _seed_estimate([r["share"] for r in per_seed]),
+                "kl_cut": _seed_estimate([r["kl_cut"] for r in per_seed]),
+                "pooled_share": pooled_share, "pooled_kl_cut": pooled_cut,
+                "pooled_goal_met": bool(pooled_share >= KEEP and pooled_cut >= 2.0),
+                "seeds_meeting_goal": sum(bool(r["goal_met"]) for r in per_seed),
+            })
+        if any(r["arm"] != "es" for r in rows):
+            out.append({"cell": {"task": task, "max_steps": T, "population_size": N}, "arms": rows})
+    return out
+
+
+def seeds_markdown(result: list[dict[str, Any]]) -> str:
+    """One line per arm of a cell run at several seeds: per-seed share and cut, then over seeds."""
+    lines = ["| task | T, N | arm | λ | seeds | share per seed | KL cut per seed | share, mean [95% t] | "
+             "KL cut, mean [95% t] | pooled (share, cut) | seeds meeting the goal |",
+             "|---|---|---|---:|---|---|---|---|---|---|---:|"]
+
+    def est(e: dict[str, Any], fmt: str) -> str:
+        return fmt.format(e["mean"]) + (f" [{fmt.format(e['lo'])}, {fmt.format(e['hi'])}]" if e["lo"] is not None else "")
+
+    for c in result:
+        where = f"{c['cell']['task']} | {c['cell']['max_steps']}, {c['cell']['population_size']}"
+        for a in c["arms"]:
+            if a["arm"] == "es":
+                continue
+            lam = "–" if a["lambda"] is None else f"{float(a['lambda']):.3g}"
+            shares = ", ".join(f"{r['share']:.0%}" for r in a["per_seed"])
+            cuts = ", ".join(f"{r['kl_cut']:.2f}×" for r in a["per_seed"])
+            name = "auto" if a["arm"] == "auto" else f"s·T = {a['arm'][1:]}"
+            lines.append(f"| {where} | {name} | {lam} | {', '.join(map(str, a['seeds']))} | {shares} | {cuts} | "
+                         f"{est(a['share'], '{:.0%}')} | {est(a['kl_cut'], '{:.2f}×')} | "
+                         f"{a['pooled_share']:.0%}, {a['pooled_kl_cut']:.2f}× | "
+                         f"{a['seeds_meeting_goal']} of {len(a['seeds'])} |")
+    return "\n".join(lines)
 
 
 def _cell(c: dict[str, Any]) -> str:
@@ -232,6 +323,52 @@ def figure(result: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def seeds_figure(result: list[dict[str, Any]], path: Path) -> Path:
+    """Each cell run at several seeds in the plane of the goal: one dot per (arm, seed), a ring
+    at the arm's pooled share and cut, the goal's corner shaded. Where an arm's dots straddle
+    the corner, one seed's verdict is a coin toss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(result), figsize=(3.6 * len(result) + 0.4, 3.8), sharey=True, squeeze=False)
+    colours = {"auto": "#d62728"}
+    others = plt.get_cmap("tab10")
+    right = max([4.0] + [1.2 * r["kl_cut"] for c in result for a in c["arms"] for r in a["per_seed"]])
+    for ax, c in zip(axes[0], result):
+        ax.fill_between([2.0, right], KEEP, 1.6, color="#2ca02c", alpha=0.10, lw=0)
+        for k, a in enumerate(x for x in c["arms"] if x["arm"] != "es"):
+            colour = colours.get(a["arm"], others(k + 1))
+            name = "auto" if a["arm"] == "auto" else f"s·T = {a['arm'][1:]}"
+            label = f"{name} (λ = {float(a['lambda']):.3g})"
+            ax.plot([r["kl_cut"] for r in a["per_seed"]], [r["share"] for r in a["per_seed"]], "o", color=colour,
+                    ms=6, alpha=0.8, label=label)
+            for r in a["per_seed"]:
+                ax.annotate(str(r["seed"]), (r["kl_cut"], r["share"]), textcoords="offset points", xytext=(5, 3),
+                            fontsize=7, color=colour)
+            ax.plot(a["pooled_kl_cut"], a["pooled_share"], "o", mfc="none", mec=colour, ms=12, mew=1.5)
+        ax.axhline(1.0, color="grey", lw=0.5)
+        ax.set_xscale("log")
+        ax.set_xlim(1.0, right)
+        ax.set_xticks([1, 2, 4, 8][: 2 + (right > 4) + (right > 8)])
+        ax.set_xticklabels(["1×", "2×", "4×", "8×"][: 2 + (right > 4) + (right > 8)])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_ylim(0.0, 1.6)
+        ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+        ax.set_xlabel("prior KL cut against that seed's plain ES")
+        ax.set_title("{task}, T = {max_steps}, N = {population_size}".format(**c["cell"]), fontsize=9)
+        ax.legend(fontsize=7, loc="lower left")
+    axes[0][0].set_ylabel("share of that seed's plain-ES gain")
+    fig.suptitle("One dot per training seed (its number beside it), a ring at the pooled value; green: the goal",
+                 fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("sweep_dirs", nargs="+")
@@ -239,12 +376,22 @@ def main() -> None:
     ap.add_argument("--earlier", default=None, help="a previous --json result: its cells and rungs whose runs are "
                     "not among the sweep directories are kept (a run given here replaces its rung)")
     ap.add_argument("--figure", default=None, help="PNG of every cell's ladder: share kept against KL cut")
+    ap.add_argument("--seeds_json", default=None, help="the cells run at several training seeds, per seed and over "
+                    "them (the main --json and figure read seed 0)")
+    ap.add_argument("--seeds_figure", default=None, help="PNG of those cells: one dot per arm and seed")
     a = ap.parse_args()
     earlier = json.loads(Path(a.earlier).read_text()) if a.earlier else None
     result = cells([Path(d) for d in a.sweep_dirs], earlier)
     print(markdown(result))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
+    seeds = over_seeds([Path(d) for d in a.sweep_dirs])
+    if seeds:
+        print("\n" + seeds_markdown(seeds))
+    if a.seeds_json:
+        Path(a.seeds_json).write_text(json.dumps(seeds, indent=1) + "\n")
+    if a.seeds_figure and seeds:
+        seeds_figure(seeds, Path(a.seeds_figure))
     if a.figure:
         figure(result, Path(a.figure))
 

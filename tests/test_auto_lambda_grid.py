@@ -125,3 +125,47 @@ def test_the_figure_draws_every_cell(tmp_path: Path) -> None:
     result = auto_lambda_grid.cells([tmp_path])
     png = auto_lambda_grid.figure(result, tmp_path / "fig" / "grid.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+
+def test_over_seeds_pairs_each_seed_with_its_own_plain_es_run(tmp_path: Path) -> None:
+    """Shares and cuts are against the same seed's plain ES; the interval over seeds is the
+    t-interval of the per-seed values; a fixed λ at auto's horizon (s·T = 1) counts as auto."""
+    from scipy import stats
+
+    cell = {"max_steps": 10, "population_size": 4}
+    for seed, (es_gain, es_kl, auto_gain, auto_kl) in enumerate([(10.0, 0.2, 9.5, 0.08), (8.0, 0.3, 4.0, 0.1),
+                                                                  (12.0, 0.25, 12.0, 0.1)]):
+        write_run(tmp_path, f"es-s{seed}", es_gain, es_kl, **cell, seed=seed)
+        auto = {"awd_lambda": "auto", "awd_lambda_chosen": 20.0} if seed != 1 else {"awd_lambda": 20.0}
+        write_run(tmp_path, f"auto-s{seed}", auto_gain, auto_kl, **cell, seed=seed, awd="l2", **auto)
+    write_run(tmp_path, "c3-s0", 5.0, 0.02, **cell, awd="l2", awd_lambda=60)            # one seed: no row
+    write_run(tmp_path, "t40-es", 5.0, 0.1, max_steps=40, population_size=4)             # one seed: no cell
+    write_run(tmp_path, "t40-auto", 5.0, 0.1, max_steps=40, population_size=4, awd="l2", awd_lambda="auto",
+              awd_lambda_chosen=5.0)
+    (result,) = auto_lambda_grid.over_seeds([tmp_path])
+    assert result["cell"] == {"task": "conciseness", "max_steps": 10, "population_size": 4}
+    assert [a["arm"] for a in result["arms"]] == ["es", "auto"], "c3 has one seed"
+    auto = result["arms"][1]
+    shares, cuts = [0.95, 0.5, 1.0], [2.5, 3.0, 2.5]
+    assert auto["seeds"] == [0, 1, 2] and [r["run"] for r in auto["per_seed"]] == ["auto-s0", "auto-s1", "auto-s2"]
+    assert [r["share"] for r in auto["per_seed"]] == pytest.approx(shares)
+    assert [r["kl_cut"] for r in auto["per_seed"]] == pytest.approx(cuts)
+    assert [r["goal_met"] for r in auto["per_seed"]] == [True, False, True] and auto["seeds_meeting_goal"] == 2
+    mean = sum(shares) / 3
+    half = stats.t.ppf(0.975, 2) * stats.tstd(shares) / 3**0.5
+    assert (auto["share"]["mean"], auto["share"]["lo"], auto["share"]["hi"]) == pytest.approx((mean, mean - half, mean + half))
+    assert auto["pooled_share"] == pytest.approx(25.5 / 30) and auto["pooled_kl_cut"] == pytest.approx(0.25 / (0.28 / 3))
+    assert auto["pooled_goal_met"] is False, "85% pooled"
+    table = auto_lambda_grid.seeds_markdown([result])
+    assert "| conciseness | 10, 4 | auto | 20 | 0, 1, 2 | 95%, 50%, 100% | 2.50×, 3.00×, 2.50× |" in table
+    assert "2 of 3 |" in table
+    png = auto_lambda_grid.seeds_figure([result], tmp_path / "seeds.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_over_seeds_refuses_a_cell_whose_seeds_differ_in_another_setting(tmp_path: Path) -> None:
+    cell = {"max_steps": 10, "population_size": 4}
+    write_run(tmp_path, "es-s0", 10.0, 0.2, **cell)
+    write_run(tmp_path, "es-s1", 10.0, 0.2, **cell, seed=1, sigma=0.001)
+    with pytest.raises(ValueError, match="another setting"):
+        auto_lambda_grid.over_seeds([tmp_path])
