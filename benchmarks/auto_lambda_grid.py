@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,26 +85,33 @@ def _rung(row: dict[str, Any], ref_gain: float | None, ref_kl: float | None) -> 
             "kl_cut": ref_kl / row["kl"] if row["kl"] and ref_kl else None}
 
 
-def cells(roots: list[Path], earlier: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """One object per cell of the runs under `roots`; `earlier`: cells of a previous result whose
-    runs are gone (measured on another machine before records were kept). Their rungs stay in the
-    cell, and a run under `roots` adds a rung to it or replaces the rung of the same name."""
-    runs: dict[Cell, dict[str, dict[str, Any]]] = {}
+def _arm_runs(roots: list[Path], any_seed: bool = False) -> Iterator[tuple[dict[str, Any], Cell, str]]:
+    """(run, cell, arm) of every scored run under `roots` that `arm_of` places; refuses a cell
+    whose runs differ in anything but T, N, the AWD strength and the seed."""
     settings: dict[Cell, str] = {}
     for root in roots:
         for path in sorted(root.iterdir()):
             if not ((path / "config.yaml").exists() and (path / "kl.json").exists()):
                 continue
             run = load(path)
-            where = arm_of(run["config"])
+            where = arm_of(run["config"], any_seed)
             if where is None:
                 continue
             cell, arm = where
-            # One cell holds runs of one setting but the AWD strength.
+            # One cell holds runs of one setting but the AWD strength (and the seed).
             same = json.dumps({k: run["config"].get(k) for k in SETTING}, sort_keys=True)
             if settings.setdefault(cell, same) != same:
                 raise ValueError(f"{path}: another setting than the other runs of cell {cell}")
-            runs.setdefault(cell, {}).setdefault(arm, run)
+            yield run, cell, arm
+
+
+def cells(roots: list[Path], earlier: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """One object per cell of the runs under `roots`; `earlier`: cells of a previous result whose
+    runs are gone (measured on another machine before records were kept). Their rungs stay in the
+    cell, and a run under `roots` adds a rung to it or replaces the rung of the same name."""
+    runs: dict[Cell, dict[str, dict[str, Any]]] = {}
+    for run, cell, arm in _arm_runs(roots):
+        runs.setdefault(cell, {}).setdefault(arm, run)
     before = {(str(c["cell"]["task"]), int(c["cell"]["max_steps"]), int(c["cell"]["population_size"])): c
               for c in earlier or []}
     out = []
@@ -153,23 +161,13 @@ def over_seeds(roots: list[Path]) -> list[dict[str, Any]]:
     KLs), and at how many seeds the arm meets the goal. A verdict drawn from one seed is a draw
     where the seeds part (docs/results/auto-lambda.md, "More training seeds")."""
     runs: dict[Cell, dict[str, dict[int, dict[str, Any]]]] = {}
-    settings: dict[Cell, str] = {}
-    for root in roots:
-        for path in sorted(root.iterdir()):
-            if not ((path / "config.yaml").exists() and (path / "kl.json").exists()):
-                continue
-            run = load(path)
-            where = arm_of(run["config"], any_seed=True)
-            if where is None or target_rewards(run) is None or mean_kl(run) is None:
-                continue
-            cell, arm = where
-            same = json.dumps({k: run["config"].get(k) for k in SETTING}, sort_keys=True)
-            if settings.setdefault(cell, same) != same:
-                raise ValueError(f"{path}: another setting than the other runs of cell {cell}")
-            # A fixed λ at auto's horizon (c = s·T = 1) is auto's run: the same λ and seed log.
-            if arm == f"c{HORIZON:.3g}":
-                arm = "auto"
-            runs.setdefault(cell, {}).setdefault(arm, {}).setdefault(int(run["config"].get("seed", 0)), run)
+    for run, cell, arm in _arm_runs(roots, any_seed=True):
+        if target_rewards(run) is None or mean_kl(run) is None:
+            continue
+        # A fixed λ at auto's horizon (c = s·T = 1) is auto's run: the same λ and seed log.
+        if arm == f"c{HORIZON:.3g}":
+            arm = "auto"
+        runs.setdefault(cell, {}).setdefault(arm, {}).setdefault(int(run["config"].get("seed", 0)), run)
     out = []
     for (task, T, N), arms in sorted(runs.items()):
         es = arms.get("es", {})
